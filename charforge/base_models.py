@@ -18,10 +18,10 @@ from typing import Literal
 
 from pydantic import Field
 
+from charforge.checksums import MANIFEST, sha256_file, verify_manifest, write_manifest
 from charforge.config import ConfigError, StageConfig, load_yaml_model
 from charforge.settings import CONFIGS_DIR, platform
 
-MANIFEST = "charforge-manifest.json"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -70,45 +70,6 @@ def load_preset(name: str = DEFAULT_MODEL) -> BaseModelPreset:
     if preset.source == "embedded" and preset.embedded is None:
         raise ConfigError(f"{path}: key 'embedded': required when source is 'embedded'")
     return preset
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(folder: Path, extra: dict | None = None) -> dict:
-    """Record the sha256 of every file in `folder` (recursively) in `charforge-manifest.json`."""
-    files = {
-        str(p.relative_to(folder)): sha256_file(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-    manifest = {"files": files, **(extra or {})}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return manifest
-
-
-def verify_manifest(folder: Path, rebuild_hint: str) -> dict:
-    """Check every file listed in the manifest; raise ConfigError naming the first bad file and the fix."""
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise ConfigError(f"{manifest_path}: manifest missing, the folder is incomplete; {rebuild_hint}")
-    manifest = json.loads(manifest_path.read_text())
-    for rel, expected in manifest["files"].items():
-        path = folder / rel
-        if not path.is_file():
-            raise ConfigError(f"{path}: file missing from the model folder; {rebuild_hint}")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise ConfigError(
-                f"{path}: sha256 {actual[:12]}… does not match the manifest ({expected[:12]}…), "
-                f"the file is corrupted; {rebuild_hint}"
-            )
-    return manifest
 
 
 def model_dir(preset: BaseModelPreset) -> Path:
@@ -185,3 +146,15 @@ def model_sha(folder: Path) -> str:
     """A short identity of a materialized checkpoint: sha256 over its manifest's file hashes."""
     manifest = json.loads((folder / MANIFEST).read_text())
     return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
+
+
+def load_tokenizer(preset_name: str):
+    """The preset's tokenizer (with its chat template), from the local checkpoint."""
+    from transformers import AutoTokenizer
+
+    preset = load_preset(preset_name)
+    folder = model_dir(preset)
+    if preset.source == "embedded" and not (folder / MANIFEST).is_file():
+        raise ConfigError(f"{folder}: base model '{preset_name}' not materialized; run `charforge setup --model "
+                          f"{preset_name}`")
+    return AutoTokenizer.from_pretrained(folder)

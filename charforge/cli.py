@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import typer
 
-from charforge.config import ConfigError
-from charforge.settings import export_environment, platform
+from charforge.config import ConfigError, load_yaml_model
+from charforge.settings import CONFIGS_DIR, DATA_DIR, export_environment, platform
 
 app = typer.Typer(
     help="charforge: curate, train, evaluate, quantize, promote and serve character-chat LoRA adapters.",
@@ -57,6 +58,31 @@ def models() -> None:
     for path in sorted((CONFIGS_DIR / "models").glob("*.yaml")):
         p = load_preset(path.stem)
         typer.echo(f"{p.name:28} {p.source:8} {p.parameters_b:>7.3f}B ctx {p.context_length:>6}  {p.hf_id}")
+
+
+@app.command()
+def curate(
+    input: list[Path] = typer.Option(..., "--input", help="JSONL file or directory of *.jsonl; more may follow."),
+    more: list[Path] = typer.Argument(None, metavar="[PATH...]", help="Further inputs after --input."),
+    out: Path = typer.Option(..., "--out", help="Output directory for train/eval/rejected JSONL and manifest.json."),
+    characters: Path = typer.Option(DATA_DIR / "characters", help="Directory of persona cards."),
+    config: Path = typer.Option(CONFIGS_DIR / "curate" / "default.yaml", help="Curation config YAML."),
+) -> None:
+    """Curate seed conversations: validate, scrub PII, filter out-of-character, dedup, split, log lineage."""
+    from charforge.characters import load_characters
+    from charforge.schemas.curate import CurateConfig
+    from flows.curate import curate as curate_flow
+    from tasks.ingest import InputError, expand_inputs
+    from tasks.synthesize import SyntheticError
+
+    try:  # everything checkable is checked before the flow (and Prefect) starts
+        cfg = load_yaml_model(config, CurateConfig)
+        load_characters(characters)
+        inputs = list(input) + list(more or [])
+        expand_inputs(inputs)
+        curate_flow(inputs=[str(p) for p in inputs], out_dir=str(out), characters_dir=str(characters), config=cfg)
+    except (ConfigError, InputError, SyntheticError) as err:
+        fail(str(err))
 
 
 @app.command()

@@ -21,3 +21,18 @@ def use_experiment(stage: str) -> str:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def flow_run_tags() -> dict[str, str]:
+    """Tags that link an MLflow run to the Prefect flow run that produced it (empty outside a flow)."""
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_UI_URL
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return {}
+    tags = {"prefect_flow_run_id": str(ctx.flow_run.id), "prefect_flow_name": ctx.flow.name}
+    ui = PREFECT_UI_URL.value()
+    if ui:
+        tags["prefect_flow_run_url"] = f"{ui.rstrip('/')}/runs/flow-run/{ctx.flow_run.id}"
+    return tags

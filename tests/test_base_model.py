@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from charforge.base_models import MANIFEST, verify_manifest, write_manifest
+from charforge.checksums import MANIFEST, verify_manifest, write_manifest
 
 CHARFORGE = [str(Path(sys.executable).parent / "charforge")]
 

@@ -1,0 +1,233 @@
+"""The curation pass: stream every input line through the steps, quarantine with reasons, split, write a manifest.
+
+Memory stays flat in the number of rows: kept rows stream to a staging file; only 16-byte content keys, the LSH
+index and one byte of split assignment per row are held in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from charforge.checksums import sha256_file
+from charforge.characters import CharacterCard
+from charforge.schemas.curate import CurateConfig
+from tasks.dedup import ExactDeduper, NearDeduper, content_key
+from tasks.ingest import Drop, InputError, parse_conversation, raw_text, read_lines
+from tasks.persona import PersonaIndex, make_ooc_checker
+from tasks.scrub import normalize_text, scrub_pii
+from tasks.split import EVAL, OVER_CAP, TRAIN, assign_splits
+
+OUTPUTS = ("train.jsonl", "eval.jsonl", "rejected.jsonl")
+DUPLICATE_REASONS = {"duplicate", "near_duplicate"}
+
+
+@dataclass
+class Row:
+    source: str
+    line: int
+    raw: bytes
+    obj: dict | None = None
+    character: str | None = None
+    messages: list[dict] | None = None
+    drop: Drop | None = None
+
+
+@dataclass
+class Tally:
+    rows_read: int = 0
+    kept_characters: list[str] = field(default_factory=list)
+    token_lengths: array = field(default_factory=lambda: array("I"))
+    reasons: Counter = field(default_factory=Counter)
+    pii: Counter = field(default_factory=Counter)
+    rows_per_input: Counter = field(default_factory=Counter)
+
+
+class Curator:
+    """Holds the per-run state (cards, tokenizer, dedup indexes) the chunk steps share."""
+
+    def __init__(self, cards: dict[str, CharacterCard], cfg: CurateConfig, tokenizer) -> None:
+        self.cards, self.cfg, self.tokenizer = cards, cfg, tokenizer
+        self.index = PersonaIndex(cards)
+        self.check_ooc = make_ooc_checker(self.index, cfg.ooc_phrases, cfg.use_card_boundaries)
+        self.pii_kinds = [k for k, on in cfg.pii.model_dump().items() if on]
+        self.exact = ExactDeduper()
+        self.near = NearDeduper(cfg.dedup.near_threshold, cfg.dedup.num_perm, cfg.dedup.shingle_words)
+        self.row_names: list[str] = []  # "source:line" of each dedup-indexed row, for the duplicate's detail
+
+    def clean(self, row: Row, tally: Tally) -> None:
+        """Shape, character, normalisation + PII, out-of-character: sets row.drop or row.messages."""
+        row.obj, row.drop = parse_conversation(row.raw)
+        if row.drop:
+            return
+        row.character, row.drop = self.index.resolve(row.obj)
+        if row.drop:
+            return
+        messages = []
+        for msg in row.obj["messages"]:
+            text, counts = scrub_pii(normalize_text(msg["content"]), self.pii_kinds)
+            tally.pii.update(counts)
+            messages.append({"role": msg["role"], "content": text})
+        if messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.cards[row.character].system_prompt})
+        if any(m["role"] == "assistant" and not m["content"] for m in messages):
+            row.drop = Drop("empty_assistant", "an assistant message is empty after normalisation")
+            return
+        row.drop = self.check_ooc(messages, row.character)
+        row.messages = messages
+
+    def measure(self, rows: list[Row]) -> list[int]:
+        """Token counts after the base model's chat template, in one batched tokenizer call."""
+        texts = self.tokenizer.apply_chat_template([r.messages for r in rows], tokenize=False)
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def deduplicate(self, rows: list[Row]) -> None:
+        fresh = []
+        for row in rows:
+            row_id = len(self.row_names)
+            self.row_names.append(f"{row.source}:{row.line}")
+            first = self.exact.check(content_key(row.character, row.messages), row_id)
+            if first is not None:
+                row.drop = Drop("duplicate", f"same content as {self.row_names[first]}")
+            else:
+                fresh.append((row, row_id))
+        signatures = self.near.signatures([r.messages for r, _ in fresh]) if fresh else []
+        for (row, row_id), signature in zip(fresh, signatures):
+            first = self.near.check(signature, row_id)
+            if first is not None:
+                row.drop = Drop("near_duplicate", f"near-identical to {self.row_names[first]}")
+
+    def process(self, chunk: list[Row], tally: Tally, kept, rejected) -> None:
+        for row in chunk:
+            self.clean(row, tally)
+        alive = [r for r in chunk if not r.drop]
+        lengths = dict(zip(map(id, alive), self.measure(alive))) if alive else {}
+        for row in alive:
+            if lengths[id(row)] > self.cfg.max_tokens:
+                row.drop = Drop("too_long", f"{lengths[id(row)]} tokens > max_tokens {self.cfg.max_tokens}")
+        self.deduplicate([r for r in alive if not r.drop])
+        for row in chunk:
+            if row.drop:
+                write_rejection(rejected, row.source, row.line, row.drop, raw_text(row.raw))
+                tally.reasons[row.drop.reason] += 1
+                continue
+            out = {"messages": row.messages, "character": row.character}
+            if row.obj.get("source") == "synthetic":
+                out["source"] = "synthetic"
+            kept.write(json.dumps({"row": out, "source": row.source, "line": row.line, "raw": raw_text(row.raw)},
+                                  ensure_ascii=False) + "\n")
+            tally.kept_characters.append(row.character)
+            tally.token_lengths.append(lengths[id(row)])
+
+
+def write_rejection(fh, source: str, line: int, drop: Drop, raw: str) -> None:
+    record = {"source": source, "line": line, "reason": drop.reason, "detail": drop.detail, "raw": raw}
+    fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def iterate_chunks(files: list[Path], size: int, progress: bool, tally: Tally):
+    total = sum(f.stat().st_size for f in files)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="curate", disable=not progress)
+    chunk: list[Row] = []
+    for path in files:
+        for number, raw in read_lines(path):
+            tally.rows_read += 1
+            tally.rows_per_input[str(path)] += 1
+            chunk.append(Row(str(path), number, raw))
+            bar.update(len(raw) + 1)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+    bar.close()
+
+
+def percentile(values: array, q: float) -> int:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0
+
+
+def curate_conversations(
+    files: list[Path], out_dir: Path, cards: dict[str, CharacterCard], cfg: CurateConfig, tokenizer,
+    progress: bool = True,
+) -> dict:
+    """Run every step over `files`, write train/eval/rejected JSONL and manifest.json into `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = {name: out_dir / f".{name}.partial" for name in OUTPUTS + ("kept.jsonl",)}
+    curator, tally = Curator(cards, cfg, tokenizer), Tally()
+    with open(staging["kept.jsonl"], "w", encoding="utf-8") as kept, \
+            open(staging["rejected.jsonl"], "w", encoding="utf-8") as rejected:
+        for chunk in iterate_chunks(files, cfg.chunk_size, progress, tally):
+            curator.process(chunk, tally, kept, rejected)
+    if tally.rows_read == 0:
+        for path in staging.values():
+            path.unlink(missing_ok=True)
+        raise InputError(f"no conversations in the inputs ({', '.join(map(str, files))}): all files are empty")
+    assignment = assign_splits(
+        tally.kept_characters, cfg.max_per_character, cfg.split.eval_fraction,
+        cfg.split.min_eval_per_character, cfg.split.seed,
+    )
+    with open(staging["rejected.jsonl"], "a", encoding="utf-8") as rejected:
+        per_character = split_kept_rows(staging, assignment, rejected, cfg, tally)
+    for name in OUTPUTS:
+        os.replace(staging[name], out_dir / name)
+    staging["kept.jsonl"].unlink()
+    return build_manifest(out_dir, files, cfg, tokenizer, tally, per_character)
+
+
+def split_kept_rows(staging, assignment: bytearray, rejected, cfg: CurateConfig, tally: Tally) -> dict:
+    """Second pass over the staged rows: route each to train, eval or (over the cap) rejected."""
+    per_character: dict[str, Counter] = {}
+    with open(staging["kept.jsonl"], encoding="utf-8") as kept, \
+            open(staging["train.jsonl"], "w", encoding="utf-8") as train, \
+            open(staging["eval.jsonl"], "w", encoding="utf-8") as evaluation:
+        for position, line in enumerate(kept):
+            record = json.loads(line)
+            character = record["row"]["character"]
+            where = assignment[position]
+            if where == OVER_CAP:
+                drop = Drop("over_cap", f"{character} already has max_per_character={cfg.max_per_character} rows")
+                write_rejection(rejected, record["source"], record["line"], drop, record["raw"])
+                tally.reasons["over_cap"] += 1
+                continue
+            target = train if where == TRAIN else evaluation
+            target.write(json.dumps(record["row"], ensure_ascii=False) + "\n")
+            per_character.setdefault(character, Counter())["train" if where == TRAIN else "eval"] += 1
+    return {c: {"train": n["train"], "eval": n["eval"]} for c, n in sorted(per_character.items())}
+
+
+def build_manifest(out_dir: Path, files, cfg: CurateConfig, tokenizer, tally: Tally, per_character: dict) -> dict:
+    hashes = {name: sha256_file(out_dir / name) for name in OUTPUTS}
+    duplicates = sum(n for r, n in tally.reasons.items() if r in DUPLICATE_REASONS)
+    rejected = sum(n for r, n in tally.reasons.items() if r not in DUPLICATE_REASONS)
+    kept = sum(c["train"] + c["eval"] for c in per_character.values())
+    manifest = {
+        "rows_read": tally.rows_read,
+        "rows_kept": kept,
+        "rows_rejected": rejected,
+        "duplicates_removed": duplicates,
+        "balanced": tally.rows_read == kept + rejected + duplicates,
+        "rejected_by_reason": dict(sorted(tally.reasons.items())),
+        "pii_redactions": {k: tally.pii.get(k, 0) for k in ("email", "phone", "ip_address")},
+        "per_character": per_character,
+        "rows": {"train": sum(c["train"] for c in per_character.values()),
+                 "eval": sum(c["eval"] for c in per_character.values())},
+        "token_lengths": {"p50": percentile(tally.token_lengths, 0.5), "p95": percentile(tally.token_lengths, 0.95),
+                          "max": max(tally.token_lengths, default=0)},
+        "sha256": hashes,
+        # The dataset's identity: what training sees (train + eval content), independent of file names.
+        "dataset_hash": hashlib.sha256((hashes["train.jsonl"] + hashes["eval.jsonl"]).encode()).hexdigest(),
+        "inputs": [{"path": str(f), "rows": tally.rows_per_input[str(f)], "sha256": sha256_file(f)} for f in files],
+        "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "config": cfg.model_dump(mode="json"),
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return manifest

@@ -1,0 +1,94 @@
+"""Reading seed JSONL: every line becomes either a conversation or a Drop with a machine-readable reason."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROLES = {"system", "user", "assistant"}
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Why a row was quarantined: `reason` is a stable key for counting, `detail` is for the reviewer."""
+
+    reason: str
+    detail: str
+
+
+class InputError(ValueError):
+    """An input path is unusable (missing, unreadable, empty); the message names it."""
+
+
+def expand_inputs(paths: list[Path]) -> list[Path]:
+    """Files as given, directories as their `*.jsonl` files in name order; unusable paths raise InputError."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(path.glob("*.jsonl"))
+            if not found:
+                raise InputError(f"{path}: directory has no *.jsonl files")
+            files.extend(found)
+        elif path.is_file():
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as err:
+                raise InputError(f"{path}: cannot read input ({err.strerror})") from None
+            files.append(path)
+        else:
+            raise InputError(f"{path}: input not found")
+    return files
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """Yield (1-based line number, raw bytes without the newline); never decodes, so bad bytes survive."""
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            yield number, line.rstrip(b"\r\n")
+
+
+def raw_text(line: bytes) -> str:
+    """The original line as text, with undecodable bytes escaped (\\xff) so rejected.jsonl stays valid UTF-8."""
+    return line.decode("utf-8", errors="backslashreplace")
+
+
+def parse_conversation(line: bytes) -> tuple[dict | None, Drop | None]:
+    """Decode and shape-check one line of the seed format: {"messages": [...], "character"?: str}."""
+    if not line.strip():
+        return None, Drop("empty_line", "blank line")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return None, Drop("not_utf8", f"invalid byte 0x{line[err.start]:02x} at byte {err.start}")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        return None, Drop("not_json", f"{err.msg} at column {err.colno}")
+    return obj, check_shape(obj)
+
+
+def check_shape(obj: object) -> Drop | None:
+    """The structural rules a trainable conversation must meet."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
+        return Drop("no_messages", "expected an object with a non-empty 'messages' list")
+    if "character" in obj and not isinstance(obj["character"], str):
+        return Drop("unknown_character", f"'character' must be a string, got {type(obj['character']).__name__}")
+    messages = obj["messages"]
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or msg.get("role") not in ROLES:
+            role = msg.get("role") if isinstance(msg, dict) else msg
+            return Drop("unknown_role", f"message {i} has role {role!r}; expected system, user or assistant")
+        if not isinstance(msg.get("content"), str):
+            return Drop("non_string_content", f"message {i} content is {type(msg.get('content')).__name__}")
+        if msg["role"] == "system" and i > 0:
+            return Drop("system_not_first", f"system message at position {i}")
+    assistants = [m for m in messages if m["role"] == "assistant"]
+    if not assistants:
+        return Drop("no_assistant_turn", "no assistant message to learn from")
+    for i, msg in enumerate(messages):
+        if msg["role"] == "assistant" and not msg["content"].strip():
+            return Drop("empty_assistant", f"message {i} (assistant) is empty")
+    return None
