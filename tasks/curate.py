@@ -20,7 +20,7 @@ from charforge.checksums import sha256_file
 from charforge.characters import CharacterCard
 from charforge.schemas.curate import CurateConfig
 from tasks.dedup import ExactDeduper, NearDeduper, content_key
-from tasks.ingest import Drop, InputError, parse_conversation, raw_text, read_lines
+from tasks.ingest import Drop, InputError, parse_conversation, raw_text, read_line_at, read_lines
 from tasks.persona import PersonaIndex, make_ooc_checker
 from tasks.scrub import normalize_text, scrub_pii
 from tasks.split import EVAL, OVER_CAP, TRAIN, assign_splits
@@ -33,6 +33,7 @@ DUPLICATE_REASONS = {"duplicate", "near_duplicate"}
 class Row:
     source: str
     line: int
+    offset: int
     raw: bytes
     obj: dict | None = None
     character: str | None = None
@@ -86,6 +87,9 @@ class Curator:
     def measure(self, rows: list[Row]) -> list[int]:
         """Token counts after the base model's chat template, in one batched tokenizer call."""
         texts = self.tokenizer.apply_chat_template([r.messages for r in rows], tokenize=False)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # the Rust tokenizer directly: no Python-side conversion of every encoding
+            return [len(e.ids) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def deduplicate(self, rows: list[Row]) -> None:
@@ -121,8 +125,8 @@ class Curator:
             out = {"messages": row.messages, "character": row.character}
             if row.obj.get("source") == "synthetic":
                 out["source"] = "synthetic"
-            kept.write(json.dumps({"row": out, "source": row.source, "line": row.line, "raw": raw_text(row.raw)},
-                                  ensure_ascii=False) + "\n")
+            # Staged as "source<TAB>line<TAB>offset<TAB>row-json": the split pass copies the JSON through as is.
+            kept.write(f"{row.source}\t{row.line}\t{row.offset}\t{json.dumps(out, ensure_ascii=False)}\n")
             tally.kept_characters.append(row.character)
             tally.token_lengths.append(lengths[id(row)])
 
@@ -137,10 +141,10 @@ def iterate_chunks(files: list[Path], size: int, progress: bool, tally: Tally):
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="curate", disable=not progress)
     chunk: list[Row] = []
     for path in files:
-        for number, raw in read_lines(path):
+        for number, offset, raw in read_lines(path):
             tally.rows_read += 1
             tally.rows_per_input[str(path)] += 1
-            chunk.append(Row(str(path), number, raw))
+            chunk.append(Row(str(path), number, offset, raw))
             bar.update(len(raw) + 1)
             if len(chunk) >= size:
                 yield chunk
@@ -189,17 +193,17 @@ def split_kept_rows(staging, assignment: bytearray, rejected, cfg: CurateConfig,
     with open(staging["kept.jsonl"], encoding="utf-8") as kept, \
             open(staging["train.jsonl"], "w", encoding="utf-8") as train, \
             open(staging["eval.jsonl"], "w", encoding="utf-8") as evaluation:
-        for position, line in enumerate(kept):
-            record = json.loads(line)
-            character = record["row"]["character"]
+        for position, staged in enumerate(kept):
+            source, line, offset, row_json = staged.split("\t", 3)
+            character = tally.kept_characters[position]
             where = assignment[position]
             if where == OVER_CAP:
                 drop = Drop("over_cap", f"{character} already has max_per_character={cfg.max_per_character} rows")
-                write_rejection(rejected, record["source"], record["line"], drop, record["raw"])
+                raw = raw_text(read_line_at(Path(source), int(offset)))
+                write_rejection(rejected, source, int(line), drop, raw)
                 tally.reasons["over_cap"] += 1
                 continue
-            target = train if where == TRAIN else evaluation
-            target.write(json.dumps(record["row"], ensure_ascii=False) + "\n")
+            (train if where == TRAIN else evaluation).write(row_json)
             per_character.setdefault(character, Counter())["train" if where == TRAIN else "eval"] += 1
     return {c: {"train": n["train"], "eval": n["eval"]} for c, n in sorted(per_character.items())}
 

@@ -43,11 +43,21 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
     return files
 
 
-def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """Yield (1-based line number, raw bytes without the newline); never decodes, so bad bytes survive."""
+def read_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
+    """Yield (1-based line number, byte offset, raw bytes without the newline); never decodes, so bad bytes
+    survive to be reported."""
+    offset = 0
     with open(path, "rb") as fh:
         for number, line in enumerate(fh, start=1):
-            yield number, line.rstrip(b"\r\n")
+            yield number, offset, line.rstrip(b"\r\n")
+            offset += len(line)
+
+
+def read_line_at(path: Path, offset: int) -> bytes:
+    """The raw line starting at `offset` (to quote an original row without keeping it in memory)."""
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return fh.readline().rstrip(b"\r\n")
 
 
 def raw_text(line: bytes) -> str:

@@ -23,6 +23,15 @@ OOC_PATTERNS = [
 ]
 
 
+# Every built-in pattern contains at least one of these words, so a turn without any of them skips the regex scan
+# (the scan is the costliest step of curation at a million rows). tests/curation checks the pairing.
+OOC_KEYWORDS = frozenset(
+    "ai artificial model assistant chatbot roleplay role pretend act trained openai chatgpt opinions feelings "
+    "emotions experiences body training knowledge summary list breakdown overview helps".split()
+)
+_LOWER_WORD = re.compile(r"[a-z]+")
+
+
 def _compile(patterns: list[str]) -> re.Pattern:
     return re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE | re.MULTILINE)
 
@@ -71,7 +80,8 @@ class PersonaIndex:
 
 def make_ooc_checker(index: PersonaIndex, extra_patterns: list[str], use_boundaries: bool):
     """Build `check(messages, character) -> Drop | None` for the configured phrases and card boundaries."""
-    ooc = _compile(OOC_PATTERNS + list(extra_patterns))
+    ooc = _compile(OOC_PATTERNS)
+    extra = _compile(list(extra_patterns)) if extra_patterns else None
 
     def check(messages: list[dict], character: str) -> Drop | None:
         boundary = index.boundaries.get(character) if use_boundaries else None
@@ -81,7 +91,12 @@ def make_ooc_checker(index: PersonaIndex, extra_patterns: list[str], use_boundar
                 last_user = msg["content"]
             if msg["role"] != "assistant":
                 continue
-            hit = ooc.search(msg["content"])
+            text = msg["content"]
+            hit = None
+            if not OOC_KEYWORDS.isdisjoint(_LOWER_WORD.findall(text.lower())):
+                hit = ooc.search(text)
+            if hit is None and extra is not None:
+                hit = extra.search(text)
             if hit:
                 return Drop("breaks_character", f"message {i}: {hit.group(0)!r}")
             if boundary:

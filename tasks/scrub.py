@@ -21,6 +21,8 @@ PII_PATTERNS: dict[str, re.Pattern] = {
         r"(?<![\w+])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)\s?|\d{2,4}[\s.-])\d{3,4}[\s.-]\d{3,4}(?![\w])"
     ),
 }
+# Cheap pre-checks: most text has no '@' and many lines no digit, so most regex scans can be skipped.
+_PRECHECK = {"email": re.compile("@"), "ip_address": re.compile(r"\d"), "phone": re.compile(r"\d")}
 PLACEHOLDERS = {"email": "[EMAIL]", "phone": "[PHONE]", "ip_address": "[IP_ADDRESS]"}
 
 
@@ -36,6 +38,8 @@ def scrub_pii(text: str, kinds: list[str]) -> tuple[str, Counter]:
     """Replace each enabled PII kind with its placeholder; return the new text and counts per kind."""
     counts: Counter = Counter()
     for kind in (k for k in PII_PATTERNS if k in kinds):
+        if not _PRECHECK[kind].search(text):
+            continue
         text, n = PII_PATTERNS[kind].subn(PLACEHOLDERS[kind], text)
         if n:
             counts[kind] += n

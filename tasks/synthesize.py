@@ -22,7 +22,7 @@ class SyntheticError(RuntimeError):
 def chat(client: httpx.Client, cfg: SyntheticConfig, messages: list[dict], seed: int) -> str:
     try:
         response = client.post("/chat/completions", json={
-            "model": cfg.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": 120,
+            "model": cfg.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens,
             "seed": seed,
         })
     except httpx.HTTPError as err:

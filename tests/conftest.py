@@ -66,3 +66,17 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def vllm_base(base_model_dir, tmp_path_factory):
+    """A real vLLM server (serving environment) with the embedded base model and runtime LoRA loading on."""
+    from charforge.vllm_server import VLLMServer
+
+    server = VLLMServer(base_model_dir, "smollm2-135m-instruct", free_port())
+    server.start(tmp_path_factory.mktemp("vllm") / "vllm.log")
+    try:
+        server.wait_ready(timeout=400)
+        yield server
+    finally:
+        server.stop()

@@ -35,6 +35,7 @@ class SyntheticConfig(StageConfig):
     conversations_per_character: int = Field(default=5, ge=1, description="How many to generate per card.")
     turns: int = Field(default=2, ge=1, le=8, description="User/assistant exchanges per generated conversation.")
     temperature: float = Field(default=0.8, ge=0, le=2, description="Sampling temperature.")
+    max_tokens: int = Field(default=120, ge=8, description="Longest generated question or reply, in tokens.")
     api_key: str | None = Field(default=None, description="Bearer token, if the endpoint needs one.")
 
 

@@ -88,6 +88,18 @@ def test_breaks_character(cards, reply, detail):
     assert check(messages, "mara") == Drop("breaks_character", detail)
 
 
+@pytest.mark.parametrize("reply", [
+    "As an assistant I would say so.", "I am an AI.", "I'm only a chatbot, sorry.", "I can't role-play that.",
+    "I won't pretend to be a lamplighter.", "I was trained by Google.", "Ask ChatGPT.",
+    "I don't have feelings.", "That is past my knowledge cutoff.", "Certainly! Here is a list of lamps.",
+    "I hope this helps!", "Speaking as a language model: no.",
+])
+def test_every_builtin_ooc_phrase_survives_the_keyword_prescreen(cards, reply):
+    check = make_ooc_checker(PersonaIndex(cards), [], use_boundaries=False)
+    messages = [SYS, {"role": "user", "content": "?"}, {"role": "assistant", "content": reply}]
+    assert check(messages, "mara").reason == "breaks_character"
+
+
 def test_boundary_raised_by_user_may_be_answered(cards):
     check = make_ooc_checker(PersonaIndex(cards), [], use_boundaries=True)
     messages = [SYS, {"role": "user", "content": "Do you use the internet?"},
@@ -176,3 +188,25 @@ def test_card_id_must_match_file_name(tmp_path):
     (d / "ghost.yaml").write_text("id: spook\nname: The Ghost\nsystem_prompt: You are the Ghost.\n")
     with pytest.raises(ConfigError, match="key 'id': 'spook' does not match the file name 'ghost'"):
         load_characters(d)
+
+
+def test_over_cap_rows_are_quarantined_with_their_original_text(cards, tmp_path, base_model_dir):
+    from transformers import AutoTokenizer
+
+    from charforge.schemas.curate import CurateConfig
+    from tasks.curate import curate_conversations
+
+    replies = ["Sixty sheep.", "Snow on the ridge tonight.", "Fen is my dog.", "Lambing is hard work.",
+               "Town is loud.", "The wind talks enough for two."]
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": r}],
+                         "character": "bo"}) for i, r in enumerate(replies)]
+    raw = tmp_path / "bo.jsonl"
+    raw.write_text("\n".join(lines) + "\n")
+    cfg = CurateConfig(max_per_character=4, split={"eval_fraction": 0.25, "min_eval_per_character": 1})
+    manifest = curate_conversations([raw], tmp_path / "out", cards, cfg, AutoTokenizer.from_pretrained(base_model_dir),
+                                    progress=False)
+    assert manifest["rejected_by_reason"] == {"over_cap": 2}
+    assert manifest["per_character"] == {"bo": {"train": 3, "eval": 1}} and manifest["balanced"]
+    rejected = [json.loads(x) for x in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert [r["raw"] for r in rejected] == [lines[r["line"] - 1] for r in rejected]
+    assert rejected[0]["detail"] == "bo already has max_per_character=4 rows"
