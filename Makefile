@@ -26,7 +26,8 @@ $(SERVE_VENV)/.installed: requirements-serve.txt
 setup: $(VENV)/.installed $(SERVE_VENV)/.installed
 	$(VENV)/bin/charforge setup
 
-demo: setup   # grows with the pipeline: today it materializes and verifies the base model
+demo: setup   # grows with the pipeline: today curation of data/raw into .state/datasets/default
+	$(VENV)/bin/charforge curate --input data/raw --out .state/datasets/default
 
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

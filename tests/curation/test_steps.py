@@ -125,6 +125,7 @@ def test_normalize_text():
         ("Ring (555) 123-4567 now", "Ring [PHONE] now", "phone"),
         ("Ring 555-987-6543 or 555.987.6543", "Ring [PHONE] or [PHONE]", "phone"),
         ("Host 192.168.14.7 is down", "Host [IP_ADDRESS] is down", "ip_address"),
+        ("It came from 10.0.3.17.", "It came from [IP_ADDRESS].", "ip_address"),
     ],
 )
 def test_pii_is_replaced_with_typed_placeholders(text, expected, kind):
