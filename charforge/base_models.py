@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from charforge.checksums import MANIFEST, sha256_file, verify_manifest, write_manifest
+from charforge.checksums import MANIFEST, folder_sha, sha256_file, verify_manifest, write_manifest
 from charforge.config import ConfigError, StageConfig, load_yaml_model
 from charforge.settings import CONFIGS_DIR, platform
 
@@ -140,12 +140,6 @@ def materialize(preset: BaseModelPreset, force: bool = False) -> tuple[Path, boo
     target.parent.mkdir(parents=True, exist_ok=True)
     staging.rename(target)  # atomic on one filesystem: a crash never leaves a half-written model in place
     return target, True
-
-
-def model_sha(folder: Path) -> str:
-    """A short identity of a materialized checkpoint: sha256 over its manifest's file hashes."""
-    manifest = json.loads((folder / MANIFEST).read_text())
-    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
 
 
 def load_tokenizer(preset_name: str):

@@ -48,3 +48,13 @@ def verify_manifest(folder: Path, rebuild_hint: str) -> dict:
                 f"the file is corrupted; {rebuild_hint}"
             )
     return manifest
+
+
+def folder_sha(folder: Path) -> str:
+    """A folder's identity: sha256 over the file hashes its manifest records (computed if it has none)."""
+    path = Path(folder) / MANIFEST
+    if path.is_file():
+        files = json.loads(path.read_text())["files"]
+    else:
+        files = {str(p.relative_to(folder)): sha256_file(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()

@@ -86,6 +86,26 @@ def curate(
 
 
 @app.command()
+def train(
+    config: Path = typer.Option(CONFIGS_DIR / "train" / "smollm2_lora.yaml", help="Training config YAML."),
+    dataset: Path = typer.Option(None, help="Curated dataset directory (default: the config's dataset_dir)."),
+) -> None:
+    """Train a LoRA/QLoRA adapter with TRL; resumes an interrupted run; logs to MLflow."""
+    from charforge.schemas.train import TrainConfig
+    from flows.train import read_dataset_manifest, train as train_flow
+    from tasks.training import repo_path
+
+    try:
+        cfg = load_yaml_model(config, TrainConfig)
+        read_dataset_manifest(repo_path(dataset or cfg.dataset_dir))
+        result = train_flow(config=cfg, dataset_dir=str(dataset) if dataset else None)
+    except ConfigError as err:
+        fail(str(err))
+    if not result["servable"]:
+        fail("adapter is not servable: " + "; ".join(result["reasons"]), code=3)
+
+
+@app.command()
 def ui() -> None:
     """Start the Prefect and MLflow UIs on loopback; Ctrl-C stops both."""
     from charforge.ui import run_ui

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 
 from charforge.settings import platform
@@ -36,3 +38,18 @@ def flow_run_tags() -> dict[str, str]:
     if ui:
         tags["prefect_flow_run_url"] = f"{ui.rstrip('/')}/runs/flow-run/{ctx.flow_run.id}"
     return tags
+
+
+def log_dataset_inputs(dataset_dir: Path, dataset_hash: str) -> None:
+    """Record the curated train/eval files as inputs of the active MLflow run, identified by the dataset hash."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    for split in ("train", "eval"):
+        with warnings.catch_warnings():  # a local path matches two equivalent source types; either is right
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str((Path(dataset_dir) / f"{split}.jsonl").resolve()))
+        mlflow.log_input(MetaDataset(source=source, name=f"charforge-{split}", digest=dataset_hash[:16]),
+                         context=split)

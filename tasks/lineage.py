@@ -6,10 +6,7 @@ import json
 from pathlib import Path
 
 import mlflow
-from mlflow.data.dataset_source_registry import resolve_dataset_source
-from mlflow.data.meta_dataset import MetaDataset
-
-from charforge.tracking import use_experiment
+from charforge.tracking import log_dataset_inputs, use_experiment
 
 
 def flat_metrics(manifest: dict) -> dict[str, float]:
@@ -38,10 +35,7 @@ def log_curated_dataset(out_dir: Path, flow_run: dict | None = None) -> str:
                            "near_threshold": manifest["config"]["dedup"]["near_threshold"],
                            "inputs": ",".join(Path(i["path"]).name for i in manifest["inputs"])})
         mlflow.log_metrics(flat_metrics(manifest))
-        for split in ("train", "eval"):
-            source = resolve_dataset_source(str((out_dir / f"{split}.jsonl").resolve()))
-            dataset = MetaDataset(source=source, name=f"charforge-{split}", digest=digest[:16])
-            mlflow.log_input(dataset, context=split)
+        log_dataset_inputs(out_dir, digest)
         mlflow.log_artifact(str(out_dir / "manifest.json"))
         mlflow.log_dict(manifest["per_character"], "per_character.json")
     return run.info.run_id
