@@ -7,10 +7,12 @@ index and one byte of split assignment per row are held in memory.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,10 +37,13 @@ class Row:
     line: int
     offset: int
     raw: bytes
-    obj: dict | None = None
+    drop: Drop | None = None
     character: str | None = None
     messages: list[dict] | None = None
-    drop: Drop | None = None
+    synthetic: bool = False
+    length: int = 0
+    key: bytes = b""
+    signature: object = None
 
 
 @dataclass
@@ -51,30 +56,31 @@ class Tally:
     rows_per_input: Counter = field(default_factory=Counter)
 
 
-class Curator:
-    """Holds the per-run state (cards, tokenizer, dedup indexes) the chunk steps share."""
+class ChunkPreparer:
+    """The per-row steps that need no knowledge of other rows: shape, character, normalisation + PII,
+    out-of-character, token length, and the dedup fingerprints. Runs in worker processes."""
 
     def __init__(self, cards: dict[str, CharacterCard], cfg: CurateConfig, tokenizer) -> None:
         self.cards, self.cfg, self.tokenizer = cards, cfg, tokenizer
         self.index = PersonaIndex(cards)
         self.check_ooc = make_ooc_checker(self.index, cfg.ooc_phrases, cfg.use_card_boundaries)
         self.pii_kinds = [k for k, on in cfg.pii.model_dump().items() if on]
-        self.exact = ExactDeduper()
-        self.near = NearDeduper(cfg.dedup.near_threshold, cfg.dedup.num_perm, cfg.dedup.shingle_words)
-        self.row_names: list[str] = []  # "source:line" of each dedup-indexed row, for the duplicate's detail
+        d = cfg.dedup
+        self.near = NearDeduper(d.near_threshold, d.num_perm, d.shingle_words, d.bands)
 
-    def clean(self, row: Row, tally: Tally) -> None:
-        """Shape, character, normalisation + PII, out-of-character: sets row.drop or row.messages."""
-        row.obj, row.drop = parse_conversation(row.raw)
+    def clean(self, row: Row, pii: Counter) -> None:
+        """Sets row.drop, or row.character and the normalised, scrubbed row.messages."""
+        obj, row.drop = parse_conversation(row.raw)
         if row.drop:
             return
-        row.character, row.drop = self.index.resolve(row.obj)
+        row.character, row.drop = self.index.resolve(obj)
         if row.drop:
             return
+        row.synthetic = obj.get("source") == "synthetic"
         messages = []
-        for msg in row.obj["messages"]:
+        for msg in obj["messages"]:
             text, counts = scrub_pii(normalize_text(msg["content"]), self.pii_kinds)
-            tally.pii.update(counts)
+            pii.update(counts)
             messages.append({"role": msg["role"], "content": text})
         if messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.cards[row.character].system_prompt})
@@ -92,43 +98,100 @@ class Curator:
             return [len(e.ids) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
-    def deduplicate(self, rows: list[Row]) -> None:
-        fresh = []
-        for row in rows:
-            row_id = len(self.row_names)
-            self.row_names.append(f"{row.source}:{row.line}")
-            first = self.exact.check(content_key(row.character, row.messages), row_id)
-            if first is not None:
-                row.drop = Drop("duplicate", f"same content as {self.row_names[first]}")
-            else:
-                fresh.append((row, row_id))
-        signatures = self.near.signatures([r.messages for r, _ in fresh]) if fresh else []
-        for (row, row_id), signature in zip(fresh, signatures):
-            first = self.near.check(signature, row_id)
-            if first is not None:
-                row.drop = Drop("near_duplicate", f"near-identical to {self.row_names[first]}")
-
-    def process(self, chunk: list[Row], tally: Tally, kept, rejected) -> None:
+    def prepare(self, chunk: list[Row]) -> tuple[list[Row], Counter]:
+        pii: Counter = Counter()
         for row in chunk:
-            self.clean(row, tally)
+            self.clean(row, pii)
         alive = [r for r in chunk if not r.drop]
-        lengths = dict(zip(map(id, alive), self.measure(alive))) if alive else {}
-        for row in alive:
-            if lengths[id(row)] > self.cfg.max_tokens:
-                row.drop = Drop("too_long", f"{lengths[id(row)]} tokens > max_tokens {self.cfg.max_tokens}")
-        self.deduplicate([r for r in alive if not r.drop])
-        for row in chunk:
-            if row.drop:
-                write_rejection(rejected, row.source, row.line, row.drop, raw_text(row.raw))
-                tally.reasons[row.drop.reason] += 1
-                continue
-            out = {"messages": row.messages, "character": row.character}
-            if row.obj.get("source") == "synthetic":
-                out["source"] = "synthetic"
-            # Staged as "source<TAB>line<TAB>offset<TAB>row-json": the split pass copies the JSON through as is.
-            kept.write(f"{row.source}\t{row.line}\t{row.offset}\t{json.dumps(out, ensure_ascii=False)}\n")
-            tally.kept_characters.append(row.character)
-            tally.token_lengths.append(lengths[id(row)])
+        for row, length in zip(alive, self.measure(alive) if alive else []):
+            row.length = length
+            if length > self.cfg.max_tokens:
+                row.drop = Drop("too_long", f"{length} tokens > max_tokens {self.cfg.max_tokens}")
+        alive = [r for r in chunk if not r.drop]
+        for row, signature in zip(alive, self.near.signatures([r.messages for r in alive]) if alive else []):
+            row.key, row.signature = content_key(row.character, row.messages), signature
+        return chunk, pii
+
+
+class Deduplicator:
+    """The cross-row step, in input order in the main process: the first copy of any content is the one kept."""
+
+    def __init__(self, cfg: CurateConfig) -> None:
+        d = cfg.dedup
+        self.exact = ExactDeduper()
+        self.near = NearDeduper(d.near_threshold, d.num_perm, d.shingle_words, d.bands)
+        self.sources: list[str] = []
+        self.names = array("Q")  # (source index << 32 | line) per indexed row: 8 bytes, not a string
+
+    def name(self, row_id: int) -> str:
+        packed = self.names[row_id]
+        return f"{self.sources[packed >> 32]}:{packed & 0xFFFFFFFF}"
+
+    def check(self, row: Row) -> None:
+        if not self.sources or self.sources[-1] != row.source:
+            self.sources.append(row.source)
+        row_id = len(self.names)
+        self.names.append((len(self.sources) - 1) << 32 | row.line)
+        first = self.exact.check(row.key, row_id)
+        if first is not None:
+            row.drop = Drop("duplicate", f"same content as {self.name(first)}")
+            return
+        first = self.near.check(row.signature, row_id)
+        if first is not None:
+            row.drop = Drop("near_duplicate", f"near-identical to {self.name(first)}")
+
+
+def record(chunk: list[Row], dedup: Deduplicator, tally: Tally, kept, rejected) -> None:
+    """Deduplicate a prepared chunk and write each row to the staging file or rejected.jsonl."""
+    for row in chunk:
+        if not row.drop:
+            dedup.check(row)
+        if row.drop:
+            write_rejection(rejected, row.source, row.line, row.drop, raw_text(row.raw))
+            tally.reasons[row.drop.reason] += 1
+            continue
+        out = {"messages": row.messages, "character": row.character}
+        if row.synthetic:
+            out["source"] = "synthetic"
+        # Staged as "source<TAB>line<TAB>offset<TAB>row-json": the split pass copies the JSON through as is.
+        kept.write(f"{row.source}\t{row.line}\t{row.offset}\t{json.dumps(out, ensure_ascii=False)}\n")
+        tally.kept_characters.append(row.character)
+        tally.token_lengths.append(row.length)
+
+
+_WORKER: ChunkPreparer | None = None
+
+
+def _init_worker(cards, cfg, tokenizer) -> None:
+    global _WORKER
+    _WORKER = ChunkPreparer(cards, cfg, tokenizer)
+
+
+def _prepare_in_worker(chunk: list[Row]) -> tuple[list[Row], Counter]:
+    return _WORKER.prepare(chunk)
+
+
+def prepared_chunks(chunks, cards, cfg: CurateConfig, tokenizer):
+    """Prepared chunks in input order: in `cfg.workers` processes, or in this one when workers <= 1 or the
+    input fits in one chunk (starting workers costs seconds)."""
+    chunks = iter(chunks)
+    first = next(chunks, None)
+    second = next(chunks, None)
+    if cfg.workers <= 1 or second is None:
+        preparer = ChunkPreparer(cards, cfg, tokenizer)
+        yield from map(preparer.prepare, (c for c in itertools.chain([first, second], chunks) if c is not None))
+        return
+    chunks = itertools.chain([first, second], chunks)
+    # spawn, not fork: the Rust tokenizer's thread pool does not survive a fork.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(cfg.workers, initializer=_init_worker, initargs=(cards, cfg, tokenizer)) as pool:
+        pending: deque = deque()  # bounded read-ahead: Pool.imap would pull the whole input into memory
+        for chunk in chunks:
+            pending.append(pool.apply_async(_prepare_in_worker, (chunk,)))
+            if len(pending) > 2 * cfg.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 def write_rejection(fh, source: str, line: int, drop: Drop, raw: str) -> None:
@@ -166,11 +229,13 @@ def curate_conversations(
     """Run every step over `files`, write train/eval/rejected JSONL and manifest.json into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = {name: out_dir / f".{name}.partial" for name in OUTPUTS + ("kept.jsonl",)}
-    curator, tally = Curator(cards, cfg, tokenizer), Tally()
+    dedup, tally = Deduplicator(cfg), Tally()
     with open(staging["kept.jsonl"], "w", encoding="utf-8") as kept, \
             open(staging["rejected.jsonl"], "w", encoding="utf-8") as rejected:
-        for chunk in iterate_chunks(files, cfg.chunk_size, progress, tally):
-            curator.process(chunk, tally, kept, rejected)
+        chunks = iterate_chunks(files, cfg.chunk_size, progress, tally)
+        for chunk, pii in prepared_chunks(chunks, cards, cfg, tokenizer):
+            tally.pii.update(pii)
+            record(chunk, dedup, tally, kept, rejected)
     if tally.rows_read == 0:
         for path in staging.values():
             path.unlink(missing_ok=True)

@@ -8,7 +8,7 @@ import re
 import zlib
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
+from datasketch import MinHash
 
 _WORD = re.compile(r"\w+")
 
@@ -38,35 +38,50 @@ class ExactDeduper:
 
 
 class NearDeduper:
-    """MinHash LSH over word shingles (datasketch), candidates confirmed by their estimated Jaccard.
+    """MinHash LSH: datasketch MinHash signatures over word shingles, banded into a compact index of our own,
+    each candidate confirmed by its estimated Jaccard before a row is dropped.
 
-    The LSH bands are tuned for recall (missing a near duplicate costs more than checking a candidate);
-    the confirmation step then removes the extra false positives, so unrelated rows are never dropped.
+    datasketch's MinHashLSH keeps ~5 KB of Python objects per indexed row (a set per bucket, a list of band keys per
+    row): 5.3 GB peak at a million rows. Here a bucket is one dict slot per band holding the first row's slot, and
+    signatures live in one growing uint16 matrix (16 bits per min-hash are plenty to test equality).
     """
 
-    def __init__(self, threshold: float, num_perm: int, shingle_words: int) -> None:
-        self.threshold = threshold
-        self.num_perm = num_perm
-        self.n = shingle_words
-        # Band keys are hashed to 8 bytes: at a million rows the raw band bytes would dominate memory.
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.2, 0.8), hashfunc=_hash8)
-        self.kept: dict[int, np.ndarray] = {}
+    def __init__(self, threshold: float, num_perm: int, shingle_words: int, bands: int) -> None:
+        if num_perm % bands:
+            raise ValueError(f"num_perm {num_perm} must be a multiple of bands {bands}")
+        self.threshold, self.num_perm, self.n, self.bands = threshold, num_perm, shingle_words, bands
+        self.width = num_perm // bands
+        self.tables: list[dict[int, int]] = [{} for _ in range(bands)]
+        self.matrix = np.zeros((1024, num_perm), dtype=np.uint16)
+        self.row_of_slot: list[int] = []
+        mixer = np.random.default_rng(20240531).integers(1, 2**63, size=self.width, dtype=np.uint64) | np.uint64(1)
+        self.mixer = mixer  # odd multipliers: a band's values fold into one 64-bit key
 
-    def signatures(self, batch: list[list[dict]]) -> list[MinHash]:
+    def signatures(self, batch: list[list[dict]]) -> np.ndarray:
         # crc32 is deterministic and ~10x cheaper than datasketch's default sha1 per shingle; the MinHash
         # permutations on top of it supply the mixing.
-        return MinHash.bulk([shingles(m, self.n) for m in batch], num_perm=self.num_perm, seed=1, hashfunc=zlib.crc32)
+        hashes = MinHash.bulk([shingles(m, self.n) for m in batch], num_perm=self.num_perm, seed=1,
+                              hashfunc=zlib.crc32)
+        return np.stack([h.hashvalues for h in hashes]).astype(np.uint16)
 
-    def check(self, signature: MinHash, row_id: int) -> int | None:
+    def band_keys(self, signature: np.ndarray) -> list[int]:
+        bands = signature.reshape(self.bands, self.width).astype(np.uint64)
+        return (bands * self.mixer).sum(axis=1, dtype=np.uint64).tolist()
+
+    def check(self, signature: np.ndarray, row_id: int) -> int | None:
         """Row id of an earlier near-identical row, else None (and index this one)."""
-        values = signature.hashvalues.astype(np.uint32)
-        for candidate in sorted(self.lsh.query(signature)):
-            if np.count_nonzero(self.kept[candidate] == values) / self.num_perm >= self.threshold:
-                return candidate
-        self.lsh.insert(row_id, signature, check_duplication=False)
-        self.kept[row_id] = values
+        keys = self.band_keys(signature)
+        candidates = sorted({t[k] for t, k in zip(self.tables, keys) if k in t})
+        for slot in candidates:
+            if np.count_nonzero(self.matrix[slot] == signature) / self.num_perm >= self.threshold:
+                return self.row_of_slot[slot]
+        slot = len(self.row_of_slot)
+        if slot == len(self.matrix):
+            self.matrix = np.concatenate([self.matrix, np.zeros_like(self.matrix)])
+        self.matrix[slot] = signature
+        self.row_of_slot.append(row_id)
+        for table, key in zip(self.tables, keys):
+            table.setdefault(key, slot)
         return None
 
 
-def _hash8(band: bytes) -> bytes:
-    return hashlib.blake2b(band, digest_size=8).digest()

@@ -80,3 +80,22 @@ def vllm_base(base_model_dir, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def curated_project(tmp_path_factory, base_model_dir):
+    """data/raw curated with configs/curate/default.yaml (no flow, no MLflow): (out_dir, manifest)."""
+    from transformers import AutoTokenizer
+
+    from charforge.characters import load_characters
+    from charforge.config import load_yaml_model
+    from charforge.schemas.curate import CurateConfig
+    from charforge.settings import CONFIGS_DIR, DATA_DIR
+    from tasks.curate import curate_conversations
+
+    out = tmp_path_factory.mktemp("curated")
+    cfg = load_yaml_model(CONFIGS_DIR / "curate" / "default.yaml", CurateConfig)
+    files = sorted((DATA_DIR / "raw").glob("*.jsonl"))
+    manifest = curate_conversations(files, out, load_characters(DATA_DIR / "characters"), cfg,
+                                    AutoTokenizer.from_pretrained(base_model_dir), progress=False)
+    return out, manifest

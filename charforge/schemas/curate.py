@@ -18,6 +18,8 @@ class DedupConfig(StageConfig):
         default=0.8, gt=0, le=1, description="Estimated Jaccard similarity at or above which a row is a near duplicate."
     )
     num_perm: int = Field(default=128, ge=16, le=512, description="MinHash permutations (accuracy vs speed/memory).")
+    bands: int = Field(default=16, ge=1, description="LSH bands; num_perm / bands rows per band. More bands find "
+                       "more candidates (recall) at more memory per row.")
     shingle_words: int = Field(default=3, ge=1, le=10, description="Word n-gram size of the MinHash shingles.")
 
 
@@ -59,4 +61,5 @@ class CurateConfig(StageConfig):
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and near-duplicate removal.")
     split: SplitConfig = Field(default_factory=SplitConfig, description="Train/eval split.")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="Optional synthetic expansion.")
+    workers: int = Field(default=2, ge=0, description="Processes for the per-row steps (0 or 1: in-process).")
     chunk_size: int = Field(default=2000, ge=1, description="Rows per batch for tokenization (memory vs speed).")

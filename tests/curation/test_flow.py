@@ -153,14 +153,12 @@ def test_cli_bad_config_fails_before_work(tmp_path, cards_dir, corpus):
     assert result.stderr.strip() == f"error: {bad}: key 'max_tokenz': unknown key, did you mean 'max_tokens'?"
 
 
-def test_cli_unreadable_input_exits_2(tmp_path, cards_dir):
-    if os.geteuid() == 0:
-        pytest.skip("root reads any file")
-    locked = tmp_path / "locked.jsonl"
-    locked.write_text("{}\n")
-    locked.chmod(0)
-    result = run_cli("--input", str(locked), "--out", str(tmp_path / "o"), "--characters", str(cards_dir))
-    assert result.returncode == 2 and str(locked) in result.stderr
+def test_cli_directory_without_jsonl_exits_2(tmp_path, cards_dir):
+    (tmp_path / "empty_dir").mkdir()
+    result = run_cli("--input", str(tmp_path / "empty_dir"), "--out", str(tmp_path / "o"),
+                     "--characters", str(cards_dir))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'empty_dir'}: directory has no *.jsonl files"
 
 
 def test_cli_runs_with_several_inputs_and_rejections_keep_exit_zero(tmp_path, cards_dir, corpus):

@@ -8,10 +8,7 @@ import re
 import pytest
 
 from charforge.characters import load_characters
-from charforge.schemas.curate import CurateConfig
-from charforge.settings import CONFIGS_DIR, DATA_DIR
-from charforge.config import load_yaml_model
-from tasks.curate import curate_conversations
+from charforge.settings import DATA_DIR
 
 
 def planted_outcomes() -> dict[int, str]:
@@ -25,15 +22,8 @@ def planted_outcomes() -> dict[int, str]:
 
 
 @pytest.fixture(scope="module")
-def curated(tmp_path_factory, base_model_dir):
-    from transformers import AutoTokenizer
-
-    out = tmp_path_factory.mktemp("curated")
-    cfg = load_yaml_model(CONFIGS_DIR / "curate" / "default.yaml", CurateConfig)
-    files = sorted((DATA_DIR / "raw").glob("*.jsonl"))
-    manifest = curate_conversations(files, out, load_characters(DATA_DIR / "characters"), cfg,
-                                    AutoTokenizer.from_pretrained(base_model_dir), progress=False)
-    return out, manifest
+def curated(curated_project):
+    return curated_project
 
 
 def test_eight_distinct_original_characters():
@@ -75,3 +65,21 @@ def test_eval_probes_are_held_out_from_training(curated):
     probes = [json.loads(line) for line in (DATA_DIR / "eval" / "probes.jsonl").read_text().splitlines()]
     assert len(probes) >= 8 * 10
     assert not [p["id"] for p in probes if json.dumps(p["reference"])[1:-1] in train]
+
+
+def test_worker_processes_give_the_same_dataset_as_one_process(curated, tmp_path, base_model_dir):
+    from transformers import AutoTokenizer
+
+    from charforge.config import load_yaml_model
+    from charforge.schemas.curate import CurateConfig
+    from charforge.settings import CONFIGS_DIR
+    from tasks.curate import curate_conversations
+
+    _, single = curated
+    cfg = load_yaml_model(CONFIGS_DIR / "curate" / "default.yaml", CurateConfig)
+    cfg = cfg.model_copy(update={"workers": 2, "chunk_size": 50})
+    files = sorted((DATA_DIR / "raw").glob("*.jsonl"))
+    parallel = curate_conversations(files, tmp_path, load_characters(DATA_DIR / "characters"), cfg,
+                                    AutoTokenizer.from_pretrained(base_model_dir), progress=False)
+    assert parallel["sha256"] == single["sha256"]
+    assert parallel["rejected_by_reason"] == single["rejected_by_reason"]

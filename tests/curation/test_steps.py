@@ -155,7 +155,7 @@ def test_near_duplicate_one_word_changed():
     a = [{"role": "user", "content": "When?"}, {"role": "assistant", "content": text}]
     b = [{"role": "user", "content": "When?"}, {"role": "assistant", "content": text.replace("fog", "mist")}]
     c = [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Sheep need me more than lamps do."}]
-    near = NearDeduper(threshold=0.8, num_perm=64, shingle_words=3)
+    near = NearDeduper(threshold=0.8, num_perm=128, shingle_words=3, bands=16)
     sa, sb, sc = near.signatures([a, b, c])
     assert near.check(sa, 0) is None
     assert near.check(sb, 1) == 0

@@ -1,0 +1,143 @@
+"""The training flow on the tiny Llama and the project's curated data: real TRL/PEFT steps, MLflow, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from charforge.checksums import verify_manifest
+from charforge.schemas.train import TrainConfig
+from charforge.settings import CONFIGS_DIR
+from flows.train import train
+from tasks.adapters import load_adapter_model
+
+TEMPLATE = CONFIGS_DIR / "train" / "templates" / "chatml_training.jinja"
+
+
+def tiny_config(tiny_llama_dir, dataset_dir, **training) -> TrainConfig:
+    return TrainConfig(
+        name="tiny", base_model_dir=tiny_llama_dir, dataset_dir=dataset_dir, chat_template=TEMPLATE,
+        training={"max_steps": 4, "batch_size": 2, "max_length": 256, "save_steps": 2, "logging_steps": 1,
+                  "learning_rate": 5e-3, **training},
+    )
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARFORGE_STATE_DIR", str(tmp_path / "state"))
+    return tmp_path / "state"
+
+
+def test_lora_training_changes_weights_logs_loss_and_ships_a_verified_adapter(
+    tiny_llama_dir, curated_project, state_dir, mlflow_store, prefect_harness, tmp_path
+):
+    dataset_dir, manifest = curated_project
+    result = train(config=tiny_config(tiny_llama_dir, dataset_dir))
+    assert result["servable"] and result["global_step"] == 4 and result["resumed_from"] is None
+
+    weights = load_file(Path(result["adapter_dir"]) / "adapter_model.safetensors")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.dtype == torch.bfloat16 for v in weights.values())
+    assert max(v.abs().max().item() for v in lora_b) > 0  # lora_B starts at zero: training moved it
+
+    client = MlflowClient(mlflow_store)
+    run = client.get_run(result["mlflow_run_id"])
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 4
+    assert "tokens_per_second" in run.data.metrics and "final_eval_loss" in run.data.metrics
+    assert run.data.params["dataset_hash"] == manifest["dataset_hash"]
+    assert run.data.tags["adapter_sha256"] == result["adapter_sha256"]
+    assert run.data.tags["servable"] == "true" and "prefect_flow_run_id" in run.data.tags
+    assert {d.dataset.digest for d in run.inputs.dataset_inputs} == {manifest["dataset_hash"][:16]}
+    assert any(k.startswith("system/") for k in run.data.metrics)
+
+    downloaded = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter",
+                                                          dst_path=str(tmp_path / "dl")))
+    verify_manifest(downloaded, "re-download")  # the artifact's sha256 manifest matches its files
+    model = load_adapter_model(downloaded)
+    assert model.peft_config["default"].r == 8
+
+    again = train(config=tiny_config(tiny_llama_dir, dataset_dir))
+    assert again["mlflow_run_id"] == result["mlflow_run_id"]  # finished run is reused, not retrained
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_qlora_nf4_trains_on_cpu(tiny_llama_dir, curated_project, state_dir, mlflow_store, prefect_harness):
+    dataset_dir, _ = curated_project
+    cfg = tiny_config(tiny_llama_dir, dataset_dir, max_steps=2).model_copy(
+        update={"method": "qlora", "name": "tiny-qlora"})
+    cfg = TrainConfig.model_validate({**cfg.model_dump(), "quantization": {"quant_type": "nf4"}})
+    result = train(config=cfg)
+    assert result["servable"] and result["global_step"] == 2
+    params = MlflowClient(mlflow_store).get_run(result["mlflow_run_id"]).data.params
+    assert params["method"] == "qlora" and '"quant_type": "nf4"' in params["quantization"]
+
+
+def test_qlora_without_quantization_section_is_a_config_error():
+    with pytest.raises(ValueError, match="method 'qlora' needs a 'quantization' section"):
+        TrainConfig(name="x", method="qlora")
+
+
+CHARFORGE = str(Path(sys.executable).parent / "charforge")
+
+
+def test_killed_run_resumes_from_its_checkpoint_in_the_same_mlflow_run(tiny_llama_dir, curated_project, tmp_path):
+    dataset_dir, _ = curated_project
+    cfg = tiny_config(tiny_llama_dir, dataset_dir, max_steps=30, save_steps=5, max_length=512)
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**os.environ, "CHARFORGE_STATE_DIR": str(tmp_path / "state"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    command = [CHARFORGE, "train", "--config", str(config_file)]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    runs = tmp_path / "state" / "training"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not list(runs.glob("*/checkpoints/checkpoint-10")):
+        assert first.poll() is None, "training ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # a real crash: no cleanup, no finally blocks
+    first.wait()
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in runs.glob("*/checkpoints/checkpoint-*"))
+    assert checkpoints and max(checkpoints) < 30
+    run_dir = next(runs.iterdir())
+    run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming from checkpoint-{max(checkpoints)}" in second.stderr + second.stdout
+    state = json.loads((run_dir / "run.json").read_text())
+    assert state["status"] == "finished" and state["mlflow_run_id"] == run_id
+    assert state["result"]["resumed_from"] == f"checkpoint-{max(checkpoints)}"
+    assert state["result"]["global_step"] == 30
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("charforge-train")
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
+    steps = sorted({m.step for m in client.get_metric_history(run_id, "loss")})
+    assert steps[-1] == 30 and client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_cli_config_errors_fail_before_training(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nlora:\n  rank: 8\n")
+    result = subprocess.run([CHARFORGE, "train", "--config", str(bad)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {bad}: key 'lora.rank': unknown key, did you mean 'r'?"
+    missing = tmp_path / "ok.yaml"
+    missing.write_text(f"name: x\ndataset_dir: {tmp_path / 'nodata'}\n")
+    result = subprocess.run([CHARFORGE, "train", "--config", str(missing)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: {tmp_path / 'nodata'}: no curated dataset here (manifest.json missing); run "
+        f"`charforge curate --input data/raw --out {tmp_path / 'nodata'}` first")
