@@ -91,13 +91,15 @@ def train(
     dataset: Path = typer.Option(None, help="Curated dataset directory (default: the config's dataset_dir)."),
 ) -> None:
     """Train a LoRA/QLoRA adapter with TRL; resumes an interrupted run; logs to MLflow."""
+    from charforge.curated import read_dataset_manifest
     from charforge.schemas.train import TrainConfig
-    from flows.train import read_dataset_manifest, train as train_flow
-    from tasks.training import repo_path
+    from charforge.settings import repo_path
 
-    try:
+    try:  # config and dataset are checked before the heavy imports and the flow start
         cfg = load_yaml_model(config, TrainConfig)
         read_dataset_manifest(repo_path(dataset or cfg.dataset_dir))
+        from flows.train import train as train_flow
+
         result = train_flow(config=cfg, dataset_dir=str(dataset) if dataset else None)
     except ConfigError as err:
         fail(str(err))

@@ -86,6 +86,14 @@ class PlatformConfig(StageConfig):
         return (self.state / "mlartifacts").as_uri()
 
 
+def repo_path(path: Path | str | None) -> Path | None:
+    """Config paths are relative to the repo root, so runs behave the same from any working directory."""
+    if path is None:
+        return None
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
 @lru_cache(maxsize=1)
 def platform() -> PlatformConfig:
     """The platform config from CHARFORGE_PLATFORM_CONFIG or configs/platform.yaml."""

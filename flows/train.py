@@ -18,24 +18,13 @@ from prefect.cache_policies import NONE
 
 from charforge.base_models import load_preset, materialize
 from charforge.checksums import folder_sha, verify_manifest
-from charforge.config import ConfigError
+from charforge.curated import read_dataset_manifest
 from charforge.schemas.train import TrainConfig
-from charforge.settings import platform
+from charforge.settings import platform, repo_path
 from charforge.tracking import flow_run_tags, log_dataset_inputs, use_experiment
 from tasks.adapters import export_adapter
 from tasks.servability import check_servable
-from tasks.training import fit_adapter, repo_path
-
-
-def read_dataset_manifest(dataset_dir: Path) -> dict:
-    path = dataset_dir / "manifest.json"
-    if not path.is_file():
-        raise ConfigError(f"{dataset_dir}: no curated dataset here (manifest.json missing); run "
-                          f"`charforge curate --input data/raw --out {dataset_dir}` first")
-    manifest = json.loads(path.read_text())
-    if manifest["rows"]["train"] == 0:
-        raise ConfigError(f"{dataset_dir}: the curated train split is empty; nothing to train on")
-    return manifest
+from tasks.training import fit_adapter
 
 
 def run_identity(cfg: TrainConfig, dataset_hash: str, base_sha: str) -> str:

@@ -7,9 +7,13 @@ throughput) and resuming from the newest checkpoint in the run directory.
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import time
 from pathlib import Path
+
+# bitsandbytes warns at import that an optional hub-downloaded CPU kernel is missing; its built-in CPU path works.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import torch
 from datasets import load_dataset
@@ -19,15 +23,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from charforge.schemas.train import TrainConfig
-from charforge.settings import REPO_ROOT
-
-
-def repo_path(path: Path | str | None) -> Path | None:
-    """Config paths are relative to the repo root, so runs behave the same from any working directory."""
-    if path is None:
-        return None
-    path = Path(path)
-    return path if path.is_absolute() else REPO_ROOT / path
+from charforge.settings import repo_path
 
 
 def peak_memory_mb() -> float:

@@ -8,12 +8,16 @@ import pytest
 
 from charforge.base_models import BaseModelPreset
 from charforge.config import ConfigError, load_yaml_model
+from charforge.schemas.curate import CurateConfig
+from charforge.schemas.train import TrainConfig
 from charforge.settings import CONFIGS_DIR, PlatformConfig
 
 # configs/<folder or file> -> schema. lm_eval/ holds lm-eval's own task YAMLs, validated by `lm-eval validate`.
 SCHEMAS = {
     "platform.yaml": PlatformConfig,
     "models": BaseModelPreset,
+    "curate": CurateConfig,
+    "train": TrainConfig,
 }
 NOT_OURS = {"lm_eval"}
 
@@ -83,3 +87,35 @@ def test_missing_file_and_bad_yaml(tmp_path):
     broken.write_text("ui: [unclosed\n")
     with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
         load_yaml_model(broken, PlatformConfig)
+
+
+def test_train_presets_respect_the_fleet_rank_and_name_real_presets():
+    from charforge.base_models import load_preset
+
+    for path in sorted((CONFIGS_DIR / "train").glob("*.yaml")):
+        cfg = load_yaml_model(path, TrainConfig)
+        assert cfg.lora.r <= cfg.max_lora_rank, path
+        load_preset(cfg.base_model)
+        if cfg.chat_template:
+            assert (CONFIGS_DIR.parent / cfg.chat_template).is_file(), path
+
+
+def test_training_template_renders_exactly_like_the_base_template(base_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    template = (CONFIGS_DIR / "train" / "templates" / "chatml_training.jinja").read_text()
+    for messages in (
+        [{"role": "system", "content": "You are Nell."}, {"role": "user", "content": "Ahoy?"},
+         {"role": "assistant", "content": "Aye."}, {"role": "user", "content": "More?"},
+         {"role": "assistant", "content": "Nay."}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+    ):
+        for prompt in (False, True):
+            assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt) == \
+                tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt,
+                                              chat_template=template)
+    masked = tokenizer.apply_chat_template(messages, chat_template=template, return_assistant_tokens_mask=True,
+                                           return_dict=True)
+    kept = [t for t, m in zip(masked["input_ids"], masked["assistant_masks"]) if m]
+    assert tokenizer.decode(kept) == "Hello<|im_end|>"  # loss covers the reply and its end-of-turn token only

@@ -41,9 +41,11 @@ def state_dir(tmp_path, monkeypatch):
 
 
 def test_lora_training_changes_weights_logs_loss_and_ships_a_verified_adapter(
-    tiny_llama_dir, curated_project, state_dir, mlflow_store, prefect_harness, tmp_path
+    tiny_llama_dir, curated_project, state_dir, mlflow_store, prefect_harness, tmp_path, monkeypatch
 ):
     dataset_dir, manifest = curated_project
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
     result = train(config=tiny_config(tiny_llama_dir, dataset_dir))
     assert result["servable"] and result["global_step"] == 4 and result["resumed_from"] is None
 
@@ -130,10 +132,16 @@ def test_killed_run_resumes_from_its_checkpoint_in_the_same_mlflow_run(tiny_llam
 
 def test_cli_config_errors_fail_before_training(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nlora:\n  rank: 8\n")
+    bad.write_text("name: x\nlora:\n  alpah: 16\n")
     result = subprocess.run([CHARFORGE, "train", "--config", str(bad)], capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {bad}: key 'lora.rank': unknown key, did you mean 'r'?"
+    assert result.stderr.strip() == f"error: {bad}: key 'lora.alpah': unknown key, did you mean 'alpha'?"
+    wrong_type = tmp_path / "type.yaml"
+    wrong_type.write_text("name: x\ntraining:\n  max_steps: many\n")
+    result = subprocess.run([CHARFORGE, "train", "--config", str(wrong_type)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: {wrong_type}: key 'training.max_steps': Input should be a valid "
+                                     "integer, unable to parse string as an integer (got 'many')")
     missing = tmp_path / "ok.yaml"
     missing.write_text(f"name: x\ndataset_dir: {tmp_path / 'nodata'}\n")
     result = subprocess.run([CHARFORGE, "train", "--config", str(missing)], capture_output=True, text=True)
