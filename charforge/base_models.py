@@ -7,10 +7,8 @@ load it like any hub checkpoint. Production presets name a hub id and are fetche
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from charforge.checksums import MANIFEST, folder_sha, sha256_file, verify_manifest, write_manifest
+from charforge.checksums import MANIFEST, sha256_file, verify_manifest, write_manifest
 from charforge.config import ConfigError, StageConfig, load_yaml_model
 from charforge.settings import CONFIGS_DIR, platform
 

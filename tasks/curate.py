@@ -25,7 +25,7 @@ from tasks.dedup import ExactDeduper, NearDeduper, content_key
 from tasks.ingest import Drop, InputError, parse_conversation, raw_text, read_line_at, read_lines
 from tasks.persona import PersonaIndex, make_ooc_checker
 from tasks.scrub import normalize_text, scrub_pii
-from tasks.split import EVAL, OVER_CAP, TRAIN, assign_splits
+from tasks.split import OVER_CAP, TRAIN, assign_splits
 
 OUTPUTS = ("train.jsonl", "eval.jsonl", "rejected.jsonl")
 DUPLICATE_REASONS = {"duplicate", "near_duplicate"}
