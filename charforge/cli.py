@@ -80,7 +80,8 @@ def curate(
         load_characters(characters)
         inputs = list(input) + list(more or [])
         expand_inputs(inputs)
-        curate_flow(inputs=[str(p) for p in inputs], out_dir=str(out), characters_dir=str(characters), config=cfg)
+        curate_flow(inputs=[str(p.resolve()) for p in inputs], out_dir=str(out.resolve()),
+                    characters_dir=str(characters.resolve()), config=cfg)
     except (ConfigError, InputError, SyntheticError) as err:
         fail(str(err))
 
@@ -97,10 +98,10 @@ def train(
 
     try:  # config and dataset are checked before the heavy imports and the flow start
         cfg = load_yaml_model(config, TrainConfig)
-        read_dataset_manifest(repo_path(dataset or cfg.dataset_dir))
+        read_dataset_manifest(dataset.resolve() if dataset else repo_path(cfg.dataset_dir))
         from flows.train import train as train_flow
 
-        result = train_flow(config=cfg, dataset_dir=str(dataset) if dataset else None)
+        result = train_flow(config=cfg, dataset_dir=str(dataset.resolve()) if dataset else None)
     except ConfigError as err:
         fail(str(err))
     if not result["servable"]:

@@ -16,7 +16,7 @@ from charforge.base_models import load_tokenizer, model_dir, load_preset
 from charforge.characters import load_characters
 from charforge.checksums import sha256_file
 from charforge.schemas.curate import CurateConfig
-from charforge.settings import DATA_DIR
+from charforge.settings import DATA_DIR, repo_path
 from charforge.tracking import flow_run_tags
 from tasks.curate import OUTPUTS, curate_conversations
 from tasks.ingest import expand_inputs
@@ -68,20 +68,21 @@ def log_lineage(out_dir: Path) -> str:
 
 @flow(name="curate", log_prints=True)
 def curate(
-    inputs: list[str] = ["data/raw"],
+    inputs: tuple[str, ...] = ("data/raw",),
     out_dir: str = ".state/datasets/default",
     characters_dir: str = str(DATA_DIR / "characters"),
     config: CurateConfig = CurateConfig(),
 ) -> dict:
     """Curate conversations for training: validate, scrub, filter, deduplicate, balance, split, record lineage."""
-    out = Path(out_dir)
-    files = expand_inputs([Path(p) for p in inputs])
-    load_characters(Path(characters_dir))  # fail on a bad card before any work
+    # Relative paths (the defaults, or values typed into the Prefect UI) are relative to the repo root.
+    out, characters_dir = repo_path(out_dir), repo_path(characters_dir)
+    files = expand_inputs([repo_path(p) for p in inputs])
+    load_characters(characters_dir)  # fail on a bad card before any work
     if config.synthetic.enabled:
-        files.append(generate_synthetic(Path(characters_dir), out / "synthetic.jsonl", config.synthetic))
-    fingerprint = curation_fingerprint(files, Path(characters_dir), out, config)
+        files.append(generate_synthetic(characters_dir, out / "synthetic.jsonl", config.synthetic))
+    fingerprint = curation_fingerprint(files, characters_dir, out, config)
     step = curate_dataset if outputs_intact(out) else curate_dataset.with_options(refresh_cache=True)
-    result = step(files, out, Path(characters_dir), config, fingerprint)
+    result = step(files, out, characters_dir, config, fingerprint)
     result["mlflow_run_id"] = log_lineage(out)
     manifest = json.loads(Path(result["manifest"]).read_text())
     print(
