@@ -133,9 +133,6 @@ def train(config: TrainConfig, dataset_dir: str | None = None) -> dict:
                "resumed_from": fit_result["resumed_from"], "dataset_hash": manifest["dataset_hash"]}
     state_file.write_text(json.dumps({**state, "mlflow_run_id": run_id, "identity": identity, "status": "finished",
                                       "result": result}, indent=2))
-    use_experiment("train")
-    with mlflow.start_run(run_id=run_id):
-        pass  # closing the run marks it FINISHED
     verdict = "servable" if result["servable"] else "NOT servable: " + "; ".join(result["reasons"])
     logger.info(f"adapter {result['adapter_sha256'][:12]} ({verdict}) after {result['global_step']} steps -> "
           f"{result['adapter_dir']}")

@@ -9,10 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from charforge.checksums import MANIFEST, verify_manifest, write_manifest
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
+from charforge.checksums import verify_manifest, write_manifest
 
 def export_adapter(raw_dir: Path, out_dir: Path, dtype: str, lineage: dict) -> dict:
     """Copy the PEFT adapter into `out_dir` with weights cast to `dtype` (vLLM serves bf16/fp16 adapters only)
@@ -42,6 +39,3 @@ def load_adapter_model(adapter_dir: Path, base_dir: Path | None = None, dtype=to
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     return PeftModel.from_pretrained(model, str(adapter_dir))
 
-
-def read_manifest(adapter_dir: Path) -> dict:
-    return json.loads((Path(adapter_dir) / MANIFEST).read_text())
