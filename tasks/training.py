@@ -167,8 +167,8 @@ def fit_adapter(cfg: TrainConfig, model_dir: Path, dataset_dir: Path, run_dir: P
         metrics.update(trainer.evaluate())
     metrics["wall_seconds"] = time.monotonic() - started
     metrics["peak_memory_mb"] = peak_memory_mb()
-    metrics["num_tokens"] = float(trainer.state.log_history[-1].get("num_tokens", 0) or
-                                  next((h["num_tokens"] for h in reversed(trainer.state.log_history)
+    # Useful (non-padding) training tokens: TRL's running count in the newest training log line.
+    metrics["num_tokens"] = float(next((h["num_tokens"] for h in reversed(trainer.state.log_history)
                                         if "num_tokens" in h), 0))
     trainer.model.save_pretrained(run_dir / "adapter-raw")  # adapter only; the base tokenizer stays the base's
     final = {"global_step": trainer.state.global_step, "resumed_from": Path(resume_from).name if resume_from else None,
