@@ -24,13 +24,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def matmul_ceiling_gflops(n: int = 2048, repeats: int = 10) -> float:
+def matmul_ceiling_gflops(n: int = 2048, repeats: int = 5, trials: int = 5) -> float:
+    """Best of several timed trials: the machine's attainable fp32 matmul rate, not one noisy sample."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
+    best = 0.0
+    for _ in range(trials):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9)
+    return best
 
 
 def run_ours(model_dir: Path, dataset: Path, steps: int) -> dict:
