@@ -19,7 +19,6 @@ import torch
 from datasets import load_dataset
 from peft import LoraConfig, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from charforge.schemas.train import TrainConfig
@@ -132,6 +131,26 @@ def build_sft_config(cfg: TrainConfig, output_dir: Path, has_eval: bool) -> SFTC
     )
 
 
+def last_complete_checkpoint(checkpoints: Path, logger=None) -> str | None:
+    """Newest checkpoint the Trainer finished writing; newer, partial ones are set aside (renamed), not deleted.
+
+    A crash while a checkpoint is being written leaves a `checkpoint-N` folder without `trainer_state.json`
+    (the Trainer writes it last); resuming from it would fail with "Can't find a valid checkpoint".
+    """
+    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
+                   if p.name.split("-")[1].isdigit() else -1, reverse=True)
+    for folder in found:
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            return str(folder)
+        except (OSError, ValueError):
+            aside = folder.with_name(f"incomplete-{folder.name}-{int(time.time())}")
+            folder.rename(aside)
+            if logger:
+                logger.warning(f"{folder.name} was not completely written (crash while saving); moved to {aside.name}")
+    return None
+
+
 def load_conversations(dataset_dir: Path):
     """train/eval splits with only the `messages` column (what SFTTrainer formats with the chat template)."""
     files = {"train": str(dataset_dir / "train.jsonl")}
@@ -147,7 +166,7 @@ def fit_adapter(cfg: TrainConfig, model_dir: Path, dataset_dir: Path, run_dir: P
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
-    resume_from = get_last_checkpoint(str(checkpoints))
+    resume_from = last_complete_checkpoint(checkpoints, logger)
     callbacks = [ThroughputCallback(), MLflowMetricsCallback()] + ([LogProgressCallback(logger)] if logger else [])
     trainer = SFTTrainer(
         model=load_base_model(cfg, model_dir),

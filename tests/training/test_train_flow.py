@@ -111,8 +111,8 @@ def test_killed_run_resumes_from_its_checkpoint_in_the_same_mlflow_run(tiny_llam
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)  # a real crash: no cleanup, no finally blocks
     first.wait()
-    checkpoints = sorted(int(p.name.split("-")[1]) for p in runs.glob("*/checkpoints/checkpoint-*"))
-    assert checkpoints and max(checkpoints) < 30
+    checkpoints = sorted(int(p.parent.name.split("-")[1]) for p in runs.glob("*/checkpoints/checkpoint-*/trainer_state.json"))
+    assert checkpoints and max(checkpoints) < 30  # the kill may also land mid-write of checkpoint-10
     run_dir = next(runs.iterdir())
     run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
 
@@ -149,3 +149,22 @@ def test_cli_config_errors_fail_before_training(tmp_path):
     assert result.stderr.strip() == (
         f"error: {tmp_path / 'nodata'}: no curated dataset here (manifest.json missing); run "
         f"`charforge curate --input data/raw --out {tmp_path / 'nodata'}` first")
+
+
+def test_a_checkpoint_cut_short_by_a_crash_is_set_aside_not_resumed(tmp_path):
+    from tasks.training import last_complete_checkpoint
+
+    done = tmp_path / "checkpoint-5"
+    done.mkdir()
+    (done / "trainer_state.json").write_text('{"global_step": 5}')
+    partial = tmp_path / "checkpoint-10"  # killed after the adapter, before trainer_state.json
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    truncated = tmp_path / "checkpoint-15"  # killed while trainer_state.json was being written
+    truncated.mkdir()
+    (truncated / "trainer_state.json").write_text('{"global_st')
+    assert last_complete_checkpoint(tmp_path) == str(done)
+    assert sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.glob("incomplete-*")) == [
+        "incomplete-checkpoint-10", "incomplete-checkpoint-15"]
+    assert (tmp_path.glob("incomplete-checkpoint-10-*").__next__() / "adapter_model.safetensors").is_file()
+    assert last_complete_checkpoint(tmp_path / "none") is None
