@@ -33,7 +33,7 @@ def run_identity(cfg: TrainConfig, dataset_hash: str, base_sha: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def training_params(cfg: TrainConfig, base_dir: Path, base_sha: str, manifest: dict) -> dict:
+def training_params(cfg: TrainConfig, base_sha: str, manifest: dict) -> dict:
     """Flat, readable params for MLflow's compare view (the same names for every run)."""
     t, lora = cfg.training, cfg.lora
     return {
@@ -123,7 +123,7 @@ def train(config: TrainConfig, dataset_dir: str | None = None) -> dict:
         verify_manifest(run_dir / "adapter", f"delete {run_dir} and train again")
         logger.info(f"adapter for {cfg.name}-{identity} already trained: {run_dir / 'adapter'}")
         return state["result"]
-    params = training_params(cfg, base_dir, base_sha, manifest)
+    params = training_params(cfg, base_sha, manifest)
     run_id = start_training_run(cfg, run_dir, identity, params, dataset, manifest["dataset_hash"])
     fit_result = fit(cfg, base_dir, dataset, run_dir, run_id)
     lineage = {"base_model": cfg.base_model, "base_model_path": str(base_dir), "base_model_sha": base_sha,

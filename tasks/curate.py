@@ -21,7 +21,7 @@ from tqdm import tqdm
 from charforge.checksums import sha256_file
 from charforge.characters import CharacterCard
 from charforge.schemas.curate import CurateConfig
-from tasks.dedup import ExactDeduper, NearDeduper, content_key
+from tasks.dedup import ExactDeduper, NearDeduper, content_key, minhash_signatures
 from tasks.ingest import Drop, InputError, parse_conversation, raw_text, read_line_at, read_lines
 from tasks.persona import PersonaIndex, make_ooc_checker
 from tasks.scrub import normalize_text, scrub_pii
@@ -65,9 +65,6 @@ class ChunkPreparer:
         self.index = PersonaIndex(cards)
         self.check_ooc = make_ooc_checker(self.index, cfg.ooc_phrases, cfg.use_card_boundaries)
         self.pii_kinds = [k for k, on in cfg.pii.model_dump().items() if on]
-        d = cfg.dedup
-        self.near = NearDeduper(d.near_threshold, d.num_perm, d.shingle_words, d.bands)
-
     def clean(self, row: Row, pii: Counter) -> None:
         """Sets row.drop, or row.character and the normalised, scrubbed row.messages."""
         obj, row.drop = parse_conversation(row.raw)
@@ -108,7 +105,9 @@ class ChunkPreparer:
             if length > self.cfg.max_tokens:
                 row.drop = Drop("too_long", f"{length} tokens > max_tokens {self.cfg.max_tokens}")
         alive = [r for r in chunk if not r.drop]
-        for row, signature in zip(alive, self.near.signatures([r.messages for r in alive]) if alive else []):
+        d = self.cfg.dedup
+        signatures = minhash_signatures([r.messages for r in alive], d.num_perm, d.shingle_words) if alive else []
+        for row, signature in zip(alive, signatures):
             row.key, row.signature = content_key(row.character, row.messages), signature
         return chunk, pii
 
@@ -119,7 +118,7 @@ class Deduplicator:
     def __init__(self, cfg: CurateConfig) -> None:
         d = cfg.dedup
         self.exact = ExactDeduper()
-        self.near = NearDeduper(d.near_threshold, d.num_perm, d.shingle_words, d.bands)
+        self.near = NearDeduper(d.near_threshold, d.num_perm, d.bands)
         self.sources: list[str] = []
         self.names = array("Q")  # (source index << 32 | line) per indexed row: 8 bytes, not a string
 

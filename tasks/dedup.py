@@ -27,6 +27,17 @@ def shingles(messages: list[dict], n: int) -> list[bytes]:
     return list({" ".join(words[i : i + n]).encode() for i in range(len(words) - n + 1)})
 
 
+def minhash_signatures(batch: list[list[dict]], num_perm: int, shingle_words: int) -> np.ndarray:
+    """One uint16 MinHash signature row per conversation (datasketch MinHash over word shingles).
+
+    crc32 is deterministic and ~10x cheaper than datasketch's default sha1 per shingle; the MinHash permutations on
+    top of it supply the mixing. 16 bits per min-hash are plenty to test equality.
+    """
+    hashes = MinHash.bulk([shingles(m, shingle_words) for m in batch], num_perm=num_perm, seed=1,
+                          hashfunc=zlib.crc32)
+    return np.stack([h.hashvalues for h in hashes]).astype(np.uint16)
+
+
 class ExactDeduper:
     def __init__(self) -> None:
         self.seen: dict[bytes, int] = {}
@@ -46,23 +57,16 @@ class NearDeduper:
     signatures live in one growing uint16 matrix (16 bits per min-hash are plenty to test equality).
     """
 
-    def __init__(self, threshold: float, num_perm: int, shingle_words: int, bands: int) -> None:
+    def __init__(self, threshold: float, num_perm: int, bands: int) -> None:
         if num_perm % bands:
             raise ValueError(f"num_perm {num_perm} must be a multiple of bands {bands}")
-        self.threshold, self.num_perm, self.n, self.bands = threshold, num_perm, shingle_words, bands
+        self.threshold, self.num_perm, self.bands = threshold, num_perm, bands
         self.width = num_perm // bands
         self.tables: list[dict[int, int]] = [{} for _ in range(bands)]
         self.matrix = np.zeros((1024, num_perm), dtype=np.uint16)
         self.row_of_slot: list[int] = []
         mixer = np.random.default_rng(20240531).integers(1, 2**63, size=self.width, dtype=np.uint64) | np.uint64(1)
         self.mixer = mixer  # odd multipliers: a band's values fold into one 64-bit key
-
-    def signatures(self, batch: list[list[dict]]) -> np.ndarray:
-        # crc32 is deterministic and ~10x cheaper than datasketch's default sha1 per shingle; the MinHash
-        # permutations on top of it supply the mixing.
-        hashes = MinHash.bulk([shingles(m, self.n) for m in batch], num_perm=self.num_perm, seed=1,
-                              hashfunc=zlib.crc32)
-        return np.stack([h.hashvalues for h in hashes]).astype(np.uint16)
 
     def band_keys(self, signature: np.ndarray) -> list[int]:
         bands = signature.reshape(self.bands, self.width).astype(np.uint64)

@@ -8,7 +8,7 @@ import pytest
 
 from charforge.config import ConfigError
 from charforge.characters import load_characters
-from tasks.dedup import ExactDeduper, NearDeduper, content_key
+from tasks.dedup import ExactDeduper, NearDeduper, content_key, minhash_signatures
 from tasks.ingest import Drop, parse_conversation
 from tasks.persona import PersonaIndex, make_ooc_checker
 from tasks.scrub import normalize_text, scrub_pii
@@ -155,8 +155,8 @@ def test_near_duplicate_one_word_changed():
     a = [{"role": "user", "content": "When?"}, {"role": "assistant", "content": text}]
     b = [{"role": "user", "content": "When?"}, {"role": "assistant", "content": text.replace("fog", "mist")}]
     c = [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Sheep need me more than lamps do."}]
-    near = NearDeduper(threshold=0.8, num_perm=128, shingle_words=3, bands=16)
-    sa, sb, sc = near.signatures([a, b, c])
+    near = NearDeduper(threshold=0.8, num_perm=128, bands=16)
+    sa, sb, sc = minhash_signatures([a, b, c], num_perm=128, shingle_words=3)
     assert near.check(sa, 0) is None
     assert near.check(sb, 1) == 0
     assert near.check(sc, 2) is None
