@@ -109,6 +109,33 @@ def train(
 
 
 @app.command()
+def evaluate(
+    adapter: str = typer.Option(None, help="Adapter folder, or models:/<name>/<version> from the MLflow registry."),
+    base_only: bool = typer.Option(False, "--base-only", help="Evaluate the base model alone (no adapter)."),
+    champion: str = typer.Option(None, help="A second adapter to score on the same probes (e.g. the champion)."),
+    config: Path = typer.Option(CONFIGS_DIR / "eval" / "default.yaml", help="Evaluation config YAML."),
+    limit: int = typer.Option(None, min=1, help="Documents per task (a smoke run); overrides the config."),
+) -> None:
+    """Score an adapter's character consistency through vLLM + lm-eval, against the base (and champion)."""
+    from charforge.schemas.evaluate import EvalConfig
+
+    if adapter is None and not base_only:
+        fail("nothing to evaluate: pass --adapter <dir | models:/name/version>, or --base-only")
+    if adapter is not None and base_only:
+        fail("--adapter and --base-only exclude each other; pass one")
+    try:
+        cfg = load_yaml_model(config, EvalConfig)
+        if limit is not None:
+            cfg = cfg.model_copy(update={"limit": limit})
+        from flows.evaluate import evaluate as evaluate_flow
+
+        result = evaluate_flow(config=cfg, adapter=adapter, base_only=base_only, champion=champion)
+    except ConfigError as err:
+        fail(str(err))
+    typer.echo(f"report: {result['report']}\nchart: {result['chart']}\nMLflow run: {result['mlflow_run_id']}")
+
+
+@app.command()
 def ui() -> None:
     """Start the Prefect and MLflow UIs on loopback; Ctrl-C stops both."""
     from charforge.ui import run_ui

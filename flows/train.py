@@ -84,7 +84,8 @@ def export_and_check(cfg: TrainConfig, run_dir: Path, run_id: str, lineage: dict
     """bf16 adapter + manifest, the servability verdict, and both logged to the MLflow run."""
     adapter_dir = run_dir / "adapter"
     dtype = "bfloat16"  # vLLM serves bf16/fp16 adapters; bf16 keeps fp32's range
-    export_adapter(run_dir / "adapter-raw", adapter_dir, dtype, {**lineage, "mlflow_run_id": run_id})
+    template = repo_path(cfg.chat_template) if cfg.chat_template else None
+    export_adapter(run_dir / "adapter-raw", adapter_dir, dtype, {**lineage, "mlflow_run_id": run_id}, template)
     reasons = check_servable(adapter_dir, cfg.max_lora_rank, architecture)
     (run_dir / "servability.json").write_text(json.dumps({"servable": not reasons, "reasons": reasons}, indent=2))
     sha = folder_sha(adapter_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -11,9 +12,18 @@ from safetensors.torch import load_file, save_file
 
 from charforge.checksums import verify_manifest, write_manifest
 
-def export_adapter(raw_dir: Path, out_dir: Path, dtype: str, lineage: dict) -> dict:
+# bitsandbytes (imported by peft) warns that an optional hub-downloaded CPU kernel is missing; its CPU path works.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+TRAINING_TEMPLATE = "training_chat_template.jinja"
+
+
+def export_adapter(raw_dir: Path, out_dir: Path, dtype: str, lineage: dict, chat_template: Path | None = None) -> dict:
     """Copy the PEFT adapter into `out_dir` with weights cast to `dtype` (vLLM serves bf16/fp16 adapters only)
-    and a sha256 manifest that also records where it came from (base model, dataset, run)."""
+    and a sha256 manifest that also records where it came from (base model, dataset, run).
+
+    The chat template training used (if not the base model's) travels with the adapter, so evaluation can check
+    that serving renders conversations the same way."""
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -23,6 +33,8 @@ def export_adapter(raw_dir: Path, out_dir: Path, dtype: str, lineage: dict) -> d
     config = json.loads((raw_dir / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = lineage["base_model_path"]
     (staging / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if chat_template is not None:
+        shutil.copyfile(chat_template, staging / TRAINING_TEMPLATE)
     manifest = write_manifest(staging, {"lineage": lineage, "dtype": dtype})
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)

@@ -4,7 +4,6 @@ and one Prefect test harness per session."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
@@ -14,10 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from charforge.vllm_server import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import pytest
 from charforge.base_models import BaseModelPreset
 from charforge.config import ConfigError, load_yaml_model
 from charforge.schemas.curate import CurateConfig
+from charforge.schemas.evaluate import EvalConfig
 from charforge.schemas.train import TrainConfig
 from charforge.settings import CONFIGS_DIR, PlatformConfig
 
@@ -18,6 +19,7 @@ SCHEMAS = {
     "models": BaseModelPreset,
     "curate": CurateConfig,
     "train": TrainConfig,
+    "eval": EvalConfig,
 }
 NOT_OURS = {"lm_eval"}
 

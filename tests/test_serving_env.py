@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from charforge.vllm_server import VLLMServer
-from tests.conftest import free_port
+from charforge.vllm_server import free_port
 
 pytestmark = pytest.mark.slow
 

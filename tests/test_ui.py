@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from charforge.vllm_server import free_port
 
 pytestmark = pytest.mark.slow
 

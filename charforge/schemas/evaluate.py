@@ -1,0 +1,55 @@
+"""Evaluation stage config (`configs/eval/*.yaml`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from charforge.config import StageConfig
+
+KNOWN_TASKS = ("character_mc", "character_reply_likelihood", "character_reply_likelihood_nopersona",
+               "character_generation", "character_boundaries")
+
+
+class ParitySettings(StageConfig):
+    """Train/serve parity: the same prompts through HF transformers + PEFT and through vLLM + the adapter."""
+
+    prompts: int = Field(default=16, ge=1, description="Probes compared (the first N, all characters).")
+    tokens: int = Field(default=8, ge=1, description="Greedy tokens compared per prompt.")
+    min_first_token_agreement: float = Field(
+        default=0.75, ge=0, le=1,
+        description="Below this share of equal first tokens the run fails: the served adapter is not the trained one.",
+    )
+
+
+class ServingSettings(StageConfig):
+    """The vLLM server the evaluation starts (one replica, runtime LoRA loading on)."""
+
+    max_lora_rank: int = Field(default=16, description="--max-lora-rank; adapters above it cannot be served.")
+    max_model_len: int = Field(default=2048, ge=128, description="--max-model-len.")
+    kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+    startup_timeout_s: float = Field(default=400, gt=0, description="Seconds to wait for /health.")
+
+
+class EvalConfig(StageConfig):
+    """One evaluation: which probes, which tasks, how many samples, how the model is served."""
+
+    name: str = Field(default="character-eval", pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="Run family name.")
+    base_model: str = Field(default="smollm2-135m-instruct", description="Preset used when no adapter names a base.")
+    probes: Path = Field(default=Path("data/eval/probes.jsonl"), description="Probe JSONL (see data/README.md).")
+    characters: Path = Field(default=Path("data/characters"), description="Persona cards.")
+    tasks: list[str] = Field(default=list(KNOWN_TASKS), min_length=1, description="lm-eval tasks to run.")
+    limit: int | None = Field(default=None, ge=1, description="Documents per task (None = all); for smoke runs.")
+    bootstrap_resamples: int = Field(default=1000, ge=100, description="Resamples for the 95% CIs.")
+    generation_concurrency: int = Field(default=4, ge=1, description="Parallel generation requests to vLLM.")
+    parity: ParitySettings = Field(default_factory=ParitySettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+
+    @field_validator("tasks")
+    @classmethod
+    def known_tasks(cls, tasks: list[str]) -> list[str]:
+        unknown = [t for t in tasks if t not in KNOWN_TASKS]
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}; the character task folder has {', '.join(KNOWN_TASKS)}")
+        return tasks

@@ -1,0 +1,221 @@
+"""Evaluation flow: serve the base (+ adapter) with vLLM, run the character task folder through lm-eval, and
+hand back per-character scores with bootstrap CIs, tracked in one MLflow run.
+
+Run it:  charforge evaluate --adapter <dir | models:/name/version> [--base-only] [--champion <ref>]
+
+What is scored is what is served: lm-eval talks to the vLLM OpenAI server (`local-completions`), the candidate
+and the champion as runtime-loaded LoRA adapters, the base model by its served name, all on the same probes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+
+from charforge.base_models import load_preset, materialize
+from charforge.checksums import folder_sha, verify_manifest
+from charforge.config import ConfigError
+from charforge.eval_tasks import read_probes
+from charforge.schemas.evaluate import EvalConfig
+from charforge.settings import platform, repo_path
+from charforge.tracking import flow_run_tags, use_experiment
+from charforge.vllm_server import VLLMServer, free_port
+from tasks.eval_report import per_character_chart, score_table
+from tasks.evaluation import LOGLIKELIHOOD_TASKS, flat_metrics, read_samples, run_lm_eval, summarize
+from tasks.parity import check_parity
+
+
+def resolve_adapter(ref: str, downloads: Path) -> Path:
+    """A local adapter folder, or an MLflow model URI (`models:/name/version`, `models:/name@alias`) downloaded
+    once; either way its sha256 manifest must verify."""
+    if ref.startswith(("models:/", "runs:/")):
+        target = downloads / ref.split(":/", 1)[1].replace("/", "-").replace("@", "-at-")
+        if not (target / "charforge-manifest.json").is_file():
+            try:
+                mlflow.set_tracking_uri(platform().tracking_uri)
+                mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(target))
+            except Exception as exc:  # MLflow raises several types for a missing model/version/alias
+                raise ConfigError(f"{ref}: cannot fetch from the MLflow registry at {platform().tracking_uri} "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0]}); check the name and "
+                                  f"version with the MLflow UI") from None
+        path = target
+    else:
+        path = repo_path(ref)
+        if not path.is_dir():
+            raise ConfigError(f"{ref}: adapter folder not found; pass a training run's adapter folder "
+                              f"(.state/training/<run>/adapter) or models:/<name>/<version>")
+    verify_manifest(path, "re-export it from its training run")
+    return path
+
+
+def load_lora(server: VLLMServer, name: str, path: Path) -> None:
+    response = httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
+                          timeout=120)
+    if response.status_code != 200:
+        raise RuntimeError(f"vLLM refused adapter {path} as {name!r} ({response.status_code}): {response.text}")
+
+
+@task(name="check-train-serve-parity", cache_policy=NONE)
+def parity(cfg: EvalConfig, adapter_dir: Path, base_dir: Path, server: VLLMServer, served_name: str) -> dict:
+    """HF + PEFT vs vLLM + adapter on the same prompts: prompt tokens must match, greedy tokens are compared."""
+    probes = read_probes(repo_path(cfg.probes))
+    step = max(1, len(probes) // cfg.parity.prompts)
+    conversations = [[{"role": "system", "content": p["system_prompt"]}, *p["history"],
+                      {"role": "user", "content": p["user_msg"]}] for p in probes[::step][:cfg.parity.prompts]]
+    result = check_parity(adapter_dir=adapter_dir, base_dir=base_dir, base_url=server.url, served_name=served_name,
+                          conversations=conversations, tokens=cfg.parity.tokens)
+    get_run_logger().info(f"train/serve parity: first token {result['first_token_agreement']:.0%}, first "
+                          f"{cfg.parity.tokens} tokens {result['prefix_agreement']:.0%} of {result['prompts']} prompts")
+    if result["first_token_agreement"] < cfg.parity.min_first_token_agreement:
+        raise RuntimeError(
+            f"train/serve parity: HF+PEFT and vLLM agree on the first greedy token for only "
+            f"{result['first_token_agreement']:.0%} of prompts (< {cfg.parity.min_first_token_agreement:.0%}); "
+            f"the served adapter does not behave like the trained one. Examples: {result['examples']}")
+    return result
+
+
+@task(name="score-served-model", cache_policy=NONE)
+def score(cfg: EvalConfig, server: VLLMServer, served_name: str, tokenizer_dir: Path, out_dir: Path) -> dict:
+    """All configured tasks for one served model; returns the summary with CIs."""
+    metadata = {"probes": str(repo_path(cfg.probes)), "characters": str(repo_path(cfg.characters))}
+    common = dict(completions_url=f"{server.url}/v1/completions", model=served_name, tokenizer_dir=tokenizer_dir,
+                  output_dir=out_dir, limit=cfg.limit, metadata=metadata)
+    loglikelihood = [t for t in cfg.tasks if t in LOGLIKELIHOOD_TASKS]
+    generation = [t for t in cfg.tasks if t not in LOGLIKELIHOOD_TASKS]
+    if loglikelihood:
+        run_lm_eval(tasks=loglikelihood, **common)
+    if generation:
+        run_lm_eval(tasks=generation, num_concurrent=cfg.generation_concurrency, **common)
+    summary = summarize(read_samples(out_dir), cfg.bootstrap_resamples)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def sample_rows(target: str, out_dir: Path) -> list[dict]:
+    """One flat row per (task, document) for the MLflow samples table."""
+    rows = []
+    for task_name, samples in read_samples(out_dir).items():
+        for s in samples:
+            doc = s["doc"]
+            response = s["filtered_resps"][0] if s.get("filtered_resps") else ""
+            rows.append({
+                "model": target, "task": task_name, "probe": doc["id"], "character": doc["character"],
+                "probe_type": doc["probe_type"], "user_msg": doc["user_msg"],
+                "response": response if isinstance(response, str) else "",
+                "reference": doc["reference"],
+                **{k: float(v) for k, v in s.items() if isinstance(v, (int, float)) and k != "doc_id"},
+            })
+    return rows
+
+
+@task(name="report-evaluation", cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def report(cfg: EvalConfig, run_dir: Path, summaries: dict, parity_result: dict | None, params: dict,
+           tags: dict) -> dict:
+    """scores.json, report.md, chart PNG and sample rows on disk; the same in MLflow; a Prefect markdown artifact."""
+    import pandas as pd
+
+    table = score_table(summaries)
+    parity_line = ("" if parity_result is None else
+                   f"\nTrain/serve parity: first token {parity_result['first_token_agreement']:.0%}, first "
+                   f"{parity_result['tokens']} tokens {parity_result['prefix_agreement']:.0%} of "
+                   f"{parity_result['prompts']} prompts (template: {parity_result['template_source']}).\n")
+    markdown = f"# Character evaluation: {params['evaluated']}\n\n{table}{parity_line}"
+    (run_dir / "report.md").write_text(markdown)
+    (run_dir / "scores.json").write_text(json.dumps({"summaries": summaries, "parity": parity_result,
+                                                     **params}, indent=2))
+    chart = per_character_chart(summaries, run_dir / "per_character.png")
+    rows = [r for target in summaries for r in sample_rows(target, run_dir / "lm_eval" / target)]
+
+    use_experiment("evaluate")
+    with mlflow.start_run(run_name=f"{cfg.name}-{params['evaluated_short']}") as run:
+        mlflow.set_tags({"stage": "evaluate", **tags, **flow_run_tags()})
+        mlflow.log_params(params)
+        for target, summary in summaries.items():
+            prefix = "" if target == params["primary"] else f"{target}/"
+            mlflow.log_metrics({prefix + k: v for k, v in flat_metrics(summary).items()})
+        if parity_result:
+            mlflow.log_metrics({"parity/first_token_agreement": parity_result["first_token_agreement"],
+                                "parity/prefix_agreement": parity_result["prefix_agreement"]})
+        mlflow.log_table(pd.DataFrame(rows), artifact_file="eval_samples.json")
+        for name in ("report.md", "scores.json"):
+            mlflow.log_artifact(str(run_dir / name))
+        mlflow.log_artifact(str(chart))
+        mlflow.log_artifacts(str(run_dir / "lm_eval"), "lm_eval")
+    create_markdown_artifact(key="character-eval", markdown=markdown,
+                             description=f"Character evaluation of {params['evaluated']}")
+    return {"mlflow_run_id": run.info.run_id, "report": str(run_dir / "report.md"), "chart": str(chart)}
+
+
+@flow(name="evaluate")
+def evaluate(config: EvalConfig, adapter: str | None = None, base_only: bool = False,
+             champion: str | None = None) -> dict:
+    """Score a candidate adapter against its base model (and the champion, if given), as vLLM serves them."""
+    cfg, logger = config, get_run_logger()
+    if adapter is None and not base_only:
+        raise ConfigError("nothing to evaluate: pass --adapter <dir | models:/name/version>, or --base-only")
+    state = platform().state
+    downloads = state / "evals" / "downloads"
+    candidate_dir = None if base_only else resolve_adapter(adapter, downloads)
+    champion_dir = resolve_adapter(champion, downloads) if champion and not base_only else None
+    if candidate_dir is not None:
+        lineage = verify_manifest(candidate_dir, "re-export it from its training run")["lineage"]
+        base_dir, base_name = Path(lineage["base_model_path"]), lineage["base_model"]
+        if not base_dir.is_dir():
+            base_dir, _ = materialize(load_preset(base_name))
+    else:
+        lineage = {}
+        base_name = cfg.base_model
+        base_dir, _ = materialize(load_preset(base_name))
+
+    targets: dict[str, str] = {}  # display name -> served model name
+    if candidate_dir is not None:
+        candidate_sha = folder_sha(candidate_dir)
+        targets["candidate"] = f"candidate-{candidate_sha[:12]}"
+    targets["base"] = base_name
+    if champion_dir is not None:
+        targets["champion"] = f"champion-{folder_sha(champion_dir)[:12]}"
+
+    evaluated = adapter if candidate_dir is not None else f"{base_name} (base only)"
+    short = targets.get("candidate", "base")
+    run_dir = state / "evals" / f"{cfg.name}-{short}-{time.strftime('%Y%m%dT%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    server = VLLMServer(base_dir, base_name, free_port(), max_model_len=cfg.serving.max_model_len,
+                        max_lora_rank=cfg.serving.max_lora_rank, kv_cache_gib=cfg.serving.kv_cache_gib,
+                        omp_threads=2)
+    logger.info(f"starting vLLM for {base_name} (log: {run_dir / 'vllm.log'})")
+    server.start(run_dir / "vllm.log")
+    try:
+        server.wait_ready(cfg.serving.startup_timeout_s)
+        if candidate_dir is not None:
+            load_lora(server, targets["candidate"], candidate_dir)
+        if champion_dir is not None:
+            load_lora(server, targets["champion"], champion_dir)
+        parity_result = (parity(cfg, candidate_dir, base_dir, server, targets["candidate"])
+                         if candidate_dir is not None else None)
+        summaries = {}
+        for display, served in targets.items():
+            logger.info(f"scoring {display} ({served}) on {', '.join(cfg.tasks)}")
+            summaries[display] = score(cfg, server, served, base_dir, run_dir / "lm_eval" / display)
+    finally:
+        server.stop()
+
+    primary = "candidate" if candidate_dir is not None else "base"
+    params = {"evaluated": evaluated, "evaluated_short": short, "primary": primary, "base_model": base_name,
+              "probes": str(cfg.probes), "limit": cfg.limit or "all", "tasks": ",".join(cfg.tasks),
+              "bootstrap_resamples": cfg.bootstrap_resamples, "targets": ",".join(targets)}
+    tags = {"adapter_sha256": folder_sha(candidate_dir) if candidate_dir is not None else "none",
+            "train_mlflow_run_id": lineage.get("mlflow_run_id", "none"),
+            "dataset_hash": lineage.get("dataset_hash", "none"),
+            "champion": champion or "none"}
+    result = report(cfg, run_dir, summaries, parity_result, params, tags)
+    logger.info(f"evaluation written to {run_dir}\n{score_table(summaries)}")
+    return {**result, "run_dir": str(run_dir), "summaries": summaries, "parity": parity_result,
+            "targets": targets}
+

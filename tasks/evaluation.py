@@ -1,0 +1,148 @@
+"""Running the character task folder through lm-eval against a served model, and reading its sample files back
+into per-character scores with bootstrap confidence intervals."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from charforge.settings import CONFIGS_DIR
+
+TASK_DIR = CONFIGS_DIR / "lm_eval" / "character"
+GROUP = "character"
+# Log-likelihood tasks are sent one prompt at a time: vLLM's CPU LoRA path computes prompt logprobs with one
+# adapter index per *sequence* and crashes on a batch of several (vllm-project/vllm#16668, #29955). A single
+# sequence per step broadcasts its adapter over every prompt token, which is the right answer.
+LOGLIKELIHOOD_TASKS = ["character_mc", "character_reply_likelihood", "character_reply_likelihood_nopersona"]
+GENERATION_TASKS = ["character_generation", "character_boundaries"]
+ALL_TASKS = LOGLIKELIHOOD_TASKS + GENERATION_TASKS
+# Metrics whose per-sample value is not a plain number: how each is aggregated over a (re)sample of documents.
+CORPUS_METRICS = {"char_id_macro_f1", "bits_per_byte"}
+PERSONA_EFFECT = "persona_effect_bpb"
+
+
+def run_lm_eval(*, completions_url: str, model: str, tokenizer_dir: Path, tasks: list[str], output_dir: Path,
+                limit: int | None = None, metadata: dict | None = None, batch_size: int = 1,
+                num_concurrent: int = 1, max_retries: int = 3) -> dict:
+    """Evaluate `model` (a served base name or LoRA name) on the character tasks through `local-completions`:
+    client-side chat template from `tokenizer_dir`, token ids sent to the server, log-likelihoods via echo.
+
+    Writes lm-eval's own `results_*.json` and `samples_<task>_*.jsonl` under `output_dir` and returns the results.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    # custom_dataset tasks warn on every load that kwargs may come from --metadata; ours come from the flow.
+    logging.getLogger("lm_eval.api.task").setLevel(logging.ERROR)
+    manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata=metadata or {})
+    model_args = {
+        "base_url": completions_url, "model": model, "tokenizer_backend": "huggingface",
+        "tokenizer": str(tokenizer_dir), "num_concurrent": num_concurrent, "max_retries": max_retries,
+        "tokenized_requests": True,
+    }
+    tracker = EvaluationTracker(output_path=str(output_dir))  # writes under <output_dir>/<model name>/
+    results = simple_evaluate(
+        model="local-completions", model_args=model_args, tasks=tasks, task_manager=manager, limit=limit,
+        batch_size=batch_size, log_samples=True, apply_chat_template=True, evaluation_tracker=tracker,
+        random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+    )
+    if results is None:
+        raise RuntimeError("lm-eval returned no results")
+    samples = results.pop("samples")
+    tracker.save_results_aggregated(results=results, samples=samples)
+    for task_name in results["configs"]:
+        tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+    return results
+
+
+def read_samples(output_dir: Path) -> dict[str, list[dict]]:
+    """The newest `samples_<task>_*.jsonl` per task under `output_dir`, as lists of per-document rows."""
+    newest: dict[str, Path] = {}
+    for path in sorted(Path(output_dir).rglob("samples_*.jsonl")):
+        task = path.name[len("samples_"):].rsplit("_", 1)[0]
+        newest[task] = path  # sorted by timestamp suffix: the last one wins
+    return {task: [json.loads(line) for line in path.read_text().splitlines() if line]
+            for task, path in newest.items()}
+
+
+def _statistic(metric: str, values: list) -> float:
+    if metric == "bits_per_byte":
+        ll = sum(v[0] for v in values)
+        n_bytes = sum(v[1] for v in values)
+        return -ll / n_bytes / math.log(2)
+    if metric == "char_id_macro_f1":
+        from charforge.eval_tasks import macro_f1
+
+        return macro_f1([tuple(v) for v in values])
+    return float(np.mean(values))
+
+
+def bootstrap(metric: str, values: list, resamples: int, seed: int = 0, confidence: float = 0.95) -> dict:
+    """Point value and percentile-bootstrap CI, resampling documents (corpus metrics recomputed per resample)."""
+    point = _statistic(metric, values)
+    rng = np.random.default_rng(seed)
+    n = len(values)
+    stats = [_statistic(metric, [values[i] for i in rng.integers(0, n, n)]) for _ in range(resamples)]
+    alpha = (1 - confidence) / 2
+    return {"value": point, "ci_low": float(np.quantile(stats, alpha)), "ci_high": float(np.quantile(stats, 1 - alpha)),
+            "n": n}
+
+
+def metric_names(task_rows: list[dict]) -> list[str]:
+    """The per-document metric keys lm-eval stored in a task's samples (everything that is not bookkeeping)."""
+    bookkeeping = {"doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "filter", "metrics",
+                   "doc_hash", "prompt_hash", "target_hash"}
+    return sorted(k for k in task_rows[0] if k not in bookkeeping) if task_rows else []
+
+
+def persona_effect_values(samples: dict[str, list[dict]]) -> dict[str, tuple[str, float]]:
+    """Per held-out reply: bits/byte without the persona prompt minus bits/byte with it (positive = the persona
+    makes the gold reply more likely)."""
+    with_p = {r["doc"]["id"]: r["bits_per_byte"] for r in samples.get("character_reply_likelihood", [])}
+    without = {r["doc"]["id"]: r["bits_per_byte"] for r in samples.get("character_reply_likelihood_nopersona", [])}
+    character = {r["doc"]["id"]: r["doc"]["character"] for r in samples.get("character_reply_likelihood", [])}
+    return {k: (character[k], (with_p[k][0] - without[k][0]) / with_p[k][1] / math.log(2))
+            for k in sorted(with_p.keys() & without.keys())}
+
+
+def summarize(samples: dict[str, list[dict]], resamples: int = 1000) -> dict:
+    """{task: {metric: {value, ci_low, ci_high, n, per_character: {character: value}}}} from the sample files."""
+    summary: dict[str, dict] = {}
+    for task, rows in sorted(samples.items()):
+        summary[task] = {}
+        for metric in metric_names(rows):
+            entry = bootstrap(metric, [r[metric] for r in rows], resamples)
+            by_character: dict[str, list] = {}
+            for r in rows:
+                by_character.setdefault(r["doc"]["character"], []).append(r[metric])
+            entry["per_character"] = {c: _statistic(metric, v) for c, v in sorted(by_character.items())}
+            summary[task][metric] = entry
+    effect = persona_effect_values(samples)
+    if effect:
+        entry = bootstrap(PERSONA_EFFECT, [value for _, value in effect.values()], resamples)
+        by_character = {}
+        for character, value in effect.values():
+            by_character.setdefault(character, []).append(value)
+        entry["per_character"] = {c: float(np.mean(v)) for c, v in sorted(by_character.items())}
+        summary["character_reply_likelihood"][PERSONA_EFFECT] = entry
+    return summary
+
+
+def flat_metrics(summary: dict) -> dict[str, float]:
+    """MLflow metric names: `eval/<task>/<metric>`, its CI bounds, and `eval/<task>/<metric>/<character>`."""
+    flat = {}
+    for task, metrics in summary.items():
+        for metric, entry in metrics.items():
+            key = f"eval/{task}/{metric}"
+            flat[key] = entry["value"]
+            flat[f"{key}/ci_low"] = entry["ci_low"]
+            flat[f"{key}/ci_high"] = entry["ci_high"]
+            for character, value in entry["per_character"].items():
+                flat[f"{key}/{character}"] = value
+    return flat

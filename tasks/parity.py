@@ -1,0 +1,94 @@
+"""Train/serve parity: does vLLM + the adapter see and say what HF transformers + PEFT saw and said in training?
+
+Two checks on the same probes:
+1. prompt tokens: the conversation rendered with the template training used, tokenized by the base tokenizer,
+   must equal the token ids vLLM builds for the same messages (`POST /tokenize`); any difference is an error that
+   shows both sides at the first differing token.
+2. greedy tokens: the first N generated tokens at temperature 0 through HF + PEFT and through vLLM; the share of
+   prompts whose first token (and whose first N tokens) agree is reported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import torch
+
+from tasks.adapters import TRAINING_TEMPLATE, load_adapter_model
+
+
+class ParityError(RuntimeError):
+    """Training and serving disagree on the prompt itself (template or special tokens)."""
+
+
+def training_template(adapter_dir: Path, tokenizer) -> tuple[str, str]:
+    """(template, where it came from): the one exported with the adapter, else the base tokenizer's."""
+    path = Path(adapter_dir) / TRAINING_TEMPLATE
+    if path.is_file():
+        return path.read_text(), str(path)
+    return tokenizer.chat_template, "base tokenizer (the adapter records no training template)"
+
+
+def _context(tokenizer, ids: list[int], at: int) -> str:
+    return repr(tokenizer.decode(ids[max(0, at - 8):at + 8]))
+
+
+def token_difference(tokenizer, trained: list[int], served: list[int]) -> str | None:
+    """None when equal, else where and how the two token sequences first differ, decoded for a human."""
+    if trained == served:
+        return None
+    at = next((i for i, (a, b) in enumerate(zip(trained, served)) if a != b), min(len(trained), len(served)))
+    return (f"first difference at token {at} of {len(trained)} (training) / {len(served)} (serving):\n"
+            f"  training: {_context(tokenizer, trained, at)}\n  serving:  {_context(tokenizer, served, at)}")
+
+
+def served_prompt_ids(base_url: str, model: str, messages: list[dict]) -> list[int]:
+    response = httpx.post(f"{base_url}/tokenize", json={"model": model, "messages": messages,
+                                                        "add_generation_prompt": True}, timeout=60)
+    response.raise_for_status()
+    return response.json()["tokens"]
+
+
+def served_greedy_ids(base_url: str, model: str, prompt_ids: list[int], tokens: int) -> list[int]:
+    response = httpx.post(f"{base_url}/v1/completions", json={
+        "model": model, "prompt": prompt_ids, "max_tokens": tokens, "temperature": 0, "return_token_ids": True,
+    }, timeout=120)
+    response.raise_for_status()
+    return response.json()["choices"][0]["token_ids"][:tokens]
+
+
+def check_parity(*, adapter_dir: Path, base_dir: Path, base_url: str, served_name: str,
+                 conversations: list[list[dict]], tokens: int) -> dict:
+    """Run both checks; raise ParityError on a prompt mismatch, else return the agreement rates and examples."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    template, template_source = training_template(adapter_dir, tokenizer)
+    prompts = []
+    for messages in conversations:
+        trained = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                                tokenize=True, return_dict=False)
+        served = served_prompt_ids(base_url, served_name, messages)
+        difference = token_difference(tokenizer, list(trained), served)
+        if difference:
+            raise ParityError(f"chat template mismatch between training ({template_source}) and serving "
+                              f"(vLLM, model {served_name}): {difference}")
+        prompts.append(served)
+
+    model = load_adapter_model(adapter_dir, base_dir, dtype=torch.bfloat16).eval()
+    first_equal, all_equal, examples = 0, 0, []
+    for prompt in prompts:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        hf_ids = out[0, len(prompt):].tolist()
+        vllm_ids = served_greedy_ids(base_url, served_name, prompt, tokens)
+        first_equal += int(hf_ids[:1] == vllm_ids[:1])
+        n = min(len(hf_ids), len(vllm_ids))
+        all_equal += int(hf_ids[:n] == vllm_ids[:n])
+        if len(examples) < 3:
+            examples.append({"hf": tokenizer.decode(hf_ids), "vllm": tokenizer.decode(vllm_ids)})
+    return {"prompts": len(prompts), "tokens": tokens, "template_source": template_source,
+            "first_token_agreement": first_equal / len(prompts), "prefix_agreement": all_equal / len(prompts),
+            "examples": examples}
