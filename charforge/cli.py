@@ -127,8 +127,11 @@ def evaluate(
         cfg = load_yaml_model(config, EvalConfig)
         if limit is not None:
             cfg = cfg.model_copy(update={"limit": limit})
-        from flows.evaluate import evaluate as evaluate_flow
+        from flows.evaluate import evaluate as evaluate_flow, resolve_adapter
 
+        for ref in (adapter, champion):  # local folders are checked before the flow (and vLLM) start
+            if ref and not ref.startswith(("models:/", "runs:/")):
+                resolve_adapter(ref, Path("."))
         result = evaluate_flow(config=cfg, adapter=adapter, base_only=base_only, champion=champion)
     except ConfigError as err:
         fail(str(err))

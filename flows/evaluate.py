@@ -28,7 +28,14 @@ from charforge.settings import platform, repo_path
 from charforge.tracking import flow_run_tags, use_experiment
 from charforge.vllm_server import VLLMServer, free_port
 from tasks.eval_report import per_character_chart, score_table
-from tasks.evaluation import LOGLIKELIHOOD_TASKS, flat_metrics, read_samples, run_lm_eval, summarize
+from tasks.evaluation import (
+    LOGLIKELIHOOD_TASKS,
+    flat_metrics,
+    read_samples,
+    run_lm_eval,
+    served_model_args,
+    summarize,
+)
 from tasks.parity import check_parity
 
 
@@ -85,14 +92,15 @@ def parity(cfg: EvalConfig, adapter_dir: Path, base_dir: Path, server: VLLMServe
 def score(cfg: EvalConfig, server: VLLMServer, served_name: str, tokenizer_dir: Path, out_dir: Path) -> dict:
     """All configured tasks for one served model; returns the summary with CIs."""
     metadata = {"probes": str(repo_path(cfg.probes)), "characters": str(repo_path(cfg.characters))}
-    common = dict(completions_url=f"{server.url}/v1/completions", model=served_name, tokenizer_dir=tokenizer_dir,
-                  output_dir=out_dir, limit=cfg.limit, metadata=metadata)
+    url = f"{server.url}/v1/completions"
+    common = dict(output_dir=out_dir, limit=cfg.limit, metadata=metadata)
     loglikelihood = [t for t in cfg.tasks if t in LOGLIKELIHOOD_TASKS]
     generation = [t for t in cfg.tasks if t not in LOGLIKELIHOOD_TASKS]
-    if loglikelihood:
-        run_lm_eval(tasks=loglikelihood, **common)
+    if loglikelihood:  # one prompt at a time: see LOGLIKELIHOOD_TASKS
+        run_lm_eval(model_args=served_model_args(url, served_name, tokenizer_dir), tasks=loglikelihood, **common)
     if generation:
-        run_lm_eval(tasks=generation, num_concurrent=cfg.generation_concurrency, **common)
+        run_lm_eval(model_args=served_model_args(url, served_name, tokenizer_dir, cfg.generation_concurrency),
+                    tasks=generation, **common)
     summary = summarize(read_samples(out_dir), cfg.bootstrap_resamples)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -25,14 +25,25 @@ CORPUS_METRICS = {"char_id_macro_f1", "bits_per_byte"}
 PERSONA_EFFECT = "persona_effect_bpb"
 
 
-def run_lm_eval(*, completions_url: str, model: str, tokenizer_dir: Path, tasks: list[str], output_dir: Path,
-                limit: int | None = None, metadata: dict | None = None, batch_size: int = 1,
-                num_concurrent: int = 1, max_retries: int = 3) -> dict:
-    """Evaluate `model` (a served base name or LoRA name) on the character tasks through `local-completions`:
-    client-side chat template from `tokenizer_dir`, token ids sent to the server, log-likelihoods via echo.
+def served_model_args(completions_url: str, served_name: str, tokenizer_dir: Path, num_concurrent: int = 1,
+                      max_retries: int = 3) -> dict:
+    """lm-eval `local-completions` against vLLM: client-side chat template from `tokenizer_dir` (the served
+    model's own folder), token ids sent to the server, log-likelihoods via echo + logprobs."""
+    return {"base_url": completions_url, "model": served_name, "tokenizer_backend": "huggingface",
+            "tokenizer": str(tokenizer_dir), "num_concurrent": num_concurrent, "max_retries": max_retries,
+            "tokenized_requests": True}
 
-    Writes lm-eval's own `results_*.json` and `samples_<task>_*.jsonl` under `output_dir` and returns the results.
-    """
+
+def hf_model_args(base_dir: Path, adapter_dir: Path | None = None) -> dict:
+    """lm-eval `hf`: transformers (+ PEFT adapter) in this process, for comparison with the served path."""
+    args = {"pretrained": str(base_dir), "dtype": "bfloat16", "device": "cpu"}
+    return {**args, "peft": str(adapter_dir)} if adapter_dir else args
+
+
+def run_lm_eval(*, model_args: dict, tasks: list[str], output_dir: Path, model: str = "local-completions",
+                limit: int | None = None, metadata: dict | None = None, batch_size: int = 1) -> dict:
+    """Run character tasks with `--apply_chat_template` and `--log_samples`; lm-eval's own `results_*.json`
+    and `samples_<task>_*.jsonl` land under `output_dir/<model name>/`. Returns lm-eval's results."""
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.tasks import TaskManager
@@ -41,14 +52,9 @@ def run_lm_eval(*, completions_url: str, model: str, tokenizer_dir: Path, tasks:
     # custom_dataset tasks warn on every load that kwargs may come from --metadata; ours come from the flow.
     logging.getLogger("lm_eval.api.task").setLevel(logging.ERROR)
     manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata=metadata or {})
-    model_args = {
-        "base_url": completions_url, "model": model, "tokenizer_backend": "huggingface",
-        "tokenizer": str(tokenizer_dir), "num_concurrent": num_concurrent, "max_retries": max_retries,
-        "tokenized_requests": True,
-    }
-    tracker = EvaluationTracker(output_path=str(output_dir))  # writes under <output_dir>/<model name>/
+    tracker = EvaluationTracker(output_path=str(output_dir))
     results = simple_evaluate(
-        model="local-completions", model_args=model_args, tasks=tasks, task_manager=manager, limit=limit,
+        model=model, model_args=model_args, tasks=tasks, task_manager=manager, limit=limit,
         batch_size=batch_size, log_samples=True, apply_chat_template=True, evaluation_tracker=tracker,
         random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
     )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +173,29 @@ def test_unknown_eval_task_is_a_config_error(tmp_path):
                               "folder has character_mc, character_reply_likelihood, "
                               "character_reply_likelihood_nopersona, character_generation, character_boundaries "
                               "(got ['character_mc', 'character_vibes'])")
+
+
+CHARFORGE = str(Path(sys.executable).parent / "charforge")
+
+
+def test_cli_refuses_bad_evaluate_requests_before_starting_anything(tmp_path, smollm2_adapter):
+    def run(*args):
+        result = subprocess.run([CHARFORGE, "evaluate", *args], capture_output=True, text=True, timeout=300)
+        return result.returncode, result.stderr.strip()
+
+    assert run() == (2, "error: nothing to evaluate: pass --adapter <dir | models:/name/version>, or --base-only")
+    assert run("--adapter", str(smollm2_adapter), "--base-only") == (
+        2, "error: --adapter and --base-only exclude each other; pass one")
+    missing = tmp_path / "no-such-adapter"
+    assert run("--adapter", str(missing)) == (
+        2, f"error: {missing}: adapter folder not found; pass a training run's adapter folder "
+           f"(.state/training/<run>/adapter) or models:/<name>/<version>")
+    tampered = tmp_path / "tampered"
+    shutil.copytree(smollm2_adapter, tampered)
+    (tampered / "adapter_config.json").write_text("{}")
+    code, message = run("--adapter", str(tampered))
+    assert code == 2 and message.startswith(f"error: {tampered / 'adapter_config.json'}: sha256 ")
+    bad = tmp_path / "eval.yaml"
+    bad.write_text("limt: 3\n")
+    assert run("--adapter", str(smollm2_adapter), "--config", str(bad)) == (
+        2, f"error: {bad}: key 'limt': unknown key, did you mean 'limit'?")
