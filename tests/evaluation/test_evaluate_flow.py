@@ -93,6 +93,6 @@ def test_template_mismatch_between_training_and_serving_is_an_error(smollm2_adap
                      served_name="smollm2-135m-instruct", conversations=[conversation], tokens=2)
     message = str(err.value)
     assert message.startswith("chat template mismatch between training (")
-    assert "first difference at token 10 of 22 (training) / 22 (serving)" in message
+    assert "first difference at token 10 of 23 (training) / 23 (serving)" in message
     assert "training: '" in message and "<|endoftext|>" in message and "<|im_end|>" in message
     assert httpx.get(f"{vllm_base.url}/health").status_code == 200
