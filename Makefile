@@ -26,9 +26,10 @@ $(SERVE_VENV)/.installed: requirements-serve.txt
 setup: $(VENV)/.installed $(SERVE_VENV)/.installed
 	$(VENV)/bin/charforge setup
 
-demo: setup   # grows with the pipeline: today curation of data/raw, then the default LoRA training
+demo: setup   # grows with the pipeline: curation of data/raw, the default LoRA training, its evaluation
 	$(VENV)/bin/charforge curate --input data/raw --out .state/datasets/default
 	$(VENV)/bin/charforge train --config configs/train/smollm2_lora.yaml
+	$(VENV)/bin/charforge evaluate --trained configs/train/smollm2_lora.yaml
 
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

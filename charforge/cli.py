@@ -112,6 +112,8 @@ def train(
 def evaluate(
     adapter: str = typer.Option(None, help="Adapter folder, or models:/<name>/<version> from the MLflow registry."),
     base_only: bool = typer.Option(False, "--base-only", help="Evaluate the base model alone (no adapter)."),
+    trained: Path = typer.Option(None, help="Evaluate the adapter this training config produced (instead of --adapter)."),
+    dataset: Path = typer.Option(None, help="With --trained: the curated dataset it was trained on (default: its config's)."),
     champion: str = typer.Option(None, help="A second adapter to score on the same probes (e.g. the champion)."),
     config: Path = typer.Option(CONFIGS_DIR / "eval" / "default.yaml", help="Evaluation config YAML."),
     limit: int = typer.Option(None, min=1, help="Documents per task (a smoke run); overrides the config."),
@@ -119,6 +121,17 @@ def evaluate(
     """Score an adapter's character consistency through vLLM + lm-eval, against the base (and champion)."""
     from charforge.schemas.evaluate import EvalConfig
 
+    if trained is not None:
+        if adapter is not None:
+            fail("--adapter and --trained exclude each other; pass one")
+        from charforge.schemas.train import TrainConfig
+        from flows.train import trained_adapter
+
+        try:
+            adapter = str(trained_adapter(load_yaml_model(trained, TrainConfig),
+                                          str(dataset.resolve()) if dataset else None))
+        except ConfigError as err:
+            fail(str(err))
     if adapter is None and not base_only:
         fail("nothing to evaluate: pass --adapter <dir | models:/name/version>, or --base-only")
     if adapter is not None and base_only:

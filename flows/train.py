@@ -18,6 +18,7 @@ from prefect.cache_policies import NONE
 
 from charforge.base_models import load_preset, materialize
 from charforge.checksums import folder_sha, verify_manifest
+from charforge.config import ConfigError
 from charforge.curated import read_dataset_manifest
 from charforge.schemas.train import TrainConfig
 from charforge.settings import platform, repo_path
@@ -101,12 +102,9 @@ def export_and_check(cfg: TrainConfig, run_dir: Path, run_id: str, lineage: dict
     return {"adapter_dir": str(adapter_dir), "adapter_sha256": sha, "servable": not reasons, "reasons": reasons}
 
 
-# log_prints stays off: datasets fingerprints functions by disassembling them through print(), which Prefect
-# would copy into the run log line by line.
-@flow(name="train")
-def train(config: TrainConfig, dataset_dir: str | None = None) -> dict:
-    """Train a LoRA/QLoRA adapter on a curated dataset and hand back a servable, checksummed artifact."""
-    cfg, logger = config, get_run_logger()
+def locate_run(cfg: TrainConfig, dataset_dir: str | None = None):
+    """Everything that identifies a training run: (dataset dir, dataset manifest, base preset, base dir, base sha,
+    identity, run dir). Evaluation uses it to find the adapter a config + dataset produced."""
     dataset = repo_path(dataset_dir or cfg.dataset_dir)
     manifest = read_dataset_manifest(dataset)
     preset = load_preset(cfg.base_model)
@@ -117,7 +115,27 @@ def train(config: TrainConfig, dataset_dir: str | None = None) -> dict:
         base_dir, _ = materialize(preset)
         base_sha = folder_sha(base_dir) if preset.source == "embedded" else preset.hf_id
     identity = run_identity(cfg, manifest["dataset_hash"], base_sha)
-    run_dir = platform().state / "training" / f"{cfg.name}-{identity}"
+    return dataset, manifest, preset, base_dir, base_sha, identity, platform().state / "training" / f"{cfg.name}-{identity}"
+
+
+def trained_adapter(cfg: TrainConfig, dataset_dir: str | None = None) -> Path:
+    """The finished adapter of (config, dataset, base); a ConfigError saying how to train it if there is none."""
+    run_dir = locate_run(cfg, dataset_dir)[-1]
+    state_file = run_dir / "run.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if state.get("status") != "finished":
+        raise ConfigError(f"{run_dir}: no finished training run for config '{cfg.name}' on this dataset; run "
+                          f"`charforge train --config <its file>` first")
+    return run_dir / "adapter"
+
+
+# log_prints stays off: datasets fingerprints functions by disassembling them through print(), which Prefect
+# would copy into the run log line by line.
+@flow(name="train")
+def train(config: TrainConfig, dataset_dir: str | None = None) -> dict:
+    """Train a LoRA/QLoRA adapter on a curated dataset and hand back a servable, checksummed artifact."""
+    cfg, logger = config, get_run_logger()
+    dataset, manifest, preset, base_dir, base_sha, identity, run_dir = locate_run(cfg, dataset_dir)
     state_file = run_dir / "run.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     if state.get("status") == "finished" and (run_dir / "adapter").is_dir():

@@ -195,6 +195,10 @@ def test_cli_refuses_bad_evaluate_requests_before_starting_anything(tmp_path, sm
     (tampered / "adapter_config.json").write_text("{}")
     code, message = run("--adapter", str(tampered))
     assert code == 2 and message.startswith(f"error: {tampered / 'adapter_config.json'}: sha256 ")
+    untrained = tmp_path / "train.yaml"
+    untrained.write_text(f"name: never-trained\ndataset_dir: {tmp_path / 'nodata'}\n")
+    code, message = run("--trained", str(untrained))
+    assert code == 2 and message.startswith(f"error: {tmp_path / 'nodata'}: no curated dataset here")
     bad = tmp_path / "eval.yaml"
     bad.write_text("limt: 3\n")
     assert run("--adapter", str(smollm2_adapter), "--config", str(bad)) == (
