@@ -90,6 +90,20 @@ def with_choices(rows: list[dict]) -> list[dict]:
     return out
 
 
+def interleave_characters(rows: list[dict]) -> list[dict]:
+    """Round-robin over characters (file order within each), so that the first N documents (lm-eval's `limit`)
+    cover every character evenly."""
+    queues: dict[str, list[dict]] = {}
+    for row in rows:
+        queues.setdefault(row["character"], []).append(row)
+    ordered = []
+    while any(queues.values()):
+        for queue in queues.values():
+            if queue:
+                ordered.append(queue.pop(0))
+    return ordered
+
+
 def load_probes(probes: str | None = None, characters: str | None = None, probe_types: list[str] | None = None,
                 **_) -> dict:
     """lm-eval `custom_dataset`: the probe file as a `test` split, filtered by probe type, with MC choices.
@@ -110,7 +124,7 @@ def load_probes(probes: str | None = None, characters: str | None = None, probe_
     rows = with_choices(rows)
     wanted = set(probe_types or PROBE_TYPES)
     docs = [{**r, "history": json.dumps(r["history"], ensure_ascii=False), "characters_dir": characters_dir}
-            for r in rows if r["probe_type"] in wanted]
+            for r in interleave_characters(rows) if r["probe_type"] in wanted]
     return {"test": datasets.Dataset.from_list(docs)}
 
 

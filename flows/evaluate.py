@@ -31,6 +31,7 @@ from tasks.eval_report import per_character_chart, score_table
 from tasks.evaluation import (
     LOGLIKELIHOOD_TASKS,
     flat_metrics,
+    per_probe_scores,
     read_samples,
     run_lm_eval,
     served_model_args,
@@ -101,8 +102,10 @@ def score(cfg: EvalConfig, server: VLLMServer, served_name: str, tokenizer_dir: 
     if generation:
         run_lm_eval(model_args=served_model_args(url, served_name, tokenizer_dir, cfg.generation_concurrency),
                     tasks=generation, **common)
-    summary = summarize(read_samples(out_dir), cfg.bootstrap_resamples)
+    samples = read_samples(out_dir)
+    summary = summarize(samples, cfg.bootstrap_resamples)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "per_probe.json").write_text(json.dumps(per_probe_scores(samples), indent=1))
     return summary
 
 
@@ -138,6 +141,9 @@ def report(cfg: EvalConfig, run_dir: Path, summaries: dict, parity_result: dict 
     (run_dir / "report.md").write_text(markdown)
     (run_dir / "scores.json").write_text(json.dumps({"summaries": summaries, "parity": parity_result,
                                                      **params}, indent=2))
+    per_probe = {target: json.loads((run_dir / "lm_eval" / target / "per_probe.json").read_text())
+                 for target in summaries}
+    (run_dir / "per_probe.json").write_text(json.dumps(per_probe, indent=1))
     chart = per_character_chart(summaries, run_dir / "per_character.png")
     rows = [r for target in summaries for r in sample_rows(target, run_dir / "lm_eval" / target)]
 
@@ -152,7 +158,7 @@ def report(cfg: EvalConfig, run_dir: Path, summaries: dict, parity_result: dict 
             mlflow.log_metrics({"parity/first_token_agreement": parity_result["first_token_agreement"],
                                 "parity/prefix_agreement": parity_result["prefix_agreement"]})
         mlflow.log_table(pd.DataFrame(rows), artifact_file="eval_samples.json")
-        for name in ("report.md", "scores.json"):
+        for name in ("report.md", "scores.json", "per_probe.json"):
             mlflow.log_artifact(str(run_dir / name))
         mlflow.log_artifact(str(chart))
         mlflow.log_artifacts(str(run_dir / "lm_eval"), "lm_eval")

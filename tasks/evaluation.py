@@ -140,6 +140,24 @@ def summarize(samples: dict[str, list[dict]], resamples: int = 1000) -> dict:
     return summary
 
 
+def per_probe_scores(samples: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """`{"<task>/<metric>": {probe_id: value}}` for every metric with one number per probe: what the promotion
+    gate pairs across models. Bits/byte is per reply here (the summary's is over the corpus)."""
+    scores: dict[str, dict[str, float]] = {}
+    for task, rows in samples.items():
+        for metric in metric_names(rows):
+            for r in rows:
+                value = r[metric]
+                if metric == "bits_per_byte":
+                    value = -value[0] / value[1] / math.log(2)
+                elif not isinstance(value, (int, float)):
+                    continue
+                scores.setdefault(f"{task}/{metric}", {})[r["doc"]["id"]] = float(value)
+    for probe, (_, value) in persona_effect_values(samples).items():
+        scores.setdefault(f"character_reply_likelihood/{PERSONA_EFFECT}", {})[probe] = value
+    return scores
+
+
 def flat_metrics(summary: dict) -> dict[str, float]:
     """MLflow metric names: `eval/<task>/<metric>`, its CI bounds, and `eval/<task>/<metric>/<character>`."""
     flat = {}

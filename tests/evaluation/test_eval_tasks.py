@@ -52,6 +52,11 @@ def test_probe_split_by_type_and_every_doc_carries_choices():
         assert doc["choices"][doc["label"]] == doc["reference"]
 
 
+def test_first_documents_cover_every_character():
+    docs = load_probes(probe_types=["normal"])["test"]
+    assert len({d["character"] for d in docs.select(range(8))}) == 8
+
+
 def test_mc_choices_are_deterministic_and_include_each_distractor_kind():
     rows = read_probes(DATA_DIR / "eval" / "probes.jsonl")
     first, second = with_choices(rows), with_choices(rows)

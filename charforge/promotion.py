@@ -1,0 +1,110 @@
+"""The promotion decision: a pure function of per-probe scores and the policy.
+
+Scores are `{"<task>/<metric>": {probe_id: value}}` for one evaluated model (candidate, champion or base), as
+written by the evaluation stage (`per_probe.json`). Comparisons pair the same probes and judge the bootstrap CI of
+the gain, never the point estimates alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from charforge.schemas.promote import Comparison, PromotionPolicy, Rule
+
+Scores = dict[str, dict[str, float]]
+
+
+@dataclass
+class Check:
+    metric: str
+    kind: str          # "vs_base", "vs_champion", "max", "min", "missing"
+    passed: bool
+    detail: str
+    estimate: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reasons: list[str]
+    checks: list[Check] = field(default_factory=list)
+    needs_approval: bool = False
+
+    def as_dict(self) -> dict:
+        return {"promote": self.promote, "reasons": self.reasons, "needs_approval": self.needs_approval,
+                "checks": [asdict(c) for c in self.checks]}
+
+
+def paired_gain(candidate: dict[str, float], other: dict[str, float], higher_is_better: bool, confidence: float,
+                resamples: int, seed: int = 0) -> tuple[float, float, float, int]:
+    """(mean gain, CI low, CI high, n) over the probes both models answered; gain > 0 means the candidate is better."""
+    probes = sorted(candidate.keys() & other.keys())
+    if not probes:
+        raise ValueError("no probes in common")
+    sign = 1.0 if higher_is_better else -1.0
+    diffs = np.array([sign * (candidate[p] - other[p]) for p in probes])
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), size=(resamples, len(diffs)))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    return float(diffs.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)), len(probes)
+
+
+def _compare(rule: Rule, kind: str, spec: Comparison, candidate: dict, other: dict,
+             policy: PromotionPolicy) -> Check:
+    gain, low, high, n = paired_gain(candidate, other, rule.higher_is_better, policy.confidence, policy.resamples)
+    what = kind.removeprefix("vs_")
+    passed = low >= spec.threshold
+    if spec.min_improvement is not None:
+        need = f"must improve on {what} by >= {spec.min_improvement:g}"
+    else:
+        need = f"may regress vs {what} by <= {spec.max_regression:g}"
+    detail = (f"{rule.metric}: gain vs {what} {gain:+.3f} (95% CI {low:+.3f} .. {high:+.3f}, {n} probes); {need} "
+              f"at the CI's lower bound -> {'ok' if passed else 'FAIL'}")
+    return Check(rule.metric, kind, passed, detail, gain, low, high)
+
+
+def decide(candidate: Scores, champion: Scores | None, base: Scores | None, policy: PromotionPolicy) -> Decision:
+    """Promote iff every rule passes. Without a champion (first version) the vs-champion checks are skipped and
+    said so; a metric the policy needs but an evaluation lacks fails its rule."""
+    checks: list[Check] = []
+    for rule in policy.rules:
+        mine = candidate.get(rule.metric)
+        if not mine:
+            checks.append(Check(rule.metric, "missing", False,
+                                f"{rule.metric}: missing from the candidate's evaluation -> FAIL"))
+            continue
+        mean = float(np.mean(list(mine.values())))
+        if rule.max is not None:
+            ok = mean <= rule.max
+            checks.append(Check(rule.metric, "max", ok, f"{rule.metric}: {mean:.3f} {'<=' if ok else '>'} cap "
+                                f"{rule.max:g} -> {'ok' if ok else 'FAIL'}", mean))
+        if rule.min is not None:
+            ok = mean >= rule.min
+            checks.append(Check(rule.metric, "min", ok, f"{rule.metric}: {mean:.3f} {'>=' if ok else '<'} floor "
+                                f"{rule.min:g} -> {'ok' if ok else 'FAIL'}", mean))
+        for kind, spec, other in (("vs_base", rule.vs_base, base), ("vs_champion", rule.vs_champion, champion)):
+            if spec is None:
+                continue
+            if other is None:
+                if kind == "vs_champion":
+                    continue  # first version: reported once below
+                checks.append(Check(rule.metric, "missing", False,
+                                    f"{rule.metric}: no base-model scores to compare with -> FAIL"))
+                continue
+            if not other.get(rule.metric) or not (mine.keys() & other[rule.metric].keys()):
+                checks.append(Check(rule.metric, "missing", False, f"{rule.metric}: missing from the "
+                                    f"{kind.removeprefix('vs_')}'s evaluation (or no probes in common) -> FAIL"))
+                continue
+            checks.append(_compare(rule, kind, spec, mine, other[rule.metric], policy))
+    failed = [c.detail for c in checks if not c.passed]
+    reasons = failed or ["all policy rules pass"]
+    if champion is None and any(r.vs_champion for r in policy.rules):
+        reasons.append("no champion yet (first version): vs-champion rules skipped")
+    promote = not failed
+    needs_approval = promote and (policy.approval == "always" or
+                                  (policy.approval == "first_version" and champion is None))
+    return Decision(promote, reasons, checks, needs_approval)
