@@ -149,6 +149,44 @@ def evaluate(
     except ConfigError as err:
         fail(str(err))
     typer.echo(f"report: {result['report']}\nchart: {result['chart']}\nMLflow run: {result['mlflow_run_id']}")
+    if result.get("registered"):
+        typer.echo(f"registered: {result['registered']['uri']} (alias candidate)")
+
+
+@app.command()
+def promote(
+    candidate: str = typer.Option(..., help="The version to judge: models:/<name>/<version> or models:/<name>@candidate."),
+    policy: Path = typer.Option(CONFIGS_DIR / "promotion.yaml", help="Promotion policy YAML."),
+    approve: bool = typer.Option(None, "--approve/--reject", help="Answer the human approval step from the command "
+                                 "line (otherwise the flow waits for a reviewer in the Prefect UI)."),
+    comment: str = typer.Option("", help="The reviewer's comment, recorded on the version."),
+) -> None:
+    """Judge a candidate with the policy (CIs vs champion and base), record why, and move the aliases."""
+    import os
+
+    from charforge.schemas.promote import PromotionPolicy
+
+    try:
+        load_yaml_model(policy, PromotionPolicy)  # a bad policy fails before the flow starts
+        from flows.promote import promote as promote_flow
+        from tasks import registry
+
+        registry.resolve_version(registry.client(), candidate)
+        if approve is None and not os.environ.get("PREFECT_API_URL"):
+            approve_hint = ("it waits for a reviewer only when the flow runs against a Prefect server "
+                            "(PREFECT_API_URL); here pass --approve or --reject with --comment")
+        else:
+            approve_hint = ""
+        result = promote_flow(candidate=candidate, policy_file=str(policy), approve=approve, comment=comment,
+                              interactive_hint=approve_hint)
+    except ConfigError as err:
+        fail(str(err))
+    verdict = "champion" if result["promoted"] else "NOT promoted"
+    typer.echo(f"{result['name']} version {result['version']}: {verdict}")
+    for reason in result["reasons"]:
+        typer.echo(f"  - {reason}")
+    if not result["promoted"]:
+        raise typer.Exit(3)
 
 
 @app.command()

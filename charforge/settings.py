@@ -25,7 +25,10 @@ class MLflowSettings(StageConfig):
         default=None, description="Where artifacts of new experiments go; default: mlartifacts/ beside the sqlite "
         "database."
     )
-    experiment_prefix: str = Field(default="charforge", description="Experiments are named <prefix>-<stage>.")
+    experiment_prefix: str = Field(
+        default="charforge",
+        description="Experiments are named <prefix>-<stage>, registered models <prefix>-<training config name>.",
+    )
 
 
 class UISettings(StageConfig):

@@ -20,13 +20,14 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from charforge.base_models import load_preset, materialize
-from charforge.checksums import folder_sha, verify_manifest
+from charforge.checksums import folder_sha, sha256_file, verify_manifest
 from charforge.config import ConfigError
 from charforge.eval_tasks import read_probes
 from charforge.schemas.evaluate import EvalConfig
 from charforge.settings import platform, repo_path
 from charforge.tracking import flow_run_tags, use_experiment
 from charforge.vllm_server import VLLMServer, free_port
+from tasks import registry
 from tasks.eval_report import per_character_chart, score_table
 from tasks.evaluation import (
     LOGLIKELIHOOD_TASKS,
@@ -167,6 +168,36 @@ def report(cfg: EvalConfig, run_dir: Path, summaries: dict, parity_result: dict 
     return {"mlflow_run_id": run.info.run_id, "report": str(run_dir / "report.md"), "chart": str(chart)}
 
 
+@task(name="register-candidate", cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def register_candidate(adapter_dir: Path, lineage: dict, eval_run_id: str, probes_sha: str) -> dict:
+    """The evaluated adapter as a registry version (one per adapter sha) with its lineage and evaluation, and the
+    `candidate` alias on it. The version's files are the training run's adapter artifact when that run is in this
+    tracking store, else a copy logged to the evaluation run."""
+    c = registry.client()
+    name = registry.registered_name(lineage.get("train_config", "adapter"))
+    sha = folder_sha(adapter_dir)
+    try:
+        source_run = c.get_run(lineage.get("mlflow_run_id", ""))
+        if not any(a.path == "adapter" for a in c.list_artifacts(source_run.info.run_id)):
+            raise ValueError("training run has no adapter artifact")
+    except Exception:  # not tracked here (e.g. an adapter trained elsewhere): keep a copy with the evaluation
+        with mlflow.start_run(run_id=eval_run_id):
+            mlflow.log_artifacts(str(adapter_dir), "adapter")
+        source_run = c.get_run(eval_run_id)
+    flow_tags = flow_run_tags()
+    version = registry.register_adapter(c, name, f"{source_run.info.artifact_uri}/adapter", source_run.info.run_id,
+                                        sha, {
+        "base_model": lineage.get("base_model", "unknown"), "base_model_sha": lineage.get("base_model_sha", "unknown"),
+        "dataset_hash": lineage.get("dataset_hash", "unknown"), "train_config": lineage.get("train_config", "unknown"),
+        "train_run_id": lineage.get("mlflow_run_id", "none"), "eval_run_id": eval_run_id, "eval_status": "passed",
+        "eval_probes_sha256": probes_sha, "quantized_base": lineage.get("quantized_base", "none"),
+        "prefect_flow_run_url": flow_tags.get("prefect_flow_run_url", flow_tags.get("prefect_flow_run_id", "none")),
+    })
+    c.set_registered_model_alias(name, registry.CANDIDATE, version.version)
+    get_run_logger().info(f"registered {name} version {version.version} (alias {registry.CANDIDATE})")
+    return {"name": name, "version": version.version, "uri": f"models:/{name}/{version.version}"}
+
+
 @flow(name="evaluate")
 def evaluate(config: EvalConfig, adapter: str | None = None, base_only: bool = False,
              champion: str | None = None) -> dict:
@@ -222,13 +253,17 @@ def evaluate(config: EvalConfig, adapter: str | None = None, base_only: bool = F
 
     primary = "candidate" if candidate_dir is not None else "base"
     params = {"evaluated": evaluated, "evaluated_short": short, "primary": primary, "base_model": base_name,
-              "probes": str(cfg.probes), "limit": cfg.limit or "all", "tasks": ",".join(cfg.tasks),
+              "probes": str(cfg.probes), "probes_sha256": sha256_file(repo_path(cfg.probes)),
+              "limit": cfg.limit or "all", "tasks": ",".join(cfg.tasks),
               "bootstrap_resamples": cfg.bootstrap_resamples, "targets": ",".join(targets)}
     tags = {"adapter_sha256": folder_sha(candidate_dir) if candidate_dir is not None else "none",
             "train_mlflow_run_id": lineage.get("mlflow_run_id", "none"),
             "dataset_hash": lineage.get("dataset_hash", "none"),
-            "champion": champion or "none"}
+            "champion": champion or "none",
+            "champion_adapter_sha256": folder_sha(champion_dir) if champion_dir is not None else "none"}
     result = report(cfg, run_dir, summaries, parity_result, params, tags)
+    if candidate_dir is not None and cfg.register_version:
+        result["registered"] = register_candidate(candidate_dir, lineage, result["mlflow_run_id"], params["probes_sha256"])
     logger.info(f"evaluation written to {run_dir}\n{score_table(summaries)}")
     return {**result, "run_dir": str(run_dir), "summaries": summaries, "parity": parity_result,
             "targets": targets}

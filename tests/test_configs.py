@@ -10,6 +10,7 @@ from charforge.base_models import BaseModelPreset
 from charforge.config import ConfigError, load_yaml_model
 from charforge.schemas.curate import CurateConfig
 from charforge.schemas.evaluate import EvalConfig
+from charforge.schemas.promote import PromotionPolicy
 from charforge.schemas.train import TrainConfig
 from charforge.settings import CONFIGS_DIR, PlatformConfig
 
@@ -20,6 +21,7 @@ SCHEMAS = {
     "curate": CurateConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
+    "promotion.yaml": PromotionPolicy,
 }
 NOT_OURS = {"lm_eval"}
 

@@ -66,8 +66,6 @@ class Rule(StageConfig):
 class PromotionPolicy(StageConfig):
     """The gate between `candidate` and `champion`."""
 
-    registered_model_prefix: str = Field(default="charforge", pattern=r"^[a-z0-9][a-z0-9_.-]*$",
-                                         description="Registered model = <prefix>-<training config name>.")
     confidence: float = Field(default=0.95, gt=0.5, lt=1, description="Two-sided CI level of the comparisons.")
     resamples: int = Field(default=2000, ge=200, description="Paired bootstrap resamples.")
     rules: list[Rule] = Field(min_length=1, description="Every rule must pass to promote.")

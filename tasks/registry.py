@@ -1,0 +1,123 @@
+"""The MLflow model registry side: adapter versions with their lineage, and the aliases that say what is live.
+
+One registered model per adapter family, `<prefix>-<training config name>` (e.g. `charforge-smollm2-lora`): an
+adapter carries all characters, so a version is one adapter and the evaluation inside it is per character.
+
+Aliases: `candidate` (evaluated last), `champion` (what serving runs), `previous` (the champion before, for
+rollback). Moving `champion` is the only way a version goes live, and `promote_aliases` is the only code that does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from charforge.config import ConfigError
+from charforge.settings import platform
+
+CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
+PENDING = "pending_promotion"  # registered-model tag: an alias move that was decided but may not have finished
+
+
+def registered_name(train_config: str) -> str:
+    return f"{platform().mlflow.experiment_prefix}-{train_config}"
+
+
+def client() -> MlflowClient:
+    return MlflowClient(platform().tracking_uri)
+
+
+def find_version_by_sha(c: MlflowClient, name: str, adapter_sha: str) -> ModelVersion | None:
+    versions = c.search_model_versions(f"name = '{name}' and tag.adapter_sha256 = '{adapter_sha}'")
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def register_adapter(c: MlflowClient, name: str, source: str, run_id: str | None, adapter_sha: str,
+                     tags: dict[str, str]) -> ModelVersion:
+    """The version for this adapter (by sha256), created once; later calls only update its tags."""
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        c.create_registered_model(name, description="charforge LoRA adapters (all characters); aliases: "
+                                                    "candidate, champion, previous")
+    version = find_version_by_sha(c, name, adapter_sha)
+    if version is None:
+        version = c.create_model_version(name, source, run_id=run_id, tags={"adapter_sha256": adapter_sha})
+    for key, value in tags.items():
+        c.set_model_version_tag(name, version.version, key, str(value))
+    return c.get_model_version(name, version.version)
+
+
+def resolve_version(c: MlflowClient, ref: str) -> ModelVersion:
+    """`models:/<name>/<version>` or `models:/<name>@<alias>` -> the registry entry (ConfigError if absent)."""
+    if not ref.startswith("models:/"):
+        raise ConfigError(f"{ref}: expected models:/<name>/<version> or models:/<name>@<alias>")
+    body = ref.removeprefix("models:/")
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            return c.get_model_version_by_alias(name, alias)
+        name, _, number = body.partition("/")
+        return c.get_model_version(name, number)
+    except MlflowException as exc:
+        raise ConfigError(f"{ref}: not in the MLflow registry at {platform().tracking_uri} "
+                          f"({str(exc).splitlines()[0]})") from None
+
+
+def alias_version(c: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    try:
+        return c.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def promote_aliases(c: MlflowClient, name: str, version: str, crash_hook=None) -> dict:
+    """candidate -> champion, old champion -> previous, as one logical step.
+
+    The intended move is written to the registered model first (`pending_promotion`); the aliases move; the marker
+    is removed. A crash in between leaves the marker, and `finish_pending` completes exactly that move on the next
+    run, so a half-done promotion is never the registry's final state.
+    """
+    entry = c.get_model_version(name, version)
+    if (entry.tags.get("eval_status") != "passed" or entry.tags.get("promotion_decision") != "promote"
+            or entry.tags.get("approval") not in ("approved", "not_required")):
+        raise RuntimeError(f"{name} version {version} has no passing evaluation, promotion decision and approval "
+                           f"recorded; refusing to make it champion")
+    old = alias_version(c, name, CHAMPION)
+    if old is not None and old.version == str(version):
+        return {"champion": str(version), "previous": _alias_number(c, name, PREVIOUS), "changed": False}
+    move = {"version": str(version), "old_champion": old.version if old else None, "at": time.time()}
+    c.set_registered_model_tag(name, PENDING, json.dumps(move))
+    if crash_hook:
+        crash_hook("alias_move")
+    return _apply(c, name, move)
+
+
+def _apply(c: MlflowClient, name: str, move: dict) -> dict:
+    if move["old_champion"] and move["old_champion"] != move["version"]:
+        c.set_registered_model_alias(name, PREVIOUS, move["old_champion"])
+    c.set_registered_model_alias(name, CHAMPION, move["version"])
+    c.set_model_version_tag(name, move["version"], "champion_since", time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                   time.gmtime()))
+    c.delete_registered_model_tag(name, PENDING)
+    return {"champion": move["version"], "previous": move["old_champion"], "changed": True}
+
+
+def finish_pending(c: MlflowClient, name: str) -> dict | None:
+    """Complete an alias move a crashed promotion decided but did not finish (None when there is none)."""
+    try:
+        tags = c.get_registered_model(name).tags
+    except MlflowException:
+        return None
+    if PENDING not in tags:
+        return None
+    return _apply(c, name, json.loads(tags[PENDING]))
+
+
+def _alias_number(c: MlflowClient, name: str, alias: str) -> str | None:
+    entry = alias_version(c, name, alias)
+    return entry.version if entry else None
