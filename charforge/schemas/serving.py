@@ -1,0 +1,43 @@
+"""Serving config (`configs/serving.yaml`): the fleet, the gateway in front of it, and rollout gates."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from charforge.config import StageConfig
+
+
+class FleetSettings(StageConfig):
+    """The vLLM replicas. `local` starts them as processes from the serving environment; `static` uses URLs."""
+
+    discovery: Literal["local", "static"] = Field(default="local", description="How replicas are found.")
+    replicas: int = Field(default=2, ge=1, description="Local replicas to start.")
+    urls: list[str] = Field(default_factory=list, description="Replica base URLs when discovery is static.")
+    base_model: str = Field(default="smollm2-135m-instruct", description="Preset every replica serves.")
+    first_port: int = Field(default=8100, ge=1024, le=65000, description="Local replica i listens on first_port + i.")
+    max_lora_rank: int = Field(default=16, description="--max-lora-rank (adapters above it are refused up front).")
+    max_loras: int = Field(default=2, ge=1, description="--max-loras: adapters per batch (old + new in a rollout).")
+    max_cpu_loras: int = Field(default=4, ge=1, description="--max-cpu-loras: adapters resident per replica.")
+    max_model_len: int = Field(default=2048, ge=128, description="--max-model-len.")
+    kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE per replica (CPU).")
+
+
+class GatewaySettings(StageConfig):
+    host: str = Field(default="127.0.0.1", description="Listen address.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Listen port.")
+    strategy: Literal["round_robin", "least_outstanding", "consistent_hash"] = Field(
+        default="least_outstanding", description="Replica choice per request.")
+    api_key_env: str | None = Field(
+        default="CHARFORGE_GATEWAY_API_KEY",
+        description="Environment variable holding the API key clients must send (Bearer); null = no key.")
+    health_interval_s: float = Field(default=1.0, gt=0, description="How often replicas' /health and /v1/models "
+                                     "are polled.")
+    connect_retries: int = Field(default=2, ge=0, description="Other replicas tried when one refuses a connection.")
+    request_timeout_s: float = Field(default=300, gt=0, description="Upstream timeout per request.")
+
+
+class ServingConfig(StageConfig):
+    fleet: FleetSettings = Field(default_factory=FleetSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
