@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -209,7 +210,15 @@ class Gateway:
 
 
 def create_app(gateway: Gateway) -> FastAPI:
-    app = FastAPI(title="charforge gateway")
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await gateway.refresh()
+        gateway._poller = asyncio.create_task(gateway.poll_forever())
+        yield
+        gateway._poller.cancel()
+        await gateway.client.aclose()
+
+    app = FastAPI(title="charforge gateway", lifespan=lifespan)
 
     @app.exception_handler(HTTPException)
     async def openai_error(_: Request, exc: HTTPException) -> JSONResponse:
@@ -218,17 +227,6 @@ def create_app(gateway: Gateway) -> FastAPI:
                  409: "conflict_error", 503: "service_unavailable"}
         return JSONResponse({"error": {"message": exc.detail, "type": kinds.get(exc.status_code, "error"),
                                        "param": None, "code": exc.status_code}}, status_code=exc.status_code)
-
-    @app.on_event("startup")
-    async def start_polling() -> None:
-        await gateway.refresh()
-        gateway._poller = asyncio.create_task(gateway.poll_forever())
-
-    @app.on_event("shutdown")
-    async def stop_polling() -> None:
-        if gateway._poller:
-            gateway._poller.cancel()
-        await gateway.client.aclose()
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
