@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -18,8 +19,15 @@ app = typer.Typer(
 )
 
 
+def _exit_on_sigterm(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 @app.callback()
 def _main() -> None:
+    # SIGTERM (kill, a supervisor, Ctrl-C's cousin) unwinds like an exception, so the finally blocks run: vLLM
+    # servers a flow started are stopped and the temporary Prefect server shuts down instead of being orphaned.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         export_environment()
     except ConfigError as err:

@@ -50,6 +50,10 @@ def test_adapter_is_scored_against_its_base_through_vllm_and_lm_eval(
     # the persona is the system message of what was actually sent
     prompt = samples["candidate"]["character_generation"][0]["arguments"]["gen_args_0"]["arg_0"]
     assert prompt.startswith("<|im_start|>system\nYou are ")
+    # MC accuracy is the gold reply winning on log-likelihood
+    for s in samples["candidate"]["character_mc"]:
+        lls = [float(r[0][0]) for r in s["resps"]]
+        assert s["acc"] == float(lls.index(max(lls)) == s["doc"]["label"])
     # the adapter is really applied: the candidate's log-likelihoods differ from the base's
     ll = {t: [s["resps"][0][0][0] for s in samples[t]["character_mc"]] for t in samples}
     assert ll["candidate"] != ll["base"]
