@@ -198,6 +198,35 @@ def promote(
 
 
 @app.command()
+def gateway(
+    replica: list[str] = typer.Option(None, help="vLLM replica base URL (repeat); default: configs/serving.yaml."),
+    config: Path = typer.Option(CONFIGS_DIR / "serving.yaml", help="Serving config YAML."),
+) -> None:
+    """Run the OpenAI-compatible gateway in front of vLLM replicas (routing table in <state>/serving/routes.json)."""
+    import os
+
+    import uvicorn
+
+    from charforge.schemas.serving import ServingConfig
+    from serving.gateway import Gateway, RouteTable, create_app
+
+    try:
+        cfg = load_yaml_model(config, ServingConfig)
+    except ConfigError as err:
+        fail(str(err))
+    urls = replica or cfg.fleet.urls or [f"http://127.0.0.1:{cfg.fleet.first_port + i}"
+                                         for i in range(cfg.fleet.replicas)]
+    key = os.environ.get(cfg.gateway.api_key_env) if cfg.gateway.api_key_env else None
+    if cfg.gateway.api_key_env and not key:
+        typer.echo(f"warning: {cfg.gateway.api_key_env} is not set; the gateway accepts requests without a key",
+                   err=True)
+    gw = Gateway(urls, RouteTable.load(platform().state / "serving" / "routes.json"), cfg.gateway.strategy, key,
+                 cfg.gateway.health_interval_s, cfg.gateway.connect_retries, cfg.gateway.request_timeout_s)
+    typer.echo(f"gateway on http://{cfg.gateway.host}:{cfg.gateway.port} -> {', '.join(urls)}")
+    uvicorn.run(create_app(gw), host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning")
+
+
+@app.command()
 def ui() -> None:
     """Start the Prefect and MLflow UIs on loopback; Ctrl-C stops both."""
     from charforge.ui import run_ui

@@ -11,6 +11,7 @@ from charforge.config import ConfigError, load_yaml_model
 from charforge.schemas.curate import CurateConfig
 from charforge.schemas.evaluate import EvalConfig
 from charforge.schemas.promote import PromotionPolicy
+from charforge.schemas.serving import ServingConfig
 from charforge.schemas.train import TrainConfig
 from charforge.settings import CONFIGS_DIR, PlatformConfig
 
@@ -22,6 +23,7 @@ SCHEMAS = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "promotion.yaml": PromotionPolicy,
+    "serving.yaml": ServingConfig,
 }
 NOT_OURS = {"lm_eval"}
 
