@@ -226,6 +226,61 @@ def gateway(
     uvicorn.run(create_app(gw), host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning")
 
 
+def _gateway_url_and_key(cfg, gateway_url: str | None) -> tuple[str, str | None]:
+    import os
+
+    key = os.environ.get(cfg.gateway.api_key_env) if cfg.gateway.api_key_env else None
+    return gateway_url or f"http://{cfg.gateway.host}:{cfg.gateway.port}", key
+
+
+@app.command()
+def deploy(
+    adapter: str = typer.Option(..., help="Registry version: models:/<name>@champion or models:/<name>/<version>."),
+    gateway_url: str = typer.Option(None, "--gateway", help="Gateway URL (default: configs/serving.yaml)."),
+    config: Path = typer.Option(CONFIGS_DIR / "serving.yaml", help="Serving config YAML."),
+) -> None:
+    """Roll an adapter version out to the fleet: verify, stage on every replica, canary with gates, switch."""
+    from charforge.schemas.serving import ServingConfig
+
+    try:
+        cfg = load_yaml_model(config, ServingConfig)
+        url, key = _gateway_url_and_key(cfg, gateway_url)
+        from flows.deploy import RolloutError, deploy as deploy_flow
+        from serving.store import ArtifactError
+
+        record = deploy_flow(adapter=adapter, gateway_url=url, api_key=key, config=cfg)
+    except (ConfigError, ArtifactError, RolloutError) as err:
+        fail(str(err))
+    typer.echo(f"{record['served']}: {record['status']}" + (f" ({record['reason']})" if record.get("reason") else ""))
+    if record["status"] != "done":
+        raise typer.Exit(3)
+
+
+@app.command()
+def rollback(
+    route: list[str] = typer.Argument(None, help="Routes to roll back (default: every route)."),
+    gateway_url: str = typer.Option(None, "--gateway", help="Gateway URL (default: configs/serving.yaml)."),
+    config: Path = typer.Option(CONFIGS_DIR / "serving.yaml", help="Serving config YAML."),
+) -> None:
+    """Flip routes back to their previous weights (the previous version is still loaded): one step, instant."""
+    import httpx
+
+    from charforge.schemas.serving import ServingConfig
+
+    try:
+        cfg = load_yaml_model(config, ServingConfig)
+    except ConfigError as err:
+        fail(str(err))
+    url, key = _gateway_url_and_key(cfg, gateway_url)
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    names = route or list(httpx.get(f"{url}/admin/routes", headers=headers, timeout=10).json())
+    for name in names:
+        r = httpx.post(f"{url}/admin/routes/{name}/rollback", headers=headers, timeout=10)
+        if r.status_code != 200:
+            fail(f"rollback of {name}: {r.json().get('error', {}).get('message', r.text)}")
+        typer.echo(f"{name}: {r.json()['weights']}")
+
+
 @app.command()
 def ui() -> None:
     """Start the Prefect and MLflow UIs on loopback; Ctrl-C stops both."""

@@ -54,12 +54,17 @@ class RouteTable:
         tmp.write_text(json.dumps({"routes": {n: r.__dict__ for n, r in self.routes.items()}}, indent=2))
         os.replace(tmp, self.path)  # atomic: a crash leaves the old table or the new one
 
-    def set_weights(self, name: str, weights: dict[str, float], system_prompt: str | None = None) -> Route:
+    def set_weights(self, name: str, weights: dict[str, float], system_prompt: str | None = None,
+                    previous: dict[str, float] | None = None) -> Route:
+        """New weights; `previous` is what a rollback restores (default: the weights being replaced; a rollout
+        passes the weights from before its first step, so rolling back mid-canary returns to the old version)."""
         if not any(w > 0 for w in weights.values()):
             raise ValueError(f"route {name!r}: at least one version needs a positive weight")
         old = self.routes.get(name)
+        if previous is None:
+            previous = dict(old.weights) if old else None
         route = Route(weights=dict(weights), system_prompt=system_prompt if system_prompt is not None else
-                      (old.system_prompt if old else None), previous=dict(old.weights) if old else None)
+                      (old.system_prompt if old else None), previous=previous)
         self.routes[name] = route
         self.save()
         return route
@@ -251,6 +256,13 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/admin/replicas")
+    async def replicas(request: Request) -> list[dict]:
+        gateway.check_key(request)
+        await gateway.refresh()
+        return [{"name": r.name, "url": r.url, "healthy": r.healthy, "outstanding": r.outstanding,
+                 "loaded": sorted(r.loaded)} for r in gateway.replicas.values()]
+
     @app.get("/admin/routes")
     async def routes(request: Request) -> dict:
         gateway.check_key(request)
@@ -268,7 +280,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         if missing:
             raise HTTPException(409, detail=f"not loaded on any healthy replica: {', '.join(missing)}")
         try:
-            route = gateway.table.set_weights(name, weights, body.get("system_prompt"))
+            route = gateway.table.set_weights(name, weights, body.get("system_prompt"), body.get("previous"))
         except ValueError as exc:
             raise HTTPException(400, detail=str(exc)) from None
         return route.__dict__

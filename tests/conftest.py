@@ -97,30 +97,35 @@ def curated_project(tmp_path_factory, base_model_dir):
     return out, manifest
 
 
-@pytest.fixture(scope="session")
-def smollm2_adapter(base_model_dir, tmp_path_factory):
-    """LoRA r=8 on q/v with small random lora_B (a freshly initialised adapter changes nothing), bf16 + manifest,
+def build_adapter(base_model_dir, root, seed: int = 0, rank: int = 8, train_config: str = "test",
+                  noise: float = 0.02):
+    """LoRA on q/v with small random lora_B (a freshly initialised adapter changes nothing), bf16 + manifest,
     exported the way the training flow exports adapters."""
     import torch
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
     from charforge.checksums import folder_sha
     from charforge.settings import CONFIGS_DIR
     from tasks.adapters import export_adapter
-    from transformers import AutoModelForCausalLM
 
-    root = tmp_path_factory.mktemp("adapter")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model_dir),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0, 0.02)
+                param.normal_(0, noise)
     model.save_pretrained(root / "raw")
     lineage = {"base_model": "smollm2-135m-instruct", "base_model_path": str(base_model_dir),
-               "base_model_sha": folder_sha(base_model_dir), "dataset_hash": "none", "train_config": "test",
+               "base_model_sha": folder_sha(base_model_dir), "dataset_hash": "none", "train_config": train_config,
                "run_identity": "test", "mlflow_run_id": "none"}
     export_adapter(root / "raw", root / "adapter", "bfloat16", lineage,
                    CONFIGS_DIR / "train" / "templates" / "chatml_training.jinja")
     return root / "adapter"
+
+
+@pytest.fixture(scope="session")
+def smollm2_adapter(base_model_dir, tmp_path_factory):
+    """A small real LoRA adapter for the embedded base (r=8, seed 0)."""
+    return build_adapter(base_model_dir, tmp_path_factory.mktemp("adapter"))

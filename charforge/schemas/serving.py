@@ -38,6 +38,26 @@ class GatewaySettings(StageConfig):
     request_timeout_s: float = Field(default=300, gt=0, description="Upstream timeout per request.")
 
 
+class GateSettings(StageConfig):
+    """When a canary step may advance (per version, from the gateway's metrics over the step)."""
+
+    max_error_rate: float = Field(default=0.01, ge=0, le=1, description="Absolute cap on the new version.")
+    max_error_rate_increase: float = Field(default=0.005, ge=0, le=1, description="Over the previous version.")
+    max_latency_ratio: float = Field(default=2.0, gt=1, description="p95 new / p95 previous.")
+    min_requests: int = Field(default=10, ge=1, description="Below this the step is held (up to 3 holds).")
+
+
+class RolloutSettings(StageConfig):
+    steps: list[float] = Field(default=[5, 25, 100], min_length=1, description="Canary weights (%) in order.")
+    hold_s: float = Field(default=20, ge=0, description="Seconds each step is held before its gate.")
+    gate: GateSettings = Field(default_factory=GateSettings)
+    smoke_prompt: str = Field(default="Who are you, and what do you do all day?",
+                              description="Asked with and without the adapter: the answers must differ.")
+    routes: list[str] = Field(default=["characters"], description="Routes a deployment switches: 'characters' = "
+                              "one per persona card plus the adapter family's own name.")
+
+
 class ServingConfig(StageConfig):
     fleet: FleetSettings = Field(default_factory=FleetSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)

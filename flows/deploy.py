@@ -1,0 +1,200 @@
+"""Rolling deployment of a registered adapter version onto the fleet behind the gateway.
+
+Run it:  charforge deploy --adapter models:/<name>@champion      charforge rollback [ROUTE]
+
+1. pre-flight: materialize the version into the content-addressed store and verify sha256 + servability
+   (a bad artifact never reaches a replica);
+2. stage on every healthy replica, no traffic: load as `<name>-v<version>`, confirm `/v1/models` lists it with our
+   folder as `root`, and check a smoke prompt answers differently than the base;
+3. canary: the new version's weight goes through `rollout.steps` on every route of the family; each step is held
+   and gated on the gateway's per-version error rate and p95 latency; a failing gate restores the previous
+   weights at once;
+4. the previous version stays loaded (rollback = one routing-table write); the rollout record under
+   `<state>/serving/rollouts/` says where a crashed deployment stopped, and a re-run resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+
+from charforge.base_models import load_preset
+from charforge.characters import load_characters
+from charforge.schemas.serving import ServingConfig
+from charforge.settings import DATA_DIR, platform
+from serving import store
+from serving.fleet import DesiredState, load_adapter, served_roots
+from serving.routing import Gate, WindowStats, classify_load, gate_decision
+from tasks import registry
+
+
+class RolloutError(RuntimeError):
+    pass
+
+
+class GatewayAdmin:
+    def __init__(self, url: str, api_key: str | None) -> None:
+        self.url = url.rstrip("/")
+        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def call(self, method: str, path: str, **kw) -> httpx.Response:
+        r = httpx.request(method, f"{self.url}{path}", headers=self.headers, timeout=30, **kw)
+        if r.status_code >= 400:
+            raise RolloutError(f"gateway {method} {path}: {r.status_code} {r.text}")
+        return r
+
+    def replicas(self) -> list[dict]:
+        return self.call("GET", "/admin/replicas").json()
+
+    def routes(self) -> dict:
+        return self.call("GET", "/admin/routes").json()
+
+    def set_weights(self, route: str, weights: dict, system_prompt: str | None = None,
+                    previous: dict | None = None) -> None:
+        self.call("PUT", f"/admin/routes/{route}", json={"weights": weights, "system_prompt": system_prompt,
+                                                          "previous": previous})
+
+    def metrics(self) -> dict[tuple[str, str], dict]:
+        """{(version, kind): value}: request counts by status and latency histogram buckets, summed over routes."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        out: dict = {}
+        for line in text.splitlines():
+            if line.startswith("gateway_requests_total{"):
+                labels, value = line[len("gateway_requests_total{"):].rsplit("} ", 1)
+                tags = dict(part.split("=", 1) for part in labels.split(","))
+                version, status = tags["version"].strip('"'), tags["status"].strip('"')
+                key = (version, "errors" if not status.startswith("2") else "ok")
+                out[key] = out.get(key, 0.0) + float(value)
+            elif line.startswith("gateway_request_seconds_bucket{"):
+                labels, value = line[len("gateway_request_seconds_bucket{"):].rsplit("} ", 1)
+                tags = dict(part.split("=", 1) for part in labels.split(","))
+                key = (tags["version"].strip('"'), f"le={tags['le'].strip(chr(34))}")
+                out[key] = out.get(key, 0.0) + float(value)
+        return out
+
+
+def window(before: dict, after: dict, version: str) -> WindowStats:
+    """Requests, errors and p95 latency of `version` between two metric snapshots."""
+    def delta(kind: str) -> float:
+        return after.get((version, kind), 0.0) - before.get((version, kind), 0.0)
+    requests = delta("ok") + delta("errors")
+    buckets = sorted(((float(k[1][3:]), delta(k[1])) for k in after if k[0] == version and k[1].startswith("le=")),
+                     key=lambda b: b[0])
+    p95 = 0.0
+    for bound, count in buckets:  # cumulative counts: the first bound holding 95% of the requests
+        if requests and count >= 0.95 * requests:
+            p95 = bound
+            break
+    return WindowStats(int(requests), int(delta("errors")), p95)
+
+
+def route_names(cfg: ServingConfig, family: str) -> dict[str, str | None]:
+    """Route -> system prompt for the routes a deployment of this family switches."""
+    routes: dict[str, str | None] = {}
+    for entry in cfg.rollout.routes:
+        if entry == "characters":
+            routes[family] = None
+            routes.update({cid: card.system_prompt for cid, card in load_characters(DATA_DIR / "characters").items()})
+        else:
+            routes[entry] = None
+    return routes
+
+
+@task(name="stage-on-replica", cache_policy=NONE)
+def stage(url: str, served: str, folder: Path, base_name: str, smoke_prompt: str) -> str:
+    """Load without traffic and prove the replica serves *this* artifact with an effect."""
+    status, body, vllm_json = load_adapter(url, served, folder)
+    verdict = classify_load(status, body, vllm_json)
+    if verdict == "already_loaded":
+        verdict = "ok" if served_roots(url).get(served) == str(folder) else "bad_artifact"
+    if verdict != "ok":
+        raise RolloutError(f"{verdict}: loading {served} on {url} answered {status}: {body[:300]}")
+    if served_roots(url).get(served) != str(folder):
+        raise RolloutError(f"bad_replica: {url} does not list {served} with root {folder}")
+
+    def ask(model: str) -> str:
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+            "model": model, "temperature": 0, "max_tokens": 24,
+            "messages": [{"role": "user", "content": smoke_prompt}]})
+        r.raise_for_status()
+        return r.json()["choices"][0]["message"]["content"]
+    if ask(served) == ask(base_name):
+        raise RolloutError(f"bad_artifact: {served} answers the smoke prompt exactly like the base model")
+    return "staged"
+
+
+@flow(name="deploy")
+def deploy(adapter: str, gateway_url: str, api_key: str | None = None, config: ServingConfig | None = None) -> dict:
+    cfg, logger = config or ServingConfig(), get_run_logger()
+    state = platform().state / "serving"
+    c = registry.client()
+    version = registry.resolve_version(c, adapter)
+    served = f"{version.name}-v{version.version}"
+    preset = load_preset(cfg.fleet.base_model)
+    folder = store.materialize(version.name, version.version, version.source, version.tags["adapter_sha256"],
+                               state / "adapters", cfg.fleet.max_lora_rank, preset.architecture)
+    gw = GatewayAdmin(gateway_url, api_key)
+    record_path = state / "rollouts" / f"{version.name}.json"
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    routes = route_names(cfg, version.name.removeprefix(f"{platform().mlflow.experiment_prefix}-"))
+    current = gw.routes()
+    previous = {r: current[r]["weights"] for r in routes if r in current}
+    record = {"version": version.version, "served": served, "folder": str(folder), "previous": previous,
+              "replicas": {}, "step": None, "status": "staging", "started": time.time()}
+    record_path.write_text(json.dumps(record, indent=2))
+
+    desired = DesiredState.load(state / "desired.json")
+    desired.adapters[served] = str(folder)
+    desired.save()  # restarted replicas get it back before the gateway routes to them
+    for replica in gw.replicas():
+        if not replica["healthy"]:
+            record["replicas"][replica["url"]] = "skipped (unhealthy)"
+            continue
+        record["replicas"][replica["url"]] = stage(replica["url"], served, folder, preset.name,
+                                                   cfg.rollout.smoke_prompt)
+        record_path.write_text(json.dumps(record, indent=2))
+    if not any(v == "staged" for v in record["replicas"].values()):
+        raise RolloutError("no healthy replica to stage on")
+
+    gate = Gate(**cfg.rollout.gate.model_dump())
+    old_versions = {r: next(iter(w)) for r, w in previous.items() if w}
+
+    def weights_at(route: str, pct: float) -> dict:
+        old = old_versions.get(route)
+        return {served: 100.0} if old is None or old == served or pct >= 100 else {old: 100 - pct, served: pct}
+
+    def roll_back(why: str) -> dict:
+        for route, weights in previous.items():
+            gw.set_weights(route, weights, routes[route])
+        record.update(status="rolled_back", reason=why)
+        record_path.write_text(json.dumps(record, indent=2))
+        logger.warning(f"rolled back {served}: {why}")
+        return record
+
+    for pct in cfg.rollout.steps:
+        before = gw.metrics()
+        for route, prompt in routes.items():
+            gw.set_weights(route, weights_at(route, pct), prompt, previous.get(route))
+        record.update(step=pct, status="canary")
+        record_path.write_text(json.dumps(record, indent=2))
+        logger.info(f"{served}: {pct:g}% of traffic")
+        if pct >= 100 or not old_versions:
+            break
+        for _ in range(3):
+            time.sleep(cfg.rollout.hold_s)
+            after = gw.metrics()
+            old = next(iter(old_versions.values()))
+            verdict, why = gate_decision(window(before, after, served), window(before, after, old), gate)
+            logger.info(f"gate at {pct:g}%: {verdict} ({why})")
+            if verdict != "wait":
+                break
+        if verdict == "rollback":
+            return roll_back(why)
+    record.update(status="done", finished=time.time())
+    record_path.write_text(json.dumps(record, indent=2))
+    return record

@@ -1,0 +1,113 @@
+"""A local fleet of vLLM replicas (one base, runtime LoRA loading on), supervised.
+
+The supervisor restarts a replica whose process exited or whose `/health` answers 503 (vLLM's engine died; the
+process stays up), and re-loads every adapter of the desired state (`desired.json`: served name -> folder) before
+the replica is counted as up. The gateway only routes a version to replicas that list it in `/v1/models`, so a
+restarted replica takes traffic for a version only once that version is back on it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from charforge.vllm_server import VLLMServer
+
+
+def load_adapter(url: str, name: str, path: Path, timeout: float = 120) -> tuple[int | None, str, bool]:
+    """POST /v1/load_lora_adapter -> (status or None when unreachable, body, body is vLLM's error JSON)."""
+    try:
+        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
+                       timeout=timeout)
+    except httpx.HTTPError as exc:
+        return None, f"{type(exc).__name__}: {exc}", False
+    try:
+        is_vllm_error = "error" in r.json()
+    except ValueError:
+        is_vllm_error = False
+    return r.status_code, r.text, is_vllm_error
+
+
+def served_roots(url: str) -> dict[str, str]:
+    """{LoRA name: root path} a replica reports in /v1/models."""
+    data = httpx.get(f"{url}/v1/models", timeout=5).json()["data"]
+    return {m["id"]: m.get("root") for m in data if m.get("parent")}
+
+
+@dataclass
+class DesiredState:
+    path: Path
+    adapters: dict[str, str] = field(default_factory=dict)  # served name -> folder
+
+    @classmethod
+    def load(cls, path: Path) -> "DesiredState":
+        return cls(path, json.loads(path.read_text()) if path.is_file() else {})
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.adapters, indent=2))
+        tmp.replace(self.path)
+
+
+class LocalFleet:
+    def __init__(self, base_dir: Path, base_name: str, ports: list[int], log_dir: Path, desired_path: Path,
+                 **server_kwargs) -> None:
+        self.servers = [VLLMServer(base_dir, base_name, port, **server_kwargs) for port in ports]
+        self.log_dir, self.desired_path = log_dir, desired_path
+        self.restarts = [0] * len(ports)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    def start(self, timeout: float = 400) -> None:
+        for i, server in enumerate(self.servers):
+            server.start(self.log_dir / f"replica-{i}.log")
+        for server in self.servers:
+            server.wait_ready(timeout)
+        for server in self.servers:
+            self.restore_adapters(server)
+
+    def restore_adapters(self, server: VLLMServer) -> None:
+        for name, path in DesiredState.load(self.desired_path).adapters.items():
+            load_adapter(server.url, name, Path(path))
+
+    def healthy(self, server: VLLMServer) -> bool:
+        if server.process is None or server.process.poll() is not None:
+            return False
+        try:
+            return httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return True  # busy, not dead: only an exit or a 503 triggers a restart
+
+    def supervise(self, interval: float = 2.0) -> None:
+        """Background thread: restart dead replicas and restore their adapters."""
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                for i, server in enumerate(self.servers):
+                    if not self.healthy(server):
+                        server.stop(grace=5)
+                        server.start(self.log_dir / f"replica-{i}.log")
+                        try:
+                            server.wait_ready(400)
+                            self.restore_adapters(server)
+                            self.restarts[i] += 1
+                        except RuntimeError:
+                            continue  # tried again next round
+        self._thread = threading.Thread(target=loop, name="fleet-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        for server in self.servers:
+            server.stop()

@@ -1,0 +1,66 @@
+"""Adapter store: registry versions materialized into immutable, content-addressed folders `<root>/<name>/<sha256>/`.
+
+vLLM re-reads an adapter's files whenever it is evicted and reloaded, so a folder a replica has loaded must never
+change: it is written once under a temporary name, verified, renamed into place, and removed only when no replica
+lists it any more (`remove_unused`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import mlflow
+
+from charforge.checksums import folder_sha, verify_manifest
+from charforge.config import ConfigError
+from tasks.servability import check_servable
+
+
+class ArtifactError(RuntimeError):
+    """The adapter must not be loaded anywhere (checksum mismatch, unservable)."""
+
+
+def materialize(name: str, version: str, source: str, expected_sha: str, root: Path, max_lora_rank: int,
+                architecture: str) -> Path:
+    """The verified folder for a registry version; downloads it once. Raises ArtifactError before any replica sees
+    a bad adapter: sha256 different from the registry's `adapter_sha256`, files not matching their manifest, or
+    an adapter the fleet cannot serve."""
+    dest = Path(root) / name / expected_sha
+    if dest.is_dir():
+        _verify(dest, expected_sha, max_lora_rank, architecture)
+        return dest
+    staging = dest.parent / f".incoming-{uuid.uuid4().hex[:8]}"
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(staging)))
+        _verify(local, expected_sha, max_lora_rank, architecture)
+        local.rename(dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest
+
+
+def _verify(folder: Path, expected_sha: str, max_lora_rank: int, architecture: str) -> None:
+    try:
+        verify_manifest(folder, "the artifact in the registry is damaged; re-register the adapter")
+    except ConfigError as err:
+        raise ArtifactError(str(err)) from None
+    actual = folder_sha(folder)
+    if actual != expected_sha:
+        raise ArtifactError(f"{folder}: adapter sha256 {actual[:12]}… is not the registry's {expected_sha[:12]}…; "
+                            f"refusing to load it")
+    reasons = check_servable(folder, max_lora_rank, architecture)
+    if reasons:
+        raise ArtifactError(f"{folder}: not servable by this fleet: {'; '.join(reasons)}")
+
+
+def remove_unused(root: Path, in_use: set[str]) -> list[Path]:
+    """Delete store folders whose path no replica lists as a LoRA `root`; return what was deleted."""
+    removed = []
+    for folder in sorted(Path(root).glob("*/*")):
+        if folder.is_dir() and not folder.name.startswith(".") and str(folder) not in in_use:
+            shutil.rmtree(folder)
+            removed.append(folder)
+    return removed
