@@ -198,6 +198,48 @@ def promote(
 
 
 @app.command()
+def serve(
+    config: Path = typer.Option(CONFIGS_DIR / "serving.yaml", help="Serving config YAML."),
+) -> None:
+    """Start the local vLLM fleet (supervised) and the gateway in front of it; Ctrl-C stops everything."""
+    import os
+
+    import uvicorn
+
+    from charforge.base_models import load_preset, materialize
+    from charforge.schemas.serving import ServingConfig
+    from serving.fleet import LocalFleet
+    from serving.gateway import Gateway, RouteTable, create_app
+
+    try:
+        cfg = load_yaml_model(config, ServingConfig)
+        base_dir, _ = materialize(load_preset(cfg.fleet.base_model))
+    except ConfigError as err:
+        fail(str(err))
+    if cfg.fleet.discovery != "local":
+        fail(f"{config}: fleet.discovery is {cfg.fleet.discovery!r}; `charforge serve` starts a local fleet, use "
+             f"`charforge gateway` in front of a static one")
+    state = platform().state / "serving"
+    f = cfg.fleet
+    fleet = LocalFleet(base_dir, f.base_model, [f.first_port + i for i in range(f.replicas)], state / "logs",
+                       state / "desired.json", max_model_len=f.max_model_len, max_lora_rank=f.max_lora_rank,
+                       max_loras=f.max_loras, max_cpu_loras=f.max_cpu_loras, kv_cache_gib=f.kv_cache_gib)
+    typer.echo(f"starting {f.replicas} vLLM replicas of {f.base_model} (logs: {state / 'logs'})")
+    try:
+        fleet.start()
+        fleet.supervise()
+        key = os.environ.get(cfg.gateway.api_key_env) if cfg.gateway.api_key_env else None
+        gw = Gateway(fleet.urls, RouteTable.load(state / "routes.json"), cfg.gateway.strategy, key,
+                     cfg.gateway.health_interval_s, cfg.gateway.connect_retries, cfg.gateway.request_timeout_s)
+        typer.echo(f"gateway on http://{cfg.gateway.host}:{cfg.gateway.port} -> {', '.join(fleet.urls)}")
+        uvicorn.run(create_app(gw), host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning")
+    except RuntimeError as err:
+        fail(str(err), code=1)
+    finally:
+        fleet.stop()
+
+
+@app.command()
 def gateway(
     replica: list[str] = typer.Option(None, help="vLLM replica base URL (repeat); default: configs/serving.yaml."),
     config: Path = typer.Option(CONFIGS_DIR / "serving.yaml", help="Serving config YAML."),
