@@ -29,7 +29,7 @@ setup: $(VENV)/.installed $(SERVE_VENV)/.installed
 demo: setup   # grows with the pipeline: curation of data/raw, the default LoRA training, its evaluation
 	$(VENV)/bin/charforge curate --input data/raw --out .state/datasets/default
 	$(VENV)/bin/charforge train --config configs/train/smollm2_lora.yaml
-	$(VENV)/bin/charforge evaluate --trained configs/train/smollm2_lora.yaml
+	$(VENV)/bin/charforge evaluate --trained configs/train/smollm2_lora.yaml --config configs/eval/quick.yaml
 
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
