@@ -11,7 +11,7 @@ from charforge.config import StageConfig
 # Metrics with one value per probe, which is what paired bootstrap CIs need (corpus metrics such as macro-F1 are
 # reported by the evaluation but cannot be gated per probe).
 GATEABLE_METRICS = {
-    "character_mc/acc": True, "character_mc/acc_norm": True,
+    "character_mc/acc": True, "character_mc/acc_norm": True, "character_mc/acc_mutual_info": True,
     "character_reply_likelihood/bits_per_byte": False,
     "character_reply_likelihood/persona_effect_bpb": True,
     "character_generation/char_id_acc": True, "character_generation/persona_margin": True,

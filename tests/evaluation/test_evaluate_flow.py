@@ -29,6 +29,7 @@ def test_adapter_is_scored_against_its_base_through_vllm_and_lm_eval(
     assert set(result["summaries"]) == {"candidate", "base"}
     for target, summary in result["summaries"].items():
         assert set(summary) == set(cfg.tasks), target
+        assert "acc_mutual_info" in summary["character_mc"]
         acc = summary["character_mc"]["acc_norm"]
         assert 0 <= acc["ci_low"] <= acc["value"] <= acc["ci_high"] <= 1 and acc["n"] == 2
         assert summary["character_reply_likelihood"]["bits_per_byte"]["value"] > 0
