@@ -144,6 +144,12 @@ def deploy(adapter: str, gateway_url: str, api_key: str | None = None, config: S
     routes = route_names(cfg, version.name.removeprefix(f"{platform().mlflow.experiment_prefix}-"))
     current = gw.routes()
     previous = {r: current[r]["weights"] for r in routes if r in current}
+    if record_path.is_file():  # a deployment of this family that did not finish: keep what it switched away from
+        unfinished = json.loads(record_path.read_text())
+        if unfinished.get("status") in ("staging", "canary"):
+            previous = unfinished["previous"]
+            logger.warning(f"resuming after an unfinished rollout of {unfinished['served']} "
+                           f"(step {unfinished['step']}); rollback target stays {previous}")
     record = {"version": version.version, "served": served, "folder": str(folder), "previous": previous,
               "replicas": {}, "step": None, "status": "staging", "started": time.time()}
     record_path.write_text(json.dumps(record, indent=2))
