@@ -197,6 +197,15 @@ def promote(
         raise typer.Exit(3)
 
 
+def _serving_config(path: Path):
+    from charforge.schemas.serving import ServingConfig
+
+    try:
+        return load_yaml_model(path, ServingConfig)
+    except ConfigError as err:
+        fail(str(err))
+
+
 @app.command()
 def serve(
     config: Path = typer.Option(CONFIGS_DIR / "serving.yaml", help="Serving config YAML."),
@@ -207,12 +216,11 @@ def serve(
     import uvicorn
 
     from charforge.base_models import load_preset, materialize
-    from charforge.schemas.serving import ServingConfig
     from serving.fleet import LocalFleet
     from serving.gateway import Gateway, RouteTable, create_app
 
+    cfg = _serving_config(config)
     try:
-        cfg = load_yaml_model(config, ServingConfig)
         base_dir, _ = materialize(load_preset(cfg.fleet.base_model))
     except ConfigError as err:
         fail(str(err))
@@ -249,13 +257,9 @@ def gateway(
 
     import uvicorn
 
-    from charforge.schemas.serving import ServingConfig
     from serving.gateway import Gateway, RouteTable, create_app
 
-    try:
-        cfg = load_yaml_model(config, ServingConfig)
-    except ConfigError as err:
-        fail(str(err))
+    cfg = _serving_config(config)
     urls = replica or cfg.fleet.urls or [f"http://127.0.0.1:{cfg.fleet.first_port + i}"
                                          for i in range(cfg.fleet.replicas)]
     key = os.environ.get(cfg.gateway.api_key_env) if cfg.gateway.api_key_env else None
@@ -282,10 +286,8 @@ def deploy(
     config: Path = typer.Option(CONFIGS_DIR / "serving.yaml", help="Serving config YAML."),
 ) -> None:
     """Roll an adapter version out to the fleet: verify, stage on every replica, canary with gates, switch."""
-    from charforge.schemas.serving import ServingConfig
-
+    cfg = _serving_config(config)
     try:
-        cfg = load_yaml_model(config, ServingConfig)
         url, key = _gateway_url_and_key(cfg, gateway_url)
         from flows.deploy import RolloutError, deploy as deploy_flow
         from serving.store import ArtifactError
@@ -307,12 +309,7 @@ def rollback(
     """Flip routes back to their previous weights (the previous version is still loaded): one step, instant."""
     import httpx
 
-    from charforge.schemas.serving import ServingConfig
-
-    try:
-        cfg = load_yaml_model(config, ServingConfig)
-    except ConfigError as err:
-        fail(str(err))
+    cfg = _serving_config(config)
     url, key = _gateway_url_and_key(cfg, gateway_url)
     headers = {"authorization": f"Bearer {key}"} if key else {}
     names = route or list(httpx.get(f"{url}/admin/routes", headers=headers, timeout=10).json())
