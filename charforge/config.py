@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,15 +23,27 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The model inside an annotation: `Model`, `Model | None`, `list[Model]`, `dict[str, Model]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _nested_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
     """Names of the fields valid at `loc` (the parent of the offending key), for did-you-mean hints."""
     current: Any = model
     for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list of models: same model
+            continue
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
             return []
-        annotation = field.annotation
-        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        current = _nested_model(field.annotation)
         if current is None:
             return []
     return list(getattr(current, "model_fields", {}))
