@@ -121,7 +121,11 @@ class CharacterIdentifier:
 
     def identify(self, replies: list[str], expected: list[str]) -> list[Identification]:
         """Predicted character per reply, and the persona margin of each reply towards its expected character."""
-        sims = self.similarities(replies)
+        return self.identify_vectors(self.encoder.encode(replies), expected)
+
+    def identify_vectors(self, vectors: np.ndarray, expected: list[str]) -> list[Identification]:
+        """`identify` on replies already encoded with this identifier's encoder."""
+        sims = vectors @ self.centroids.T
         result = []
         for row, want in zip(sims, expected):
             own = row[self.names.index(want)]

@@ -173,8 +173,8 @@ def identifier(characters_dir: str) -> CharacterIdentifier:
 def _reply_scores(doc: dict, reply: str) -> dict:
     card = _cards(doc["characters_dir"])[doc["character"]]
     ident = identifier(doc["characters_dir"])
-    guess = ident.identify([reply], [doc["character"]])[0]
-    reply_vec, reference_vec = ident.encoder.encode([reply, doc["reference"]])
+    reply_vec, reference_vec = ident.encoder.encode([reply, doc["reference"]])  # one encoder pass for both
+    guess = ident.identify_vectors(reply_vec[None, :], [doc["character"]])[0]
     ooc = out_of_character(reply, doc["user_msg"], card)
     return {
         "char_id_acc": float(guess.character == doc["character"]),

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from charforge.character_metrics import paired_bootstrap_diff
 from charforge.schemas.promote import Comparison, PromotionPolicy, Rule
 
 Scores = dict[str, dict[str, float]]
@@ -46,11 +47,9 @@ def paired_gain(candidate: dict[str, float], other: dict[str, float], higher_is_
     if not probes:
         raise ValueError("no probes in common")
     sign = 1.0 if higher_is_better else -1.0
-    diffs = np.array([sign * (candidate[p] - other[p]) for p in probes])
-    rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, len(diffs), size=(resamples, len(diffs)))].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    return float(diffs.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)), len(probes)
+    gain, low, high = paired_bootstrap_diff([sign * candidate[p] for p in probes], [sign * other[p] for p in probes],
+                                            confidence, resamples, seed)
+    return gain, low, high, len(probes)
 
 
 def _compare(rule: Rule, kind: str, spec: Comparison, candidate: dict, other: dict,

@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from charforge.base_models import load_preset, materialize
-from charforge.checksums import folder_sha, sha256_file, verify_manifest
+from charforge.checksums import MANIFEST, folder_sha, sha256_file, verify_manifest
 from charforge.config import ConfigError
 from charforge.eval_tasks import read_probes
 from charforge.schemas.evaluate import EvalConfig
@@ -210,7 +210,7 @@ def evaluate(config: EvalConfig, adapter: str | None = None, base_only: bool = F
     candidate_dir = None if base_only else resolve_adapter(adapter, downloads)
     champion_dir = resolve_adapter(champion, downloads) if champion and not base_only else None
     if candidate_dir is not None:
-        lineage = verify_manifest(candidate_dir, "re-export it from its training run")["lineage"]
+        lineage = json.loads((candidate_dir / MANIFEST).read_text())["lineage"]  # verified by resolve_adapter
         base_dir, base_name = Path(lineage["base_model_path"]), lineage["base_model"]
         if not base_dir.is_dir():
             base_dir, _ = materialize(load_preset(base_name))
