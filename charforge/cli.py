@@ -289,7 +289,13 @@ def serve_up(
     """Start the fleet + gateway in the background (idempotent); returns once every replica is ready."""
     from serving import daemon
 
+    from serving.store import fleet_weights
+
     cfg = _serving_config(config)
+    try:  # a bad checkpoint is reported here, not as a replica that never becomes ready
+        fleet_weights(cfg.fleet, platform().state / "serving" / "checkpoints")
+    except ConfigError as err:
+        fail(str(err))
     typer.echo(f"starting {cfg.fleet.replicas} vLLM replicas of {cfg.fleet.base_model} and the gateway")
     try:
         url = daemon.up(config, cfg, progress=typer.echo)
@@ -340,14 +346,13 @@ def serve_run(
 
     import uvicorn
 
-    from charforge.base_models import load_preset, materialize
-    from serving import daemon
+    from serving import daemon, store
     from serving.fleet import LocalFleet
     from serving.gateway import Gateway, RouteTable, create_app
 
     cfg = _serving_config(config)
     try:
-        base_dir, _ = materialize(load_preset(cfg.fleet.base_model))
+        base_dir = store.fleet_weights(cfg.fleet, platform().state / "serving" / "checkpoints")
     except ConfigError as err:
         fail(str(err))
     if cfg.fleet.discovery != "local":
@@ -358,8 +363,9 @@ def serve_run(
     fleet = LocalFleet(base_dir, f.base_model, [f.first_port + i for i in range(f.replicas)], state / "logs",
                        state / "desired.json", max_model_len=f.max_model_len, max_lora_rank=f.max_lora_rank,
                        max_loras=f.max_loras, max_cpu_loras=f.max_cpu_loras, kv_cache_gib=f.kv_cache_gib,
-                       on_restart=daemon.note_replicas, extra_args=f.engine_args())
-    typer.echo(f"starting {f.replicas} vLLM replicas of {f.base_model} (logs: {state / 'logs'})")
+                       enable_lora=f.enable_lora, on_restart=daemon.note_replicas, extra_args=f.engine_args())
+    typer.echo(f"starting {f.replicas} vLLM replicas of {f.base_model} from {f.checkpoint or 'its bf16 weights'}"
+               f"{'' if f.enable_lora else ' (no runtime LoRA)'} (logs: {state / 'logs'})")
     try:
         fleet.start()
         fleet.supervise()

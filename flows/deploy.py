@@ -32,6 +32,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from charforge.base_models import load_preset
+from charforge.config import ConfigError
 from charforge.characters import load_characters
 from charforge.schemas.serving import ServingConfig
 from charforge.settings import DATA_DIR, platform
@@ -226,6 +227,11 @@ def retire(gw: GatewayAdmin, desired: DesiredState, keep: dict[str, str], adapte
 @flow(name="deploy")
 def deploy(adapter: str, gateway_url: str, api_key: str | None = None, config: ServingConfig | None = None) -> dict:
     cfg = config or ServingConfig()
+    if not cfg.fleet.enable_lora:
+        raise ConfigError(f"{adapter}: this fleet serves {cfg.fleet.checkpoint or cfg.fleet.base_model} without "
+                          f"runtime LoRA (fleet.enable_lora: false), so adapters cannot be rolled out to it; merge "
+                          f"the adapter (charforge quantize with a mode: merged config) and serve that checkpoint, or "
+                          f"set fleet.enable_lora: true")
     state = platform().state / "serving"
     version = registry.resolve_version(registry.client(), adapter)
     with rollout_lock(state / "rollouts" / f"{version.name}.lock"):

@@ -24,7 +24,7 @@ from charforge.checksums import MANIFEST, folder_sha, sha256_file, verify_manife
 from charforge.config import ConfigError
 from charforge.eval_tasks import read_probes
 from charforge.schemas.evaluate import EvalConfig
-from charforge.settings import platform, redact_credentials, repo_path
+from charforge.settings import platform, repo_path
 from charforge.tracking import flow_run_tags, use_experiment
 from charforge.vllm_server import VLLMServer, free_port
 from tasks import registry
@@ -39,7 +39,6 @@ from tasks.evaluation import (
     summarize,
 )
 from tasks.parity import check_parity
-from tasks.servability import require_safetensors
 from tasks.quantization import decode_speed
 
 # Single-stream decode speed of the evaluated model, measured once per evaluation (median of 3 after a warm-up).
@@ -49,28 +48,8 @@ DECODE_PROMPT = ("<|im_start|>system\nYou are Sherlock Holmes.<|im_end|>\n<|im_s
 
 
 def resolve_adapter(ref: str, downloads: Path) -> Path:
-    """A local adapter folder, or an MLflow model URI (`models:/name/version`, `models:/name@alias`) downloaded
-    once; either way its sha256 manifest must verify."""
-    if ref.startswith(("models:/", "runs:/")):
-        target = downloads / ref.split(":/", 1)[1].replace("/", "-").replace("@", "-at-")
-        if not (target / "charforge-manifest.json").is_file():
-            try:
-                mlflow.set_tracking_uri(platform().tracking_uri)
-                mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(target))
-            except Exception as exc:  # MLflow raises several types for a missing model/version/alias
-                raise ConfigError(redact_credentials(
-                    f"{ref}: cannot fetch from the MLflow registry at {platform().tracking_uri} "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0]}); check the name and version with the "
-                    f"MLflow UI")) from None
-        path = target
-    else:
-        path = repo_path(ref)
-        if not path.is_dir():
-            raise ConfigError(f"{ref}: adapter folder not found; pass a training run's adapter folder "
-                              f"(.state/training/<run>/adapter) or models:/<name>/<version>")
-    require_safetensors(path)  # before PEFT (parity) or vLLM could unpickle an adapter_model.bin
-    verify_manifest(path, "re-export it from its training run")
-    return path
+    """A local adapter folder, or an MLflow model URI downloaded once; either way its sha256 manifest must verify."""
+    return registry.fetch_verified(ref, downloads, "adapter")
 
 
 def load_lora(server: VLLMServer, name: str, path: Path) -> None:

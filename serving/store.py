@@ -73,3 +73,18 @@ def remove_unused(root: Path, in_use: set[str], name: str = "*") -> list[Path]:
             shutil.rmtree(folder)
             removed.append(folder)
     return removed
+
+
+def fleet_weights(fleet, downloads: Path) -> Path:
+    """The folder every replica loads: the base preset's bf16 weights, or `fleet.checkpoint` (a quantized base or
+    merged model from `charforge quantize`, by registry URI or folder), verified against its manifest."""
+    from charforge.base_models import load_preset, materialize
+    from tasks.registry import fetch_verified
+
+    if fleet.checkpoint is None:
+        return materialize(load_preset(fleet.base_model))[0]
+    folder = fetch_verified(fleet.checkpoint, downloads, "checkpoint")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{fleet.checkpoint}: no config.json in {folder}; fleet.checkpoint must be a model "
+                          f"checkpoint (a `charforge quantize` output), not an adapter")
+    return folder

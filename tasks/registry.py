@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
+import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from charforge.checksums import verify_manifest
 from charforge.config import ConfigError
-from charforge.settings import platform, redact_credentials
+from charforge.settings import platform, redact_credentials, repo_path
+from tasks.servability import pickle_files, require_safetensors
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
 PENDING = "pending_promotion"  # registered-model tag: an alias move that was decided but may not have finished
@@ -25,6 +29,39 @@ PENDING = "pending_promotion"  # registered-model tag: an alias move that was de
 
 def registered_name(train_config: str) -> str:
     return f"{platform().mlflow.experiment_prefix}-{train_config}"
+
+
+HINTS = {"adapter": "pass a training run's adapter folder (.state/training/<run>/adapter) or models:/<name>/<version>",
+         "checkpoint": "pass a `charforge quantize` output folder (.state/quantized/<name>/...) or "
+                       "models:/<name>/<version> of a registered quantized model"}
+
+
+def fetch_verified(ref: str, downloads: Path, kind: str = "adapter") -> Path:
+    """A local folder, or an MLflow model URI (`models:/name/version`, `models:/name@alias`) downloaded once into
+    `downloads`; either way safetensors only, and its sha256 manifest must verify before anything loads it."""
+    if ref.startswith(("models:/", "runs:/")):
+        target = downloads / ref.split(":/", 1)[1].replace("/", "-").replace("@", "-at-")
+        if not (target / "charforge-manifest.json").is_file():
+            try:
+                mlflow.set_tracking_uri(platform().tracking_uri)
+                mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(target))
+            except Exception as exc:  # MLflow raises several types for a missing model/version/alias
+                raise ConfigError(redact_credentials(
+                    f"{ref}: cannot fetch from the MLflow registry at {platform().tracking_uri} "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0]}); check the name and version with the "
+                    f"MLflow UI")) from None
+        path = target
+    else:
+        path = repo_path(ref)
+        if not path.is_dir():
+            raise ConfigError(f"{ref}: {kind} folder not found; {HINTS[kind]}")
+    if kind == "adapter":
+        require_safetensors(path)  # before PEFT or vLLM could unpickle an adapter_model.bin
+    elif pickle_files(path):
+        raise ConfigError(f"{ref}: {', '.join(pickle_files(path))}: pickle weights (loading them can run code); "
+                          f"only safetensors checkpoints are served")
+    verify_manifest(path, "re-export it from its training run" if kind == "adapter" else "re-run charforge quantize")
+    return path
 
 
 def client() -> MlflowClient:

