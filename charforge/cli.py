@@ -292,10 +292,11 @@ def serve_up(
     from serving.store import fleet_weights
 
     cfg = _serving_config(config)
-    try:  # a bad checkpoint is reported here, not as a replica that never becomes ready
-        fleet_weights(cfg.fleet, platform().state / "serving" / "checkpoints")
-    except ConfigError as err:
-        fail(str(err))
+    if cfg.fleet.checkpoint:  # a bad checkpoint is reported here, not as a replica that never becomes ready
+        try:
+            fleet_weights(cfg.fleet, platform().state / "serving" / "checkpoints")
+        except ConfigError as err:
+            fail(str(err))
     typer.echo(f"starting {cfg.fleet.replicas} vLLM replicas of {cfg.fleet.base_model} and the gateway")
     try:
         url = daemon.up(config, cfg, progress=typer.echo)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -76,6 +77,27 @@ def healthy(url: str) -> bool:
         return False
 
 
+def port_taken(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def require_free_ports(cfg: ServingConfig, config_path: Path) -> None:
+    """Refuse to start when a port of the gateway or of a local replica is taken (a replica that cannot bind would
+    be restarted forever and the gateway never becomes healthy)."""
+    wanted = [("gateway.port", cfg.gateway.host, cfg.gateway.port)]
+    if cfg.fleet.discovery == "local":
+        wanted += [(f"fleet.first_port + {i}", "127.0.0.1", cfg.fleet.first_port + i) for i in range(cfg.fleet.replicas)]
+    taken = [f"{port} ({key})" for key, host, port in wanted if port_taken(host, port)]
+    if taken:
+        raise RuntimeError(f"port {', '.join(taken)} already in use by another process; stop it or change the "
+                           f"port in {config_path}")
+
+
 def up(config_path: Path, cfg: ServingConfig, timeout: float = 900,
        progress: Callable[[str], None] = print) -> str:
     """Start the fleet + gateway detached (or find it running); return the gateway URL once it is healthy."""
@@ -90,6 +112,7 @@ def up(config_path: Path, cfg: ServingConfig, timeout: float = 900,
     log = state_dir() / "logs" / "serve.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     if not alive(record.get("supervisor")):
+        require_free_ports(cfg, config_path)
         with open(log, "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "charforge.cli", "serve", "run", "--config",
                                      str(Path(config_path).resolve())],

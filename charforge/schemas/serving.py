@@ -52,7 +52,8 @@ class FleetSettings(StageConfig):
     enable_lora: bool = Field(default=True, description="--enable-lora and runtime adapter loading. false: the "
                               "replicas serve only the checkpoint (merged mode: one character per fleet, no "
                               "rollouts of adapters).")
-    first_port: int = Field(default=8100, ge=1024, le=65000, description="Local replica i listens on first_port + i.")
+    first_port: int = Field(default=9100, ge=1024, le=65000, description="Local replica i listens on first_port + "
+                            "i (outside 8000-8999, where Prefect picks its temporary server's port).")
     max_lora_rank: int = Field(default=16, description="--max-lora-rank (adapters above it are refused up front).")
     max_loras: int = Field(default=2, ge=1, description="--max-loras: adapters per batch (old + new in a rollout).")
     max_cpu_loras: int = Field(default=4, ge=1, description="--max-cpu-loras: adapters resident per replica.")

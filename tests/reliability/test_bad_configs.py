@@ -81,3 +81,23 @@ def test_a_bad_platform_config_fails_every_command(tmp_path):
     assert (result.returncode, result.stderr.strip()) == (
         2, f"error: {cfg}: key 'mlflow.tracking_url': unknown key, did you mean 'tracking_uri'?")
     assert not (tmp_path / "state").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_serve_up_refuses_a_taken_port_and_starts_nothing(tmp_path):
+    import socket
+
+    import yaml
+
+    from charforge.vllm_server import free_port
+
+    with socket.socket() as squatter:  # bound, not answering: what a crashed process or another service leaves
+        squatter.bind(("127.0.0.1", 0))
+        port = squatter.getsockname()[1]
+        cfg = tmp_path / "serving.yaml"
+        cfg.write_text(yaml.safe_dump({"fleet": {"replicas": 2, "first_port": port - 1},
+                                       "gateway": {"port": free_port()}}))
+        result = run(["serve", "up", "--config", str(cfg)], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: port {port} (fleet.first_port + 1) already in use by another process; "
+                                      f"stop it or change the port in {cfg}")
+    assert not (tmp_path / "state" / "serving" / "serve.json").exists()
