@@ -25,12 +25,13 @@ from charforge.settings import platform, repo_path
 from charforge.tracking import flow_run_tags, log_dataset_inputs, use_experiment
 from tasks.adapters import export_adapter
 from tasks.servability import check_servable
-from tasks.training import fit_adapter
+from tasks.training import fit_adapter, resolve_dtype
 
 
 def run_identity(cfg: TrainConfig, dataset_hash: str, base_sha: str) -> str:
-    payload = json.dumps([cfg.model_dump(mode="json", exclude={"dataset_dir"}), dataset_hash, base_sha],
-                         sort_keys=True)
+    """`dtype: auto` enters as the dtype it resolves to here: the same config trains differently on other hardware."""
+    payload = json.dumps([cfg.model_dump(mode="json", exclude={"dataset_dir"}), dataset_hash, base_sha,
+                          resolve_dtype(cfg.training)], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -45,7 +46,7 @@ def training_params(cfg: TrainConfig, base_sha: str, manifest: dict) -> dict:
         "max_steps": t.max_steps, "batch_size": t.batch_size, "grad_accum": t.gradient_accumulation_steps,
         "learning_rate": t.learning_rate, "lr_scheduler": t.lr_scheduler_type, "max_length": t.max_length,
         "packing": t.packing, "padding_free": t.padding_free, "assistant_only_loss": t.assistant_only_loss,
-        "dtype": t.dtype, "seed": t.seed,
+        "dtype": resolve_dtype(t), "dtype_config": t.dtype, "seed": t.seed,
         "quantization": json.dumps(cfg.quantization.model_dump()) if cfg.quantization else "none",
     }
 

@@ -16,13 +16,31 @@ from pathlib import Path
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import torch
+import torch.nn.functional as F
 from datasets import load_dataset
 from peft import LoraConfig, prepare_model_for_kbit_training
+from peft.helpers import disable_input_dtype_casting
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from charforge.schemas.train import TrainConfig
+from charforge.schemas.train import TrainConfig, TrainingSettings
 from charforge.settings import repo_path
+
+
+def fast_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16): there bf16 matmuls ran 6-15x faster
+    than fp32 (Xeon with AMX, torch 2.13); elsewhere bf16 is emulated and slower than fp32."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+
+
+def resolve_dtype(training: TrainingSettings) -> str:
+    """The frozen base's dtype for `dtype: auto`: bfloat16 where the hardware multiplies it natively, else float32."""
+    if training.dtype != "auto":
+        return training.dtype
+    if not training.use_cpu and torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if fast_bf16_cpu() else "float32"
 
 
 def peak_memory_mb() -> float:
@@ -72,7 +90,7 @@ class LogProgressCallback(TrainerCallback):
 
 def load_base_model(cfg: TrainConfig, model_dir: Path):
     """The frozen base in the configured dtype; for QLoRA in bitsandbytes 4-bit, prepared for k-bit training."""
-    dtype = getattr(torch, cfg.training.dtype)
+    dtype = getattr(torch, resolve_dtype(cfg.training))
     quantization = None
     if cfg.method == "qlora":
         q = cfg.quantization
@@ -81,7 +99,7 @@ def load_base_model(cfg: TrainConfig, model_dir: Path):
             bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
         )
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, quantization_config=quantization, attn_implementation="sdpa",
+        model_dir, dtype=dtype, quantization_config=quantization, attn_implementation=cfg.training.attn_implementation,
         device_map="cpu" if cfg.training.use_cpu else None,
     )
     if quantization is not None:
@@ -99,6 +117,7 @@ def build_lora_config(cfg: TrainConfig) -> LoraConfig:
 
 def build_sft_config(cfg: TrainConfig, output_dir: Path, has_eval: bool) -> SFTConfig:
     t = cfg.training
+    dtype = resolve_dtype(t)
     return SFTConfig(
         output_dir=str(output_dir),
         max_steps=t.max_steps,
@@ -122,13 +141,60 @@ def build_sft_config(cfg: TrainConfig, output_dir: Path, has_eval: bool) -> SFTC
         seed=t.seed,
         data_seed=t.seed,
         use_cpu=t.use_cpu,
-        bf16=t.dtype == "bfloat16" and not t.use_cpu,
-        fp16=t.dtype == "float16" and not t.use_cpu,
+        # Autocast (GPU and CPU) over a base loaded in that dtype: PEFT keeps the adapter's weights in fp32 (the
+        # optimizer's master copy) and autocast multiplies them in the base's dtype.
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
         gradient_checkpointing=t.gradient_checkpointing,
         report_to="none",  # MLflow logging is ours: readable params, one run across resumes
         dataloader_num_workers=0,
         dataset_num_proc=None,
     )
+
+
+class LabelledPositionsSFTTrainer(SFTTrainer):
+    """SFTTrainer whose LM head, on devices without Triton, projects only the positions that carry a label.
+
+    TRL 1.16's fused LM head scores only labelled positions on Triton devices (CUDA/XPU). Elsewhere it scores every
+    position in torch ops and also folds entropy and top-1 over the whole vocabulary per token. On CPU, with
+    assistant-only loss (53% of the curated tokens are labelled), that head cost 1.51 s of a 377-token micro-batch
+    against 1.07-1.11 s for the model's own head on the labelled positions only (SmolLM2-135M, bf16, LoRA r=8).
+    The loss is TRL's (sum of token NLL / tokens in the accumulated batch); entropy, token accuracy and the token
+    count are logged as TRL logs them. On Triton devices, and for custom losses, TRL's own path runs unchanged.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if (self.args.device.type in ("cuda", "xpu") or return_outputs or self.compute_loss_func is not None
+                or self.label_smoother is not None or self.aux_loss_enabled or self.args.loss_type != "nll"):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        targets = inputs["labels"][:, 1:]
+        labelled = targets != -100
+        positions = labelled.any(dim=0).nonzero().squeeze(-1)  # logits at position i predict token i + 1
+        features = {k: v for k, v in inputs.items() if k != "labels"}
+        logits = model(**features, use_cache=False, logits_to_keep=positions).logits
+        targets = targets[:, positions]
+        valid = targets != -100
+        log_probs = logits[valid].float().log_softmax(-1)
+        token_nll = -log_probs.gather(-1, targets[valid].unsqueeze(-1)).sum()
+        count = labelled.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = token_nll / torch.as_tensor(count).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        with torch.no_grad():
+            log_probs = log_probs.detach()
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
+            correct = log_probs.argmax(-1) == targets[valid]
+            num_valid = max(int(valid.sum()), 1)
+            self._metrics[mode]["entropy"].append(entropy.sum().item() / num_valid)
+            self._metrics[mode]["mean_token_accuracy"].append(correct.sum().item() / num_valid)
+        if mode == "train":
+            if "attention_mask" in inputs:
+                self._total_train_tokens += int(inputs["attention_mask"].sum())
+            else:
+                self._total_train_tokens += inputs["position_ids"].numel()
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return loss
 
 
 def last_complete_checkpoint(checkpoints: Path, logger=None) -> str | None:
@@ -168,7 +234,7 @@ def fit_adapter(cfg: TrainConfig, model_dir: Path, dataset_dir: Path, run_dir: P
     checkpoints.mkdir(parents=True, exist_ok=True)
     resume_from = last_complete_checkpoint(checkpoints, logger)
     callbacks = [ThroughputCallback(), MLflowMetricsCallback()] + ([LogProgressCallback(logger)] if logger else [])
-    trainer = SFTTrainer(
+    trainer = LabelledPositionsSFTTrainer(
         model=load_base_model(cfg, model_dir),
         args=build_sft_config(cfg, checkpoints, has_eval="eval" in data),
         train_dataset=data["train"],
@@ -180,10 +246,12 @@ def fit_adapter(cfg: TrainConfig, model_dir: Path, dataset_dir: Path, run_dir: P
     if logger and resume_from:
         logger.info(f"resuming from {Path(resume_from).name}")
     started = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    metrics = dict(result.metrics)
-    if "eval" in data:
-        metrics.update(trainer.evaluate())
+    # Under autocast PEFT's cast of every LoRA input to the adapter's fp32 only adds copies (11% of a CPU step)
+    with disable_input_dtype_casting(trainer.model, active=trainer.args.bf16 or trainer.args.fp16):
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        metrics = dict(result.metrics)
+        if "eval" in data:
+            metrics.update(trainer.evaluate())
     metrics["wall_seconds"] = time.monotonic() - started
     metrics["peak_memory_mb"] = peak_memory_mb()
     # Useful (non-padding) training tokens: TRL's running count in the newest training log line.

@@ -46,8 +46,13 @@ class TrainingSettings(StageConfig):
     eval_steps: int | None = Field(default=None, ge=1, description="Eval loss every N steps; None = at the end only.")
     logging_steps: int = Field(default=1, ge=1, description="Log loss every N steps.")
     seed: int = Field(default=13, description="Seed for data order and LoRA init.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="Weights dtype while training; float32 on CPU, bfloat16 on GPU."
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="The frozen base's dtype while training; auto = bfloat16 on GPUs that support it "
+        "and on CPUs with AMX-BF16/AVX512-BF16, else float32 (the LoRA weights stay float32).",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        default="sdpa", description="transformers attention kernel; packed rows keep their documents apart with all "
+        "three (block-diagonal masks for sdpa/eager, varlen for flash_attention_2).",
     )
     use_cpu: bool = Field(default=True, description="Force CPU (the embedded default); false on GPU hosts.")
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for memory (large models).")
