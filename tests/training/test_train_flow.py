@@ -94,7 +94,8 @@ def test_qlora_without_quantization_section_is_a_config_error():
 CHARFORGE = str(Path(sys.executable).parent / "charforge")
 
 
-def test_killed_run_resumes_from_its_checkpoint_in_the_same_mlflow_run(tiny_llama_dir, curated_project, tmp_path):
+def test_killed_run_resumes_from_its_checkpoint_in_the_same_mlflow_run(tiny_llama_dir, curated_project, tmp_path,
+                                                                       prefect_api):
     dataset_dir, _ = curated_project
     cfg = tiny_config(tiny_llama_dir, dataset_dir, max_steps=30, save_steps=5, max_length=512)
     config_file = tmp_path / "train.yaml"
