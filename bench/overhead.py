@@ -113,9 +113,11 @@ def chain_parameters(root: Path, steps: int, limit: int) -> dict:
 def measure_chain(root: Path, steps: int, limit: int) -> dict:
     from flows.retrain import retrain
 
+    from charforge.settings import quiet_flow_heartbeats
+
     params = chain_parameters(root, steps, limit)
     started = time.perf_counter()
-    with MainThreadSampler() as sampler:
+    with MainThreadSampler() as sampler, quiet_flow_heartbeats():  # as `charforge retrain` runs it
         result = retrain(**params)
     wall = time.perf_counter() - started
     total = sum(sampler.counts.values())
@@ -130,13 +132,15 @@ def measure_chain(root: Path, steps: int, limit: int) -> dict:
 def measure_recuration(root: Path) -> tuple[float, float]:
     from prefect import flow
 
+    from charforge.settings import quiet_flow_heartbeats
     from flows.curate import curate
 
     flow(name="warm-up")(lambda: None)()  # the temporary Prefect server starts here, not inside the first timing
     times = []
     for _ in range(2):
         started = time.perf_counter()
-        curate(inputs=("data/raw",), out_dir=str(root / "recurate"))
+        with quiet_flow_heartbeats():  # as `charforge curate` runs it
+            curate(inputs=("data/raw",), out_dir=str(root / "recurate"))
         times.append(time.perf_counter() - started)
     return times[0], times[1]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from charforge.config import ConfigError, load_yaml_model
-from charforge.settings import CONFIGS_DIR, DATA_DIR, export_environment, platform
+from charforge.settings import CONFIGS_DIR, DATA_DIR, export_environment, platform, quiet_flow_heartbeats
 
 app = typer.Typer(
     help="charforge: curate, train, evaluate, quantize, promote and serve character-chat LoRA adapters.",
@@ -32,6 +32,12 @@ def _main() -> None:
         export_environment()
     except ConfigError as err:
         fail(str(err))
+
+
+def run_flow(flow_fn, /, **params):
+    """A flow run from the command line, in this process (see `quiet_flow_heartbeats`)."""
+    with quiet_flow_heartbeats():
+        return flow_fn(**params)
 
 
 def require_tracking() -> None:
@@ -97,7 +103,7 @@ def curate(
         require_tracking()
         from flows.curate import curate as curate_flow  # Prefect's import alone takes seconds
 
-        curate_flow(inputs=[str(p.resolve()) for p in inputs], out_dir=str(out.resolve()),
+        run_flow(curate_flow, inputs=[str(p.resolve()) for p in inputs], out_dir=str(out.resolve()),
                     characters_dir=str(characters.resolve()), config=cfg)
     except (ConfigError, InputError, SyntheticError) as err:
         fail(str(err))
@@ -119,7 +125,7 @@ def train(
         require_tracking()
         from flows.train import train as train_flow
 
-        result = train_flow(config=cfg, dataset_dir=str(dataset.resolve()) if dataset else None)
+        result = run_flow(train_flow, config=cfg, dataset_dir=str(dataset.resolve()) if dataset else None)
     except ConfigError as err:
         fail(str(err))
     if not result["servable"]:
@@ -164,7 +170,7 @@ def evaluate(
         for ref in (adapter, champion):  # local folders are checked before the flow (and vLLM) start
             if ref and not ref.startswith(("models:/", "runs:/")):
                 resolve_adapter(ref, Path("."))
-        result = evaluate_flow(config=cfg, adapter=adapter, base_only=base_only, champion=champion)
+        result = run_flow(evaluate_flow, config=cfg, adapter=adapter, base_only=base_only, champion=champion)
     except ConfigError as err:
         fail(str(err))
     typer.echo(f"report: {result['report']}\nchart: {result['chart']}\nMLflow run: {result['mlflow_run_id']}")
@@ -201,7 +207,7 @@ def quantize(
         if cfg.adapter and not cfg.adapter.startswith(("models:/", "runs:/")):
             resolve_adapter(cfg.adapter, Path("."))
         require_tracking()  # before quantizing and vLLM start
-        result = quantize_flow(config=cfg)
+        result = run_flow(quantize_flow, config=cfg)
     except ConfigError as err:
         fail(str(err))
     typer.echo(f"checkpoint: {result['checkpoint']}\nMLflow run: {result['mlflow_run_id']}\n{result['table']}")
@@ -239,8 +245,8 @@ def promote(
                             "(PREFECT_API_URL); here pass --approve or --reject with --comment")
         else:
             approve_hint = ""
-        result = promote_flow(candidate=candidate, policy_file=str(policy), approve=approve, comment=comment,
-                              interactive_hint=approve_hint)
+        result = run_flow(promote_flow, candidate=candidate, policy_file=str(policy), approve=approve,
+                          comment=comment, interactive_hint=approve_hint)
     except ConfigError as err:
         fail(str(err))
     verdict = "champion" if result["promoted"] else "NOT promoted"
@@ -437,7 +443,7 @@ def deploy(
         from flows.deploy import RolloutError, deploy as deploy_flow
         from serving.store import ArtifactError
 
-        record = deploy_flow(adapter=adapter, gateway_url=url, api_key=key, config=cfg)
+        record = run_flow(deploy_flow, adapter=adapter, gateway_url=url, api_key=key, config=cfg)
     except (ConfigError, ArtifactError, RolloutError) as err:
         fail(str(err))
     typer.echo(f"{record['served']}: {record['status']}" + (f" ({record['reason']})" if record.get("reason") else ""))
@@ -521,7 +527,7 @@ def retrain(
         from flows.retrain import chain_parameters, retrain as retrain_flow, summary_text
 
         params = chain_parameters(config)
-        result = retrain_flow(**params, approve=approve, approval_comment=comment, gateway_url=gateway_url)
+        result = run_flow(retrain_flow, **params, approve=approve, approval_comment=comment, gateway_url=gateway_url)
     except ConfigError as err:
         fail(str(err))
     typer.echo(summary_text(result))

@@ -296,8 +296,12 @@ def roll_out(version, gw: GatewayAdmin, cfg: ServingConfig, state: Path) -> dict
             gw.set_weights(route, weights_at(route, pct), prompt, previous.get(route))
         record.update(step=pct, status="canary")
         save_record(record_path, record)
+        if not old_versions:
+            logger.info(f"{served}: 100% of traffic (no earlier version on {', '.join(routes)}: nothing to canary "
+                        "against)")
+            break
         logger.info(f"{served}: {pct:g}% of traffic")
-        if pct >= 100 or not old_versions:
+        if pct >= 100:
             break
         for _ in range(3):
             time.sleep(cfg.rollout.hold_s)

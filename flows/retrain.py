@@ -231,7 +231,13 @@ def retrain(
     track.log_metrics(parent, {"chain/wall_s": summary["wall_s"], "chain/promoted": float(summary["promoted"]),
                                "chain/curation_cached": float(summary["curation_cached"])})
     track.close_chain_run(parent, "FINISHED", summary)
-    get_run_logger().info(summary_text(summary))
+    # The whole summary is an artifact of the run (the CLI prints it once on the terminal); the log gets one line
+    create_markdown_artifact(key="retrain-summary", markdown=f"```\n{summary_text(summary).strip()}\n```",
+                             description=f"{summary['registered_model']} v{summary['version']}: evaluation, "
+                             "decision, where it is served")
+    get_run_logger().info(f"{summary['registered_model']} version {summary['version']} "
+                          f"{'promoted to champion' if summary['promoted'] else 'not promoted'}; the evaluation "
+                          "table, the decision and how to reach it are in the artifact 'retrain-summary'")
     return summary
 
 

@@ -63,7 +63,9 @@ def prefect_harness():
     """One temporary Prefect server + database for every flow test in the session."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    from charforge.settings import quiet_flow_heartbeats
+
+    with prefect_test_harness(server_startup_timeout=120), quiet_flow_heartbeats():
         yield
 
 

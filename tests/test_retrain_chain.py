@@ -153,12 +153,14 @@ def test_retrain_runs_every_stage_and_the_gateway_serves_the_champion(chain_env,
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    async def lineage_artifacts():
+    async def artifacts(key: str):
         async with get_client() as prefect:
-            return await prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lineage"])))
+            return await prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
 
-    markdown = asyncio.run(lineage_artifacts())[-1].data
+    markdown = asyncio.run(artifacts("lineage"))[-1].data
     assert result["dataset_hash"][:16] in markdown and result["chain_run_id"] in markdown and served in markdown
+    summary = asyncio.run(artifacts("retrain-summary"))[-1].data  # the terminal's summary, in the Prefect UI
+    assert f"{NAME} version {champion.version} (champion)" in summary and "bits_per_byte" in summary
 
 
 def prefect_server(home: Path) -> Service:

@@ -40,3 +40,20 @@ def tiny_flow(x: int) -> int:
 
 def test_flows_run_locally_in_the_prefect_harness(prefect_harness):
     assert tiny_flow(21) == 42
+
+
+def test_cli_flows_run_without_heartbeats_unless_the_user_sets_them(monkeypatch):
+    """`charforge` runs flows under quiet_flow_heartbeats: no heartbeat thread to join at every flow's end."""
+    from prefect.settings import get_current_settings
+
+    from charforge.settings import quiet_flow_heartbeats
+
+    monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", raising=False)
+    monkeypatch.delenv("PREFECT_RUNNER_HEARTBEAT_FREQUENCY", raising=False)
+    outside = get_current_settings().flows.heartbeat_frequency
+    with quiet_flow_heartbeats():
+        assert get_current_settings().flows.heartbeat_frequency is None
+    assert get_current_settings().flows.heartbeat_frequency == outside
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")  # a user who watches for zombie runs keeps them
+    with quiet_flow_heartbeats():
+        assert get_current_settings().flows.heartbeat_frequency == outside
