@@ -297,6 +297,8 @@ def roll_out(version, gw: GatewayAdmin, cfg: ServingConfig, state: Path) -> dict
         record.update(step=pct, status="canary")
         save_record(record_path, record)
         if not old_versions:
+            record.update(step=100)
+            save_record(record_path, record)
             logger.info(f"{served}: 100% of traffic (no earlier version on {', '.join(routes)}: nothing to canary "
                         "against)")
             break

@@ -235,8 +235,9 @@ def retrain(
     create_markdown_artifact(key="retrain-summary", markdown=f"```\n{summary_text(summary).strip()}\n```",
                              description=f"{summary['registered_model']} v{summary['version']}: evaluation, "
                              "decision, where it is served")
-    get_run_logger().info(f"{summary['registered_model']} version {summary['version']} "
-                          f"{'promoted to champion' if summary['promoted'] else 'not promoted'}; the evaluation "
+    outcome = ("not promoted" if not summary["promoted"] else "promoted to champion"
+               if summary["promotion_changed"] else "already champion")
+    get_run_logger().info(f"{summary['registered_model']} version {summary['version']} {outcome}; the evaluation "
                           "table, the decision and how to reach it are in the artifact 'retrain-summary'")
     return summary
 
@@ -306,7 +307,8 @@ def run_chain(parent, curate, train, evaluate, quantize, promotion, serving, inp
                      note="\n".join(f"- {r}" for r in decision["reasons"]))
     summary |= {"registered_model": name, "version": version, "eval_run_id": evaluation["mlflow_run_id"],
                 "eval_table": evaluation["table"], "eval_report": evaluation.get("report"),
-                "promoted": decision["promoted"], "reasons": decision["reasons"]}
+                "promoted": decision["promoted"], "promotion_changed": decision.get("changed", True),
+                "reasons": decision["reasons"]}
 
     # 5. deploy the champion (a version the gateway already serves at 100% is left alone)
     lineage_extra = {}

@@ -125,8 +125,9 @@ def trained_adapter(cfg: TrainConfig, dataset_dir: str | None = None) -> Path:
     state_file = run_dir / "run.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     if state.get("status") != "finished":
-        raise ConfigError(f"{run_dir}: no finished training run for config '{cfg.name}' on this dataset; run "
-                          f"`charforge train --config <its file>` first")
+        raise ConfigError(f"{run_dir}: no finished training run for config '{cfg.name}' on this dataset (with its "
+                          f"dtype '{cfg.training.dtype}' resolved to {resolve_dtype(cfg.training)} on this machine); "
+                          f"run `charforge train --config <its file>` first")
     return run_dir / "adapter"
 
 

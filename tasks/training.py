@@ -28,18 +28,20 @@ from charforge.settings import repo_path
 
 
 def fast_bf16_cpu() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16): there bf16 matmuls ran 6-15x faster
-    than fp32 (Xeon with AMX, torch 2.13); elsewhere bf16 is emulated and slower than fp32."""
+    """Whether this CPU has AMX-BF16 tiles: there bf16 matmuls ran 6-15x faster than fp32 (a Xeon with AMX, torch
+    2.13). CPUs with only AVX512-BF16 were not measured, and without either bf16 is emulated and slower than fp32."""
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+    return bool(caps.get("amx_bf16"))
 
 
 def resolve_dtype(training: TrainingSettings) -> str:
-    """The frozen base's dtype for `dtype: auto`: bfloat16 where the hardware multiplies it natively, else float32."""
+    """The frozen base's dtype for `dtype: auto`: bfloat16 where the hardware multiplies it natively (a CUDA GPU
+    with native bf16 when `use_cpu` is off, a CPU with AMX when it is on), else float32."""
     if training.dtype != "auto":
         return training.dtype
-    if not training.use_cpu and torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if not training.use_cpu:
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return "bfloat16" if native else "float32"
     return "bfloat16" if fast_bf16_cpu() else "float32"
 
 
@@ -144,7 +146,7 @@ def build_sft_config(cfg: TrainConfig, output_dir: Path, has_eval: bool) -> SFTC
         # Autocast (GPU and CPU) over a base loaded in that dtype: PEFT keeps the adapter's weights in fp32 (the
         # optimizer's master copy) and autocast multiplies them in the base's dtype.
         bf16=dtype == "bfloat16",
-        fp16=dtype == "float16",
+        fp16=dtype == "float16" and not t.use_cpu,  # accelerate has no fp16 autocast on CPU
         gradient_checkpointing=t.gradient_checkpointing,
         report_to="none",  # MLflow logging is ours: readable params, one run across resumes
         dataloader_num_workers=0,
@@ -160,17 +162,23 @@ class LabelledPositionsSFTTrainer(SFTTrainer):
     assistant-only loss (53% of the curated tokens are labelled), that head cost 1.51 s of a 377-token micro-batch
     against 1.07-1.11 s for the model's own head on the labelled positions only (SmolLM2-135M, bf16, LoRA r=8).
     The loss is TRL's (sum of token NLL / tokens in the accumulated batch); entropy, token accuracy and the token
-    count are logged as TRL logs them. On Triton devices, and for custom losses, TRL's own path runs unchanged.
+    count are logged as TRL logs them. TRL's own path runs unchanged on Triton devices, for custom losses, across
+    several processes (its metrics are gathered), and when the kept logits would pass MAX_LOGITS elements (TRL's
+    head works in tiles). It reads TRL's private metric state, hence the `trl<1.17` pin.
     """
 
+    MAX_LOGITS = 2**26  # 256 MB of fp32 logits, ~5,000 positions of a 49k vocabulary
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if (self.args.device.type in ("cuda", "xpu") or return_outputs or self.compute_loss_func is not None
-                or self.label_smoother is not None or self.aux_loss_enabled or self.args.loss_type != "nll"):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        mode = "train" if self.model.training else "eval"
         targets = inputs["labels"][:, 1:]
         labelled = targets != -100
         positions = labelled.any(dim=0).nonzero().squeeze(-1)  # logits at position i predict token i + 1
+        vocab = self.model.config.get_text_config().vocab_size
+        if (self.args.device.type in ("cuda", "xpu") or return_outputs or self.compute_loss_func is not None
+                or self.label_smoother is not None or self.aux_loss_enabled or self.args.loss_type != "nll"
+                or self.accelerator.num_processes > 1 or targets.shape[0] * positions.numel() * vocab > self.MAX_LOGITS):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
         features = {k: v for k, v in inputs.items() if k != "labels"}
         logits = model(**features, use_cache=False, logits_to_keep=positions).logits
         targets = targets[:, positions]

@@ -69,22 +69,16 @@ def prefect_harness():
         yield
 
 
-@pytest.fixture(scope="session")
-def prefect_api(prefect_harness):
-    """The session's Prefect server for CLI subprocesses: PREFECT_API_URL stays in os.environ for the rest of the
-    session, so a `charforge` command that runs a flow reports to it, as it does when `charforge ui` is up, instead
-    of starting a temporary server of its own (13 s per command, measured). Tests of the server-less path drop the
-    variable from the environment they pass."""
+@pytest.fixture
+def prefect_api(prefect_harness, monkeypatch):
+    """The session's Prefect server for the CLI subprocesses of one test: with PREFECT_API_URL in the environment
+    they pass on, a `charforge` command that runs a flow reports to it, as it does when `charforge ui` is up, instead
+    of starting a temporary server of its own (13 s per command, measured)."""
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
-    previous = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = url
-    yield url
-    if previous is None:
-        os.environ.pop("PREFECT_API_URL", None)
-    else:
-        os.environ["PREFECT_API_URL"] = previous
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    return url
 
 
 @pytest.fixture(scope="session")

@@ -42,18 +42,25 @@ def test_flows_run_locally_in_the_prefect_harness(prefect_harness):
     assert tiny_flow(21) == 42
 
 
-def test_cli_flows_run_without_heartbeats_unless_the_user_sets_them(monkeypatch):
-    """`charforge` runs flows under quiet_flow_heartbeats: no heartbeat thread to join at every flow's end."""
-    from prefect.settings import get_current_settings
+def test_cli_flows_run_without_heartbeats_unless_the_user_sets_them():
+    """`charforge` runs flows under quiet_flow_heartbeats: no heartbeat thread to join at every flow's end. A fresh
+    process each time, since Prefect reads its settings (environment, profile) once."""
+    import os
+    import subprocess
+    import sys
 
-    from charforge.settings import quiet_flow_heartbeats
+    probe = ("from prefect.settings import get_current_settings as s\n"
+             "from charforge.settings import quiet_flow_heartbeats\n"
+             "before = s().flows.heartbeat_frequency\n"
+             "with quiet_flow_heartbeats():\n    inside = s().flows.heartbeat_frequency\n"
+             "print(before, inside, s().flows.heartbeat_frequency)")
+    env = {k: v for k, v in os.environ.items() if "HEARTBEAT" not in k}
 
-    monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", raising=False)
-    monkeypatch.delenv("PREFECT_RUNNER_HEARTBEAT_FREQUENCY", raising=False)
-    outside = get_current_settings().flows.heartbeat_frequency
-    with quiet_flow_heartbeats():
-        assert get_current_settings().flows.heartbeat_frequency is None
-    assert get_current_settings().flows.heartbeat_frequency == outside
-    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")  # a user who watches for zombie runs keeps them
-    with quiet_flow_heartbeats():
-        assert get_current_settings().flows.heartbeat_frequency == outside
+    def frequencies(**extra) -> str:
+        run = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip()
+
+    assert frequencies() == "180 None 180"  # Prefect's default outside, off for the flows charforge runs
+    assert frequencies(PREFECT_FLOWS_HEARTBEAT_FREQUENCY="60") == "60 60 60"  # a user watching for zombie runs

@@ -48,7 +48,7 @@ class TrainingSettings(StageConfig):
     seed: int = Field(default=13, description="Seed for data order and LoRA init.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="The frozen base's dtype while training; auto = bfloat16 on GPUs that support it "
-        "and on CPUs with AMX-BF16/AVX512-BF16, else float32 (the LoRA weights stay float32).",
+        "(use_cpu false) and on CPUs with AMX (use_cpu true), else float32 (LoRA weights stay float32).",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         default="sdpa", description="transformers attention kernel; packed rows keep their documents apart with all "
