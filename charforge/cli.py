@@ -10,6 +10,7 @@ import typer
 
 from charforge.config import ConfigError, load_yaml_model
 from charforge.settings import CONFIGS_DIR, DATA_DIR, export_environment, platform, quiet_flow_heartbeats
+from charforge.vllm_server import VLLMStartError
 
 app = typer.Typer(
     help="charforge: curate, train, evaluate, quantize, promote and serve character-chat LoRA adapters.",
@@ -171,7 +172,7 @@ def evaluate(
             if ref and not ref.startswith(("models:/", "runs:/")):
                 resolve_adapter(ref, Path("."))
         result = run_flow(evaluate_flow, config=cfg, adapter=adapter, base_only=base_only, champion=champion)
-    except ConfigError as err:
+    except (ConfigError, VLLMStartError) as err:  # VLLMStartError: the cause from vLLM's log
         fail(str(err))
     typer.echo(f"report: {result['report']}\nchart: {result['chart']}\nMLflow run: {result['mlflow_run_id']}")
     if result.get("registered"):
@@ -208,7 +209,7 @@ def quantize(
             resolve_adapter(cfg.adapter, Path("."))
         require_tracking()  # before quantizing and vLLM start
         result = run_flow(quantize_flow, config=cfg)
-    except ConfigError as err:
+    except (ConfigError, VLLMStartError) as err:  # VLLMStartError: the cause from vLLM's log
         fail(str(err))
     typer.echo(f"checkpoint: {result['checkpoint']}\nMLflow run: {result['mlflow_run_id']}\n{result['table']}")
     if result.get("registered"):
@@ -528,7 +529,7 @@ def retrain(
 
         params = chain_parameters(config)
         result = run_flow(retrain_flow, **params, approve=approve, approval_comment=comment, gateway_url=gateway_url)
-    except ConfigError as err:
+    except (ConfigError, VLLMStartError) as err:  # VLLMStartError: the cause from vLLM's log
         fail(str(err))
     typer.echo(summary_text(result))
     if not result["promoted"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,6 +14,29 @@ from pathlib import Path
 import httpx
 
 from charforge.settings import platform
+
+
+class VLLMStartError(RuntimeError):
+    """vLLM exited before it was healthy, or never became healthy; the message names the cause from its log."""
+
+
+GENERIC_FAILURES = ("Engine core initialization failed", "WorkerProc initialization failed")
+
+
+def root_cause(log_text: str) -> str:
+    """The first specific `SomethingError: message` in a vLLM log (its worker's real error, not the wrappers the
+    API server raises after it), or the log's last line."""
+    lines = log_text.splitlines()
+    for i, line in enumerate(lines):
+        # a traceback's last line, bare or behind vLLM's "(Worker pid=N) ERROR <time> [file:line] " prefix
+        found = re.match(r"(?:\(.*?\) ERROR .*?\] )?([\w.]+(?:Error|Exception)): (.+)$", line.strip())
+        if found and not any(g in line for g in GENERIC_FAILURES):
+            message = found.group(2).strip()
+            if "validation error" in message and i + 1 < len(lines):  # pydantic puts the reason on the next line
+                message += f": {lines[i + 1].strip()}"
+            return f"{found.group(1).rsplit('.', 1)[-1]}: {message}"[:400]
+    lines = [line.strip() for line in lines if line.strip()]
+    return lines[-1][:400] if lines else "(empty log)"
 
 
 def free_port() -> int:
@@ -87,15 +111,17 @@ class VLLMServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                tail = Path(self.log_path).read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"vLLM exited with code {self.process.returncode}:\n{tail}")
+                cause = root_cause(Path(self.log_path).read_text(errors="replace"))
+                raise VLLMStartError(f"{self.model_dir}: vLLM exited with code {self.process.returncode} before it "
+                                     f"was ready: {cause} (log: {self.log_path})")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        raise RuntimeError(f"vLLM at {self.url} not healthy after {timeout:.0f} s; see {self.log_path}")
+        raise VLLMStartError(f"{self.model_dir}: vLLM at {self.url} not healthy after {timeout:.0f} s (log: "
+                             f"{self.log_path})")
 
     def stop(self, grace: float = 20) -> None:
         if self.process is None or self.process.poll() is not None:
