@@ -4,8 +4,8 @@
 
 1. One vLLM replica (runtime LoRA on) and the gateway as its own process (`charforge gateway`), as deployed.
    Gateway vs direct: the same requests (8 concurrent streams, fixed output length via `ignore_eos`), rounds
-   interleaved direct/gateway so drift hits both; throughput ratio. Added latency: sequential 1-token requests,
-   p50 through the gateway minus p50 direct.
+   interleaved direct/gateway so drift hits both; throughput ratio. Added latency: 60 pairs of sequential 1-token
+   requests, direct and through the gateway alternately on kept-alive connections; p50 gateway minus p50 direct.
 2. Adapter vs base on the same replica at 1 and 8 concurrent streams (tokens/s ratio).
 3. Merged mode: the adapter folded into the base (`tasks.quantization.merge_adapter`), served by a replica
    without --enable-lora; merged vs base-on-the-LoRA-replica, and base without LoRA, at 1 and 8 streams. This
@@ -63,6 +63,21 @@ async def load(url: str, model: str, streams: int, requests: int, tokens: int) -
         await asyncio.gather(*(worker(client) for _ in range(streams)))
         wall = time.perf_counter() - started
     return {"tok_s": produced / wall, "p50": statistics.median(latencies), "wall": wall}
+
+
+def latencies(direct: str, direct_model: str, gateway: str, gateway_model: str, pairs: int) -> tuple[list, list]:
+    """Sequential 1-token requests, direct and through the gateway alternately (drift hits both), each target on
+    its own kept-alive connection as an application's client would hold it."""
+    body = {"messages": PROMPT, "max_tokens": 1, "temperature": 0, "ignore_eos": True}
+    d_lat, g_lat = [], []
+    with httpx.Client(timeout=120) as d, httpx.Client(timeout=120) as g:
+        for i in range(pairs + 2):
+            for client, url, model, out in ((d, direct, direct_model, d_lat), (g, gateway, gateway_model, g_lat)):
+                sent = time.perf_counter()
+                client.post(f"{url}/v1/chat/completions", json={**body, "model": model}).raise_for_status()
+                if i >= 2:  # the first two pairs open the connections
+                    out.append(time.perf_counter() - sent)
+    return d_lat, g_lat
 
 
 def run(url: str, model: str, streams: int, requests: int, tokens: int) -> dict:
@@ -131,8 +146,7 @@ def main() -> None:
             for _ in range(2):  # interleaved rounds
                 direct.append(run(lora.url, "base", 8, n, t // 2))
                 via.append(run(gw, "bench", 8, n, t // 2))
-            d_lat = [run(lora.url, "base", 1, 1, 1)["p50"] for _ in range(30)]
-            g_lat = [run(gw, "bench", 1, 1, 1)["p50"] for _ in range(30)]
+            d_lat, g_lat = latencies(lora.url, "base", gw, "bench", pairs=60)
         finally:
             gw_proc.terminate()
             gw_proc.wait(30)
