@@ -2,7 +2,9 @@
 
 1. `retrain` in-process: every stage for real (curation, 2 training steps, vLLM + lm-eval with limit=2, the policy
    gate, a rollout onto a real vLLM replica behind the gateway); the version becomes champion and the gateway
-   answers with it; MLflow holds the parent run with a child per stage and the lineage tags.
+   answers with it; MLflow holds the parent run with a child per stage and the lineage tags. This is also where a
+   flow-trained SmolLM2 adapter is hot-loaded into real vLLM: staging requires the load to answer 200, `/v1/models`
+   to list the adapter folder as its `root`, and the smoke prompt to be answered differently than by the base.
 2. prefect.yaml deployed to a real Prefect server, a real process worker, and a run of `retrain/nightly` created
    through the API the way the UI's "Run" form does (custom parameters); unchanged inputs, so it reuses the first
    run's curation cache and training, skips evaluation of a champion, and leaves the rollout alone.
