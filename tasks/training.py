@@ -16,7 +16,6 @@ from pathlib import Path
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import torch
-import torch.nn.functional as F
 from datasets import load_dataset
 from peft import LoraConfig, prepare_model_for_kbit_training
 from peft.helpers import disable_input_dtype_casting
