@@ -26,7 +26,7 @@ class QuantSettings(StageConfig):
     quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
     double_quant: bool = Field(default=True, description="Quantize the quantization constants too (~0.4 bit/param).")
     compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="Matmul dtype; float32 on CPU (no fast bf16 there), bfloat16 on GPU."
+        default="float32", description="Matmul dtype; float32 on CPU (the measured path), bfloat16 on GPU."
     )
 
 
