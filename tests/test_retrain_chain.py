@@ -2,7 +2,8 @@
 
 1. `retrain` in-process: every stage for real (curation, 2 training steps, vLLM + lm-eval with limit=2, the policy
    gate, a rollout onto a real vLLM replica behind the gateway); the version becomes champion and the gateway
-   answers with it; MLflow holds the parent run with a child per stage and the lineage tags. This is also where a
+   answers with it; MLflow holds the parent run with a child per stage and the lineage tags. The evaluation is
+   checked in detail (lm-eval samples, CIs, train/serve parity, report files, the MLflow run). This is also where a
    flow-trained SmolLM2 adapter is hot-loaded into real vLLM: staging requires the load to answer 200, `/v1/models`
    to list the adapter folder as its `root`, and the smoke prompt to be answered differently than by the base.
 2. prefect.yaml deployed to a real Prefect server, a real process worker, and a run of `retrain/nightly` created
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import threading
@@ -32,6 +34,7 @@ from charforge.schemas.train import TrainConfig
 from charforge.settings import CONFIGS_DIR, DATA_DIR
 from charforge.ui import Service, start, stop, wait_healthy
 from charforge.vllm_server import free_port
+from tasks.evaluation import read_samples
 
 pytestmark = pytest.mark.slow
 KEY = "chain-key"
@@ -163,6 +166,59 @@ def test_retrain_runs_every_stage_and_the_gateway_serves_the_champion(chain_env,
     assert result["dataset_hash"][:16] in markdown and result["chain_run_id"] in markdown and served in markdown
     summary = asyncio.run(artifacts("retrain-summary"))[-1].data  # the terminal's summary, in the Prefect UI
     assert f"{NAME} version {champion.version} (champion)" in summary and "bits_per_byte" in summary
+    assert any("| character_mc | acc_norm ↑ |" in (a.data or "") for a in asyncio.run(artifacts("character-eval")))
+
+    assert_candidate_scored_against_base(client, result, EvalConfig(**params["evaluate"]))
+
+
+def assert_candidate_scored_against_base(client: MlflowClient, result: dict, cfg: EvalConfig) -> None:
+    """The evaluation stage as the chain ran it: the flow-trained adapter and its base, served by vLLM and scored
+    by lm-eval on the task folder, with CIs, train/serve parity, report files and an MLflow run a reviewer reads."""
+    out = Path(result["eval_report"]).parent
+    scores = json.loads((out / "scores.json").read_text())
+    assert set(scores["summaries"]) == {"candidate", "base"}
+    for target, summary in scores["summaries"].items():
+        assert set(summary) == set(cfg.tasks), target
+        assert "acc_mutual_info" in summary["character_mc"]
+        acc = summary["character_mc"]["acc_norm"]
+        assert 0 <= acc["ci_low"] <= acc["value"] <= acc["ci_high"] <= 1 and acc["n"] == cfg.limit
+        assert summary["character_reply_likelihood"]["bits_per_byte"]["value"] > 0
+        assert "persona_effect_bpb" in summary["character_reply_likelihood"]
+        assert {"char_id_acc", "char_id_macro_f1", "ooc_rate", "style_marker_rate", "persona_margin", "ref_sim",
+                "empty_rate", "repetition", "assistant_voice_rate"} <= set(summary["character_generation"])
+        assert "boundary_ok" in summary["character_boundaries"]
+    parity = scores["parity"]
+    assert 0.5 <= parity["first_token_agreement"] <= 1
+    assert parity["template_source"].endswith("training_chat_template.jinja")
+    for name in ("report.md", "scores.json", "per_character.png"):
+        assert (out / name).stat().st_size > 0, name
+
+    samples = {t: read_samples(out / "lm_eval" / t) for t in ("candidate", "base")}
+    assert set(samples["candidate"]) == set(cfg.tasks)
+    assert list((out / "lm_eval" / "candidate").rglob("results_*.json"))
+    # the persona is the system message of what was actually sent
+    prompt = samples["candidate"]["character_generation"][0]["arguments"]["gen_args_0"]["arg_0"]
+    assert prompt.startswith("<|im_start|>system\nYou are ")
+    # MC accuracy is the gold reply winning on log-likelihood
+    for s in samples["candidate"]["character_mc"]:
+        lls = [float(r[0][0]) for r in s["resps"]]
+        assert s["acc"] == float(lls.index(max(lls)) == s["doc"]["label"])
+    # the adapter is really applied: the candidate's log-likelihoods differ from the base's
+    ll = {t: [s["resps"][0][0][0] for s in samples[t]["character_mc"]] for t in samples}
+    assert ll["candidate"] != ll["base"]
+
+    run = client.get_run(result["eval_run_id"])
+    metrics = run.data.metrics
+    assert {"eval/character_mc/acc_norm", "eval/character_mc/acc_norm/ci_low", "base/eval/character_mc/acc_norm",
+            "eval/character_generation/ooc_rate", "parity/first_token_agreement"} <= set(metrics)
+    assert any(k.startswith("eval/character_generation/char_id_acc/") and k.count("/") == 3 and
+               not k.endswith(("ci_low", "ci_high")) for k in metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"eval_samples.json", "report.md", "scores.json", "per_character.png", "lm_eval"} <= artifacts
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "eval_samples.json")).read_text())
+    assert {"model", "task", "probe", "character", "response"} <= set(table["columns"])
+    assert run.data.tags["adapter_sha256"] == result["adapter_sha256"]
+    assert run.data.params["targets"] == "candidate,base"
 
 
 def prefect_server(home: Path) -> Service:
