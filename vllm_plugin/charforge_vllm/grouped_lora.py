@@ -1,0 +1,88 @@
+"""Drop-in replacements for `vllm.lora.ops.torch_ops` (same signatures, same dtypes, same in-place writes) that
+multiply each adapter's rows once instead of gathering a weight matrix per token.
+
+Weights are stacked per adapter slot: shrink `[slots, 1, rank, in]`, expand `[slots, 1, out, rank]` (or without
+the 1). A token's index picks its slot; -1 means "no adapter" and adds no LoRA term, as in vLLM's GPU kernels.
+Shapes the grouped path does not cover (an index count that differs from the number of input rows) go to vLLM's
+reference op unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.lora.ops.torch_ops import lora_ops as reference
+
+
+def grouped_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """`inputs[t] @ weights[indices[t]].T` for every row t, in `dtype`: one matmul per distinct index."""
+    stacked = weights.squeeze(1) if weights.dim() == 4 else weights
+    x = inputs.to(dtype)
+    distinct = torch.unique(indices).tolist()
+    if len(distinct) == 1:  # the usual batch: one adapter (or none)
+        slot = distinct[0]
+        return x @ stacked[slot].to(dtype).T if slot >= 0 else x.new_zeros(x.shape[0], stacked.shape[1])
+    out = x.new_zeros(x.shape[0], stacked.shape[1])
+    for slot in distinct:
+        if slot >= 0:
+            rows = (indices == slot).nonzero().squeeze(1)
+            out.index_copy_(0, rows, x.index_select(0, rows) @ stacked[slot].to(dtype).T)
+    return out
+
+
+def covered(inputs: torch.Tensor, indices: torch.Tensor) -> bool:
+    return indices.dim() == 1 and indices.numel() == inputs.shape[0]
+
+
+def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
+    if not covered(inputs, lora_indices_tensor):
+        return reference.bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling)
+    outputs = grouped_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+
+
+def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
+    if not covered(inputs, lora_indices_tensor):
+        return reference.bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs)
+    outputs = grouped_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    limit = output_tensor.shape[0]
+    if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
+        limit = 1
+    common_len = min(outputs.shape[1], output_tensor.shape[1])  # adapter and model may pad differently
+    if add_inputs:
+        output_tensor[:, :common_len] += outputs[:limit, :common_len]
+    else:
+        output_tensor[:, :common_len] = outputs[:limit, :common_len]
+
+
+def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int,
+                      slice_size: int, add_inputs: bool = True):
+    if not covered(inputs, lora_indices_tensor):
+        return reference.bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor,
+                                           slice_offset, slice_size, add_inputs)
+    outputs = grouped_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    if add_inputs:
+        output_tensor[:, slice_offset: slice_offset + slice_size] += outputs
+    else:
+        output_tensor[:, slice_offset: slice_offset + slice_size] = outputs
+
+
+# Prefill: one index per sequence, expanded to one per token, then the same grouped products.
+def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                batches, max_seq_length, token_nums, scaling):
+    bgmv_shrink(inputs, lora_a_weights, output_tensor,
+                torch.repeat_interleave(lora_indices_tensor, seq_len_tensor), scaling)
+
+
+def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                batches, max_seq_length, token_nums, add_inputs=False):
+    bgmv_expand(inputs, lora_b_weights, output_tensor,
+                torch.repeat_interleave(lora_indices_tensor, seq_len_tensor), add_inputs)
+
+
+def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
+                      lora_indices_tensor, batches, max_seq_length, token_nums, slice_offset, slice_size,
+                      add_inputs=False):
+    bgmv_expand_slice(inputs, lora_b_weights, output_tensor,
+                      torch.repeat_interleave(lora_indices_tensor, seq_len_tensor), slice_offset, slice_size,
+                      add_inputs)
