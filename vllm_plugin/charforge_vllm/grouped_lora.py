@@ -10,41 +10,47 @@ reference op unchanged.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from vllm.lora.ops.torch_ops import lora_ops as reference
 
 
-def grouped_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """`inputs[t] @ weights[indices[t]].T` for every row t, in `dtype`: one matmul per distinct index."""
+def grouped_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype,
+                   slots: list[int] | None = None) -> torch.Tensor:
+    """`inputs[t] @ weights[indices[t]].T` for every row t, rounded to `dtype` like the reference op: one matmul
+    per distinct index (`slots`, if the caller knows them). Operands are rounded to `dtype` first, as the reference
+    does, then multiplied in float32: PyTorch's CPU bf16 GEMM costs ~10x more than fp32 at these shapes (one to
+    a few hundred rows by rank 8, measured), and it is every LoRA layer of every decode step."""
     stacked = weights.squeeze(1) if weights.dim() == 4 else weights
-    x = inputs.to(dtype)
-    distinct = torch.unique(indices).tolist()
+    x = inputs.to(dtype).float()
+    distinct = torch.unique(indices).tolist() if slots is None else slots
     if len(distinct) == 1:  # the usual batch: one adapter (or none)
         slot = distinct[0]
-        return x @ stacked[slot].to(dtype).T if slot >= 0 else x.new_zeros(x.shape[0], stacked.shape[1])
+        if slot < 0:
+            return torch.zeros(x.shape[0], stacked.shape[1], dtype=dtype)
+        return F.linear(x, stacked[slot].to(dtype).float()).to(dtype)
     out = x.new_zeros(x.shape[0], stacked.shape[1])
     for slot in distinct:
         if slot >= 0:
             rows = (indices == slot).nonzero().squeeze(1)
-            out.index_copy_(0, rows, x.index_select(0, rows) @ stacked[slot].to(dtype).T)
-    return out
+            out.index_copy_(0, rows, F.linear(x.index_select(0, rows), stacked[slot].to(dtype).float()))
+    return out.to(dtype)
 
 
 def covered(inputs: torch.Tensor, indices: torch.Tensor) -> bool:
     return indices.dim() == 1 and indices.numel() == inputs.shape[0]
 
 
-def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
+def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0, slots=None):
     if not covered(inputs, lora_indices_tensor):
         return reference.bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling)
-    outputs = grouped_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    outputs = grouped_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype, slots)
     output_tensor[:, : outputs.shape[1]] = scaling * outputs
 
 
-def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
+def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True, slots=None):
     if not covered(inputs, lora_indices_tensor):
         return reference.bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs)
-    outputs = grouped_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    outputs = grouped_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype, slots)
     limit = output_tensor.shape[0]
     if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
         limit = 1
@@ -56,33 +62,40 @@ def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_
 
 
 def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int,
-                      slice_size: int, add_inputs: bool = True):
+                      slice_size: int, add_inputs: bool = True, slots=None):
     if not covered(inputs, lora_indices_tensor):
         return reference.bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor,
                                            slice_offset, slice_size, add_inputs)
-    outputs = grouped_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    outputs = grouped_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype, slots)
     if add_inputs:
         output_tensor[:, slice_offset: slice_offset + slice_size] += outputs
     else:
         output_tensor[:, slice_offset: slice_offset + slice_size] = outputs
 
 
-# Prefill: one index per sequence, expanded to one per token, then the same grouped products.
+# Prefill (vLLM V1 on CPU also decodes through these): one index per sequence. The distinct adapters are read from
+# the per-sequence indices; only a batch that mixes adapters needs one index per token.
+def token_indices(lora_indices_tensor, seq_len_tensor, tokens: int) -> tuple[torch.Tensor, list[int]]:
+    slots = torch.unique(lora_indices_tensor).tolist()
+    if len(slots) == 1:
+        return lora_indices_tensor[:1].expand(tokens), slots
+    return torch.repeat_interleave(lora_indices_tensor, seq_len_tensor), slots
+
+
 def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
                 batches, max_seq_length, token_nums, scaling):
-    bgmv_shrink(inputs, lora_a_weights, output_tensor,
-                torch.repeat_interleave(lora_indices_tensor, seq_len_tensor), scaling)
+    indices, slots = token_indices(lora_indices_tensor, seq_len_tensor, inputs.shape[0])
+    bgmv_shrink(inputs, lora_a_weights, output_tensor, indices, scaling, slots)
 
 
 def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
                 batches, max_seq_length, token_nums, add_inputs=False):
-    bgmv_expand(inputs, lora_b_weights, output_tensor,
-                torch.repeat_interleave(lora_indices_tensor, seq_len_tensor), add_inputs)
+    indices, slots = token_indices(lora_indices_tensor, seq_len_tensor, inputs.shape[0])
+    bgmv_expand(inputs, lora_b_weights, output_tensor, indices, add_inputs, slots)
 
 
 def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
                       lora_indices_tensor, batches, max_seq_length, token_nums, slice_offset, slice_size,
                       add_inputs=False):
-    bgmv_expand_slice(inputs, lora_b_weights, output_tensor,
-                      torch.repeat_interleave(lora_indices_tensor, seq_len_tensor), slice_offset, slice_size,
-                      add_inputs)
+    indices, slots = token_indices(lora_indices_tensor, seq_len_tensor, inputs.shape[0])
+    bgmv_expand_slice(inputs, lora_b_weights, output_tensor, indices, slice_offset, slice_size, add_inputs, slots)
