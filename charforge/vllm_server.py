@@ -64,6 +64,7 @@ class VLLMServer:
     api_key: str | None = None
     enable_lora: bool = True
     extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. {"VLLM_PLUGINS": ""}: no vLLM plugins
     process: subprocess.Popen | None = None
 
     @property
@@ -93,6 +94,7 @@ class VLLMServer:
             VLLM_NO_USAGE_STATS="1",
             VLLM_DO_NOT_TRACK="1",
             **({"VLLM_API_KEY": self.api_key} if self.api_key else {}),
+            **self.extra_env,
         )
 
     def start(self, log_path: Path) -> None:

@@ -294,11 +294,9 @@ def roll_out(version, gw: GatewayAdmin, cfg: ServingConfig, state: Path) -> dict
         before = gw.metrics()
         for route, prompt in routes.items():
             gw.set_weights(route, weights_at(route, pct), prompt, previous.get(route))
-        record.update(step=pct, status="canary")
+        record.update(step=pct if old_versions else 100, status="canary")  # a first version takes it all at once
         save_record(record_path, record)
         if not old_versions:
-            record.update(step=100)
-            save_record(record_path, record)
             logger.info(f"{served}: 100% of traffic (no earlier version on {', '.join(routes)}: nothing to canary "
                         "against)")
             break
