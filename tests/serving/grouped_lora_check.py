@@ -44,21 +44,56 @@ def case(name: str, indices: torch.Tensor, add_inputs: bool, four_d: bool) -> di
                 impl.bgmv_expand_slice(shrunk[reference], b, y, indices, OUT, OUT, add_inputs)
             outs[impl] = y
         errors[op] = rel_err(outs[grouped_lora] - y0 * add_inputs, outs[reference] - y0 * add_inputs)
-    # prefill: one index per sequence
+    # Prefill (vLLM V1 on CPU also decodes through these): one index per sequence. Each op on the same inputs...
     seq_lens = torch.tensor([tokens // 2, tokens - tokens // 2])
     seq_idx = indices[torch.tensor([0, tokens - 1])]
     starts = torch.tensor([0, tokens // 2])
-    outs = {}
+    seq_args = (starts, seq_lens, seq_idx, 2, int(seq_lens.max()), tokens)
+    sgmv_shrunk = {}
     for impl in (reference, grouped_lora):
         buf = torch.zeros(tokens, RANK, dtype=torch.float32)
-        impl.sgmv_shrink(x, a, buf, starts, seq_lens, seq_idx, 2, int(seq_lens.max()), tokens, 0.5)
+        impl.sgmv_shrink(x, a, buf, *seq_args, 0.5)
+        sgmv_shrunk[impl] = buf
+    errors["sgmv_shrink"] = rel_err(sgmv_shrunk[grouped_lora], sgmv_shrunk[reference])
+    same_input, chained = {}, {}
+    for impl in (reference, grouped_lora):
         y = y0.clone()
-        impl.sgmv_expand(buf, b, y, starts, seq_lens, seq_idx, 2, int(seq_lens.max()), tokens, add_inputs)
-        impl.sgmv_expand_slice(buf, b, y, starts, seq_lens, seq_idx, 2, int(seq_lens.max()), tokens, OUT, OUT,
-                               add_inputs)
-        outs[impl] = y
-    errors["sgmv"] = rel_err(outs[grouped_lora] - y0 * add_inputs, outs[reference] - y0 * add_inputs)
-    return {"case": name, "max_rel_err": max(errors.values()), "errors": errors}
+        impl.sgmv_expand(sgmv_shrunk[reference], b, y, *seq_args, add_inputs)
+        impl.sgmv_expand_slice(sgmv_shrunk[reference], b, y, *seq_args, OUT, OUT, add_inputs)
+        same_input[impl] = y
+        # ...and chained as vLLM runs them, each implementation expanding its own fp32 shrink output. Written
+        # without the inputs added, so what is compared is the bf16-rounded LoRA term itself.
+        y = torch.zeros_like(y0)
+        impl.sgmv_expand(sgmv_shrunk[impl], b, y, *seq_args, False)
+        impl.sgmv_expand_slice(sgmv_shrunk[impl], b, y, *seq_args, OUT, OUT, False)
+        chained[impl] = y
+    errors["sgmv_expand"] = rel_err(same_input[grouped_lora] - y0 * add_inputs, same_input[reference] - y0 * add_inputs)
+    # The expand ops agree bit for bit on the same input, so a chained difference can only come from the shrink's
+    # fp32 output, which differs in the last bit (its sums are taken in another order: ~1e-7 relative). Both
+    # implementations round that output to bf16 before the expand (vLLM's reference op casts its inputs to the
+    # output dtype), where a last-bit difference flips the rounding of a value on a boundary: one bf16 unit of
+    # that shrink value, carried linearly through the expand (sum over k of |d shrink_k| * |b_jk|), then one flip
+    # of the output's own bf16 rounding (plus the expand's fp32 sums over 8 terms, ~1e-6 of sum |shrink_k * b_jk|).
+    # `explained` is the largest chained difference as a share of that bound.
+    token_slots = torch.repeat_interleave(seq_idx, seq_lens)
+    expand_w = (b.squeeze(1) if b.dim() == 4 else b).float().abs()[token_slots]
+    rounded = {impl: sgmv_shrunk[impl].to(torch.bfloat16).float() for impl in sgmv_shrunk}
+    carried = (torch.einsum("tk,tok->to", (rounded[grouped_lora] - rounded[reference]).abs(), expand_w)
+               + 1e-6 * torch.einsum("tk,tok->to", rounded[reference].abs(), expand_w)).repeat(1, 2)
+    return {"case": name, "max_rel_err": max(errors.values()), "errors": errors,
+            "chained_prefill": explained(chained[grouped_lora], chained[reference], carried)}
+
+
+def explained(a: torch.Tensor, b: torch.Tensor, carried: torch.Tensor) -> dict:
+    """Differences between two bf16 results against `carried` (the input difference carried to the output) plus one
+    unit in the last place of bf16 at the larger magnitude."""
+    a, b = a.float(), b.float()
+    magnitude = torch.maximum(a.abs(), b.abs()).clamp_min(torch.finfo(torch.bfloat16).tiny)
+    ulp = torch.pow(2.0, torch.floor(torch.log2(magnitude)) - 7)  # bf16 keeps 8 significant bits
+    difference = (a - b).abs()
+    return {"explained": float((difference / (carried + ulp)).max()),
+            "max_ulps": float((difference / ulp).max()), "elements_differing": int((difference > 0).sum()),
+            "elements": difference.numel()}
 
 
 def no_adapter_rows() -> float:
