@@ -20,6 +20,7 @@ from charforge.base_models import load_preset, materialize
 from charforge.checksums import folder_sha, verify_manifest
 from charforge.config import ConfigError
 from charforge.curated import read_dataset_manifest
+from charforge.io import write_json_atomic
 from charforge.schemas.train import TrainConfig
 from charforge.settings import platform, repo_path
 from charforge.tracking import flow_run_tags, log_dataset_inputs, use_experiment
@@ -54,22 +55,31 @@ def training_params(cfg: TrainConfig, base_sha: str, manifest: dict) -> dict:
 @task(name="start-training-run", cache_policy=NONE, retries=2, retry_delay_seconds=5)
 def start_training_run(cfg: TrainConfig, run_dir: Path, identity: str, params: dict, dataset_dir: Path,
                        dataset_hash: str) -> str:
-    """The MLflow run for this identity: reused after a crash, created (with params and inputs) otherwise."""
+    """The MLflow run for this identity: reused after a crash (from run.json, or found by its identity tag when the
+    crash came between creating the run and recording it), created (with params and inputs) otherwise."""
     state_file = run_dir / "run.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    use_experiment("train")
-    if state.get("mlflow_run_id"):
-        with mlflow.start_run(run_id=state["mlflow_run_id"]):
+    experiment_id = use_experiment("train")
+    run_id = state.get("mlflow_run_id")
+    if not run_id:
+        unfinished = f"tags.run_identity = '{identity}' and attributes.status != 'FINISHED'"
+        found = mlflow.search_runs([experiment_id], unfinished, output_format="list", max_results=1,
+                                   order_by=["attributes.start_time DESC"])
+        run_id = found[0].info.run_id if found else None
+    if run_id:
+        with mlflow.start_run(run_id=run_id):
             mlflow.set_tags(flow_run_tags())
-        return state["mlflow_run_id"]
-    with mlflow.start_run(run_name=f"{cfg.name}-{identity}") as run:
-        mlflow.set_tags({"stage": "train", "run_identity": identity, "dataset_hash": dataset_hash, **flow_run_tags()})
-        mlflow.log_params(params)
-        mlflow.log_dict(cfg.model_dump(mode="json"), "train_config.json")
-        log_dataset_inputs(dataset_dir, dataset_hash)
+    else:
+        with mlflow.start_run(run_name=f"{cfg.name}-{identity}") as run:
+            mlflow.set_tags({"stage": "train", "run_identity": identity, "dataset_hash": dataset_hash,
+                             **flow_run_tags()})
+            mlflow.log_params(params)
+            mlflow.log_dict(cfg.model_dump(mode="json"), "train_config.json")
+            log_dataset_inputs(dataset_dir, dataset_hash)
+        run_id = run.info.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps({"mlflow_run_id": run.info.run_id, "identity": identity, "status": "running"}))
-    return run.info.run_id
+    write_json_atomic(state_file, {**state, "mlflow_run_id": run_id, "identity": identity, "status": "running"})
+    return run_id
 
 
 @task(name="fit-adapter", cache_policy=NONE)
@@ -152,8 +162,8 @@ def train(config: TrainConfig, dataset_dir: str | None = None) -> dict:
     result = export_and_check(cfg, run_dir, run_id, lineage, preset.architecture, fit_result)
     result |= {"mlflow_run_id": run_id, "run_dir": str(run_dir), "global_step": fit_result["global_step"],
                "resumed_from": fit_result["resumed_from"], "dataset_hash": manifest["dataset_hash"]}
-    state_file.write_text(json.dumps({**state, "mlflow_run_id": run_id, "identity": identity, "status": "finished",
-                                      "result": result}, indent=2))
+    write_json_atomic(state_file, {**state, "mlflow_run_id": run_id, "identity": identity, "status": "finished",
+                                   "result": result})
     verdict = "servable" if result["servable"] else "NOT servable: " + "; ".join(result["reasons"])
     logger.info(f"adapter {result['adapter_sha256'][:12]} ({verdict}) after {result['global_step']} steps -> "
           f"{result['adapter_dir']}")

@@ -31,6 +31,9 @@ NOTE_TAG = "mlflow.note.content"  # shown as the run's description in the MLflow
 
 
 def client() -> MlflowClient:
+    from charforge.tracking import ensure_sqlite_store
+
+    ensure_sqlite_store(platform().tracking_uri)
     return MlflowClient(platform().tracking_uri)
 
 

@@ -65,6 +65,9 @@ def fetch_verified(ref: str, downloads: Path, kind: str = "adapter") -> Path:
 
 
 def client() -> MlflowClient:
+    from charforge.tracking import ensure_sqlite_store
+
+    ensure_sqlite_store(platform().tracking_uri)
     return MlflowClient(platform().tracking_uri)
 
 

@@ -39,18 +39,21 @@ def complete_checkpoints(runs: Path) -> list[int]:
     return sorted(int(p.parent.name.split("-")[1]) for p in runs.glob("*/checkpoints/checkpoint-*/trainer_state.json"))
 
 
-def kill_at(command, env, runs: Path, rng: random.Random) -> str:
+def kill_at(command, env, runs: Path, rng: random.Random, log: Path) -> str:
     """Start training and SIGKILL its process group at a random point: a random moment of start-up (imports,
     Prefect, MLflow run lookup, data loading, resume), or 0-0.3 s after the run's next checkpoint appears (mid-step
-    or mid-write of a checkpoint). Either way no later than that: the run never gets near its end."""
+    or mid-write of a checkpoint). Either way no later than that: the run never gets near its end. The child's
+    output goes to `log`, shown when it ends on its own."""
     target = f"checkpoint-{max(complete_checkpoints(runs), default=0) + SAVE_STEPS}"
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     started = time.monotonic()
     startup = rng.random() < 0.4
     delay = round(rng.uniform(2, 12), 1) if startup else round(rng.uniform(0, 0.3), 2)
     while not (startup and time.monotonic() - started >= delay) and not list(runs.glob(f"*/checkpoints/{target}")):
-        assert proc.poll() is None, "training ended before it could be killed"
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (exit {proc.returncode}) before it could be killed; its output "
+                                 f"({log}):\n{log.read_text(errors='replace')[-4000:]}")
         time.sleep(0.02)
     aim = f"{time.monotonic() - started:.1f} s into start-up" if startup else f"{delay} s after {target}"
     if not startup:
@@ -78,7 +81,7 @@ def test_killed_three_times_at_random_points_resumes_in_the_same_run(tiny_llama_
     kills = []
     for seed in (1, 2, 3):
         before = max(complete_checkpoints(runs), default=0)
-        aim = kill_at(command, env, runs, random.Random(seed))
+        aim = kill_at(command, env, runs, random.Random(seed), tmp_path / f"kill-{seed}.log")
         after = max(complete_checkpoints(runs), default=0)
         assert after >= before  # a kill never loses a complete checkpoint
         kills.append(f"seed {seed}: {aim} -> newest complete checkpoint {after or 'none'}")
