@@ -78,7 +78,7 @@ def run_one(n: int) -> dict:
     from charforge.base_models import load_tokenizer
     from charforge.characters import load_characters
     from charforge.schemas.curate import CurateConfig
-    from tasks.curate import curate_conversations
+    from charforge.curation.pipeline import curate_conversations
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -23,8 +23,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from charforge.checksums import verify_manifest  # noqa: E402
 from charforge.vllm_server import VLLMServer, free_port  # noqa: E402
 from flows.evaluate import load_lora  # noqa: E402
-from tasks.adapters import newest_adapter  # noqa: E402
-from tasks.evaluation import (  # noqa: E402
+from charforge.training.adapters import newest_adapter  # noqa: E402
+from charforge.evaluation.harness import (  # noqa: E402
     ALL_TASKS,
     LOGLIKELIHOOD_TASKS,
     GENERATION_TASKS,

@@ -10,7 +10,7 @@
    ~300-token conversation, its log-probabilities echoed, one request at a time: what lm-eval sends during
    evaluation). Then the same on a replica started with `VLLM_PLUGINS=""`, i.e. with vLLM's reference CPU LoRA
    ops instead of charforge_vllm's grouped ones (vllm_plugin/).
-3. Merged mode: the adapter folded into the base (`tasks.quantization.merge_adapter`), served by a replica
+3. Merged mode: the adapter folded into the base (`charforge.quantization.merge_adapter`), served by a replica
    without --enable-lora; merged vs base-on-the-LoRA-replica, and base without LoRA, at 1 and 8 streams. This
    separates what the LoRA compute costs from what enabling LoRA costs for every request.
 4. Hot-load: POST /v1/load_lora_adapter per new name, median of 5.
@@ -36,8 +36,8 @@ import yaml  # noqa: E402
 
 from charforge.base_models import load_preset, materialize  # noqa: E402
 from charforge.vllm_server import VLLMServer, free_port  # noqa: E402
-from tasks.adapters import newest_adapter  # noqa: E402
-from tasks.quantization import merge_adapter  # noqa: E402
+from charforge.training.adapters import newest_adapter  # noqa: E402
+from charforge.quantization import merge_adapter  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Tell me about your morning, in detail."}]
 
@@ -139,7 +139,7 @@ def start_gateway(replica: str, work: Path) -> tuple[subprocess.Popen, str]:
     config.write_text(yaml.safe_dump({"gateway": {"port": port, "api_key_env": None, "health_interval_s": 0.5},
                                       "fleet": {"discovery": "static", "urls": [replica]}}))
     env = dict(os.environ, CHARFORGE_STATE_DIR=str(work / "state"))
-    proc = subprocess.Popen([sys.executable, "-m", "charforge.cli", "gateway", "--config", str(config)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "gateway", "--config", str(config)], env=env,
                             stdout=open(work / "gateway.log", "wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):

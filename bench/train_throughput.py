@@ -45,7 +45,7 @@ def run_ours(model_dir: Path, dataset: Path, steps: int) -> dict:
     """configs/train/smollm2_lora.yaml as shipped (its own batch shape), only the step count set."""
     from charforge.config import load_yaml_model
     from charforge.schemas.train import TrainConfig
-    from tasks.training import fit_adapter
+    from charforge.training.trainer import fit_adapter
 
     cfg = load_yaml_model(ROOT / "configs" / "train" / "smollm2_lora.yaml", TrainConfig)
     cfg = cfg.model_copy(update={"training": cfg.training.model_copy(
@@ -86,7 +86,7 @@ def main() -> None:
     from charforge.base_models import load_preset, materialize
     from charforge.config import load_yaml_model
     from charforge.schemas.train import TrainConfig
-    from tasks.training import resolve_dtype
+    from charforge.training.trainer import resolve_dtype
 
     model_dir, _ = materialize(load_preset("smollm2-135m-instruct"))
     params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_dir)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from charforge.character_metrics import paired_bootstrap_diff
+from charforge.evaluation.metrics import paired_bootstrap_diff
 from charforge.schemas.promote import Comparison, PromotionPolicy, Rule
 
 Scores = dict[str, dict[str, float]]

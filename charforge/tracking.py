@@ -41,8 +41,11 @@ def ensure_sqlite_store(uri: str) -> None:
     path = Path(uri.removeprefix("sqlite:///"))
     if path.exists():
         return
+    import logging
+
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.init-*"):  # left by a process killed while creating the store
         stale.unlink(missing_ok=True)

@@ -18,10 +18,10 @@ from charforge.checksums import sha256_file
 from charforge.schemas.curate import CurateConfig
 from charforge.settings import DATA_DIR, repo_path
 from charforge.tracking import flow_run_tags
-from tasks.curate import OUTPUTS, curate_conversations
-from tasks.ingest import expand_inputs
-from tasks.lineage import log_curated_dataset
-from tasks.synthesize import generate_synthetic
+from charforge.curation.pipeline import OUTPUTS, curate_conversations
+from charforge.curation.ingest import expand_inputs
+from charforge.curation.lineage import log_curated_dataset
+from charforge.curation.synthesize import generate_synthetic
 
 
 def curation_fingerprint(files: list[Path], characters_dir: Path, out_dir: Path, config: CurateConfig) -> str:

@@ -39,7 +39,7 @@ from charforge.settings import DATA_DIR, platform
 from serving import store
 from serving.fleet import DesiredState, load_adapter, replica_headers, served_roots
 from serving.routing import Gate, WindowStats, classify_load, gate_decision
-from tasks import registry
+from charforge import registry
 
 
 class RolloutError(RuntimeError):

@@ -22,14 +22,14 @@ from prefect.cache_policies import NONE
 from charforge.base_models import load_preset, materialize
 from charforge.checksums import MANIFEST, folder_sha, sha256_file, verify_manifest
 from charforge.config import ConfigError
-from charforge.eval_tasks import read_probes
+from charforge.evaluation.lm_eval_tasks import read_probes
 from charforge.schemas.evaluate import EvalConfig
 from charforge.settings import platform, repo_path
 from charforge.tracking import flow_run_tags, use_experiment
 from charforge.vllm_server import VLLMServer, free_port
-from tasks import registry
-from tasks.eval_report import per_character_chart, score_table
-from tasks.evaluation import (
+from charforge import registry
+from charforge.evaluation.report import per_character_chart, score_table
+from charforge.evaluation.harness import (
     LOGLIKELIHOOD_TASKS,
     flat_metrics,
     per_probe_scores,
@@ -38,8 +38,8 @@ from tasks.evaluation import (
     served_model_args,
     summarize,
 )
-from tasks.parity import check_parity
-from tasks.quantization import decode_speed
+from charforge.evaluation.parity import check_parity
+from charforge.quantization import decode_speed
 
 # Single-stream decode speed of the evaluated model, measured once per evaluation (median of 3 after a warm-up).
 DECODE_TOKENS, DECODE_REPEATS = 64, 3

@@ -29,7 +29,7 @@ from charforge.promotion import Decision, decide
 from charforge.schemas.promote import PromotionPolicy
 from charforge.settings import CONFIGS_DIR
 from charforge.tracking import flow_run_tags, use_experiment
-from tasks import registry
+from charforge import registry
 
 
 class Approval(RunInput):

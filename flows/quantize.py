@@ -31,9 +31,9 @@ from charforge.schemas.quantize import QuantizeConfig
 from charforge.settings import platform, repo_path
 from charforge.tracking import flow_run_tags, use_experiment
 from flows.evaluate import evaluate, resolve_adapter
-from tasks import registry
-from tasks.evaluation import flat_metrics
-from tasks.quantization import (checkpoint_bytes, merge_adapter, metric_deltas, quantize_checkpoint,
+from charforge import registry
+from charforge.evaluation.harness import flat_metrics
+from charforge.quantization import (checkpoint_bytes, merge_adapter, metric_deltas, quantize_checkpoint,
                                 require_adapter, sample_calibration, tool_versions)
 
 

@@ -11,7 +11,7 @@ candidate that is already champion skips evaluation and promotion, and a version
 is not rolled out again. Every stage is safe to retry (curation and training resume, evaluation writes a new run,
 promotion and deployment complete an interrupted run), so each subflow gets one retry.
 
-The reviewer's view is one MLflow parent run per chain run in `charforge-retrain` (tasks/chain_tracking.py), and
+The reviewer's view is one MLflow parent run per chain run in `charforge-retrain` (charforge/chain_tracking.py), and
 the lineage (dataset -> training run -> adapter -> evaluations -> version -> replicas) is written as tags on the
 registry version and as the Prefect markdown artifact `lineage`.
 """
@@ -45,9 +45,9 @@ from flows.evaluate import evaluate as evaluate_flow
 from flows.promote import promote as promote_flow
 from flows.quantize import quantize as quantize_flow
 from flows.train import train as train_flow
-from tasks import chain_tracking as track
-from tasks import registry
-from tasks.eval_report import score_table
+from charforge import chain_tracking as track
+from charforge import registry
+from charforge.evaluation.report import score_table
 
 STAGE_SCHEMAS = {"curate": CurateConfig, "train": TrainConfig, "evaluate": EvalConfig,
                  "promotion": PromotionPolicy, "serving": ServingConfig}

@@ -19,14 +19,14 @@ from prefect.cache_policies import NONE
 from charforge.base_models import load_preset, materialize
 from charforge.checksums import folder_sha, verify_manifest
 from charforge.config import ConfigError
-from charforge.curated import read_dataset_manifest
+from charforge.curation.manifest import read_dataset_manifest
 from charforge.io import write_json_atomic
 from charforge.schemas.train import TrainConfig
 from charforge.settings import platform, repo_path
 from charforge.tracking import flow_run_tags, log_dataset_inputs, use_experiment
-from tasks.adapters import export_adapter
-from tasks.servability import check_servable
-from tasks.training import fit_adapter, resolve_dtype
+from charforge.training.adapters import export_adapter
+from charforge.training.servability import check_servable
+from charforge.training.trainer import fit_adapter, resolve_dtype
 
 
 def run_identity(cfg: TrainConfig, dataset_hash: str, base_sha: str) -> str:

@@ -114,7 +114,7 @@ def up(config_path: Path, cfg: ServingConfig, timeout: float = 900,
     if not alive(record.get("supervisor")):
         require_free_ports(cfg, config_path)
         with open(log, "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "charforge.cli", "serve", "run", "--config",
+            proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "run", "--config",
                                      str(Path(config_path).resolve())],
                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)

@@ -16,7 +16,7 @@ import mlflow
 
 from charforge.checksums import folder_sha, verify_manifest
 from charforge.config import ConfigError
-from tasks.servability import check_servable
+from charforge.training.servability import check_servable
 
 
 STORE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")  # no separator, no leading dot: never '..'
@@ -79,7 +79,7 @@ def fleet_weights(fleet, downloads: Path) -> Path:
     """The folder every replica loads: the base preset's bf16 weights, or `fleet.checkpoint` (a quantized base or
     merged model from `charforge quantize`, by registry URI or folder), verified against its manifest."""
     from charforge.base_models import load_preset, materialize
-    from tasks.registry import fetch_verified
+    from charforge.registry import fetch_verified
 
     if fleet.checkpoint is None:
         return materialize(load_preset(fleet.base_model))[0]

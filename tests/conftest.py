@@ -104,7 +104,7 @@ def curated_project(tmp_path_factory, base_model_dir):
     from charforge.config import load_yaml_model
     from charforge.schemas.curate import CurateConfig
     from charforge.settings import CONFIGS_DIR, DATA_DIR
-    from tasks.curate import curate_conversations
+    from charforge.curation.pipeline import curate_conversations
 
     out = tmp_path_factory.mktemp("curated")
     cfg = load_yaml_model(CONFIGS_DIR / "curate" / "default.yaml", CurateConfig)
@@ -124,7 +124,7 @@ def build_adapter(base_model_dir, root, seed: int = 0, rank: int = 8, train_conf
 
     from charforge.checksums import folder_sha
     from charforge.settings import CONFIGS_DIR
-    from tasks.adapters import export_adapter
+    from charforge.training.adapters import export_adapter
 
     torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model_dir),

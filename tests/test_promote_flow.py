@@ -17,7 +17,7 @@ from charforge.checksums import write_manifest
 from charforge.tracking import use_experiment
 from flows.evaluate import register_candidate
 from flows.promote import promote
-from tasks import registry
+from charforge import registry
 
 CHARFORGE = str(Path(sys.executable).parent / "charforge")
 PROBES = [f"p{i}" for i in range(30)]

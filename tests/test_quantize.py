@@ -15,7 +15,7 @@ from charforge.promotion import decide
 from charforge.schemas.promote import PromotionPolicy
 from charforge.schemas.quantize import QuantizeConfig
 from charforge.settings import CONFIGS_DIR
-from tasks.quantization import (checkpoint_bytes, merge_adapter, metric_deltas, quantize_checkpoint, require_adapter,
+from charforge.quantization import (checkpoint_bytes, merge_adapter, metric_deltas, quantize_checkpoint, require_adapter,
                                 require_tool, sample_calibration)
 
 DEFAULT = CONFIGS_DIR / "quantize" / "cpu_w4a16_rtn.yaml"
@@ -75,7 +75,7 @@ def test_cli_refuses_bad_input_before_any_work(args, message, tmp_path):
     config = write_config(tmp_path, calibration={"dataset_dir": str(dataset)})
     if "--config" not in args:
         args = ["--config", str(config), *args]
-    done = subprocess.run([sys.executable, "-m", "charforge.cli", "quantize", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "cli", "quantize", *args], capture_output=True, text=True,
                           cwd=REPO_ROOT, timeout=120)
     assert done.returncode == 2
     assert message in done.stderr.splitlines()
@@ -125,7 +125,7 @@ def test_merged_model_equals_base_plus_adapter(tiny_llama_dir, tiny_adapter, tmp
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.adapters import load_adapter_model
+    from charforge.training.adapters import load_adapter_model
 
     merged_dir = merge_adapter(tiny_adapter, tiny_llama_dir, tmp_path / "merged")
     ids = torch.tensor([[1, 42, 77, 500, 9]])

@@ -34,7 +34,7 @@ from charforge.schemas.train import TrainConfig
 from charforge.settings import CONFIGS_DIR, DATA_DIR
 from charforge.ui import Service, start, stop, wait_healthy
 from charforge.vllm_server import free_port
-from tasks.evaluation import read_samples
+from charforge.evaluation.harness import read_samples
 
 pytestmark = pytest.mark.slow
 KEY = "chain-key"

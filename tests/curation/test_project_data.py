@@ -73,7 +73,7 @@ def test_worker_processes_give_the_same_dataset_as_one_process(curated, tmp_path
     from charforge.config import load_yaml_model
     from charforge.schemas.curate import CurateConfig
     from charforge.settings import CONFIGS_DIR
-    from tasks.curate import curate_conversations
+    from charforge.curation.pipeline import curate_conversations
 
     _, single = curated
     cfg = load_yaml_model(CONFIGS_DIR / "curate" / "default.yaml", CurateConfig)

@@ -8,11 +8,11 @@ import pytest
 
 from charforge.config import ConfigError
 from charforge.characters import load_characters
-from tasks.dedup import ExactDeduper, NearDeduper, content_key, minhash_signatures
-from tasks.ingest import Drop, parse_conversation
-from tasks.persona import PersonaIndex, make_ooc_checker
-from tasks.scrub import normalize_text, scrub_pii
-from tasks.split import EVAL, OVER_CAP, TRAIN, assign_splits, eval_count
+from charforge.curation.dedup import ExactDeduper, NearDeduper, content_key, minhash_signatures
+from charforge.curation.ingest import Drop, parse_conversation
+from charforge.curation.persona import PersonaIndex, make_ooc_checker
+from charforge.curation.scrub import normalize_text, scrub_pii
+from charforge.curation.split import EVAL, OVER_CAP, TRAIN, assign_splits, eval_count
 
 SYS = {"role": "system", "content": "You are Mara Quill, a Victorian lamplighter who speaks in brisk, cheerful cockney."}
 
@@ -195,7 +195,7 @@ def test_over_cap_rows_are_quarantined_with_their_original_text(cards, tmp_path,
     from transformers import AutoTokenizer
 
     from charforge.schemas.curate import CurateConfig
-    from tasks.curate import curate_conversations
+    from charforge.curation.pipeline import curate_conversations
 
     replies = ["Sixty sheep.", "Snow on the ridge tonight.", "Fen is my dog.", "Lambing is hard work.",
                "Town is loud.", "The wind talks enough for two."]

@@ -8,7 +8,7 @@ import pytest
 
 from charforge.schemas.curate import CurateConfig, SyntheticConfig
 from flows.curate import curate
-from tasks.synthesize import SyntheticError, generate_synthetic
+from charforge.curation.synthesize import SyntheticError, generate_synthetic
 
 pytestmark = pytest.mark.slow
 

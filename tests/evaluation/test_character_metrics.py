@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from charforge.character_metrics import (
+from charforge.evaluation.metrics import (
     GENERIC_ASSISTANT, CharacterIdentifier, bootstrap_ci, card_exemplars, is_empty, out_of_character,
     paired_bootstrap_diff, repetition, style_marker_rate,
 )

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from charforge.config import ConfigError, load_yaml_model
-from charforge.eval_tasks import (
+from charforge.evaluation.lm_eval_tasks import (
     load_probes,
     macro_f1,
     read_probes,
@@ -23,8 +23,8 @@ from charforge.eval_tasks import (
 )
 from charforge.schemas.evaluate import EvalConfig
 from charforge.settings import DATA_DIR
-from tasks.evaluation import TASK_DIR, bootstrap, flat_metrics, summarize
-from tasks.parity import token_difference
+from charforge.evaluation.harness import TASK_DIR, bootstrap, flat_metrics, summarize
+from charforge.evaluation.parity import token_difference
 
 CHARACTERS = str(DATA_DIR / "characters")
 

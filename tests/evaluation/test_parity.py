@@ -10,7 +10,7 @@ import shutil
 import httpx
 import pytest
 
-from tasks.parity import ParityError, check_parity
+from charforge.evaluation.parity import ParityError, check_parity
 
 pytestmark = pytest.mark.slow
 

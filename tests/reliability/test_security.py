@@ -120,8 +120,8 @@ def pickle_adapter(root: Path, with_safetensors: bool) -> Path:
 @pytest.mark.parametrize("with_safetensors", [False, True])
 def test_pickle_adapters_are_refused_by_evaluation_training_and_the_store(with_safetensors, tmp_path):
     from flows.evaluate import resolve_adapter
-    from tasks.adapters import load_adapter_model
-    from tasks.servability import check_servable
+    from charforge.training.adapters import load_adapter_model
+    from charforge.training.servability import check_servable
 
     folder = pickle_adapter(tmp_path, with_safetensors)
     message = (f"{folder}: adapter_model.bin: pickle weights (loading them can run code); only safetensors adapters "
@@ -155,7 +155,7 @@ def test_trust_remote_code_is_never_on():
                 if turned_on.search(line):
                     offenders.append(f"{file.relative_to(REPO_ROOT)}:{number}: {line.strip()}")
     assert offenders == []
-    from tasks.evaluation import served_model_args
+    from charforge.evaluation.harness import served_model_args
 
     assert "trust_remote_code" not in served_model_args("http://x/v1/completions", "m", Path("/t"))
     assert not any("trust" in a for a in VLLMServer(Path("/m"), "m", 1).command())

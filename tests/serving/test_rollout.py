@@ -50,7 +50,7 @@ def two_free_ports() -> int:
 
 
 def charforge(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "charforge.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -179,7 +179,7 @@ def test_bad_adapters_are_refused_before_any_replica_loads_them(stack, cfg, base
     with pytest.raises(ArtifactError, match="not servable by this fleet: .*rank 32"):
         deploy(adapter=too_big, gateway_url=url, api_key=KEY, config=cfg)
     tampered = register(base_model_dir, tmp_path, "tampered", seed=4, family="bad")
-    from tasks import registry
+    from charforge import registry
 
     name, number = tampered.removeprefix("models:/").split("/")
     registry.client().set_model_version_tag(name, number, "adapter_sha256", "0" * 64)

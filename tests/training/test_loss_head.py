@@ -12,7 +12,7 @@ from trl import SFTTrainer
 
 from charforge.schemas.train import TrainConfig
 from charforge.settings import CONFIGS_DIR
-from tasks.training import LabelledPositionsSFTTrainer, build_lora_config, build_sft_config, load_conversations
+from charforge.training.trainer import LabelledPositionsSFTTrainer, build_lora_config, build_sft_config, load_conversations
 
 TEMPLATE = CONFIGS_DIR / "train" / "templates" / "chatml_training.jinja"
 

@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from tasks.servability import check_servable
+from charforge.training.servability import check_servable
 
 
 def save_adapter(base_dir, out, dtype=torch.bfloat16, **lora):

@@ -21,7 +21,7 @@ from charforge.checksums import verify_manifest
 from charforge.schemas.train import TrainConfig
 from charforge.settings import CONFIGS_DIR
 from flows.train import train
-from tasks.adapters import load_adapter_model
+from charforge.training.adapters import load_adapter_model
 
 TEMPLATE = CONFIGS_DIR / "train" / "templates" / "chatml_training.jinja"
 
@@ -153,7 +153,7 @@ def test_cli_config_errors_fail_before_training(tmp_path):
 
 
 def test_a_checkpoint_cut_short_by_a_crash_is_set_aside_not_resumed(tmp_path):
-    from tasks.training import last_complete_checkpoint
+    from charforge.training.trainer import last_complete_checkpoint
 
     done = tmp_path / "checkpoint-5"
     done.mkdir()

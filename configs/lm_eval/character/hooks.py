@@ -1,6 +1,6 @@
-"""lm-eval hooks for the character tasks: thin names for the tested functions in `charforge.eval_tasks`."""
+"""lm-eval hooks for the character tasks: thin names for the tested functions in `charforge.evaluation.lm_eval_tasks`."""
 
-from charforge.eval_tasks import (  # noqa: F401  (referenced from the YAML files with !function)
+from charforge.evaluation.lm_eval_tasks import (  # noqa: F401  (referenced from the YAML files with !function)
     load_probes,
     macro_f1,
     make_chat_task,

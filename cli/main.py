@@ -93,8 +93,8 @@ def curate(
     """Curate seed conversations: validate, scrub PII, filter out-of-character, dedup, split, log lineage."""
     from charforge.characters import load_characters
     from charforge.schemas.curate import CurateConfig
-    from tasks.ingest import InputError, expand_inputs
-    from tasks.synthesize import SyntheticError
+    from charforge.curation.ingest import InputError, expand_inputs
+    from charforge.curation.synthesize import SyntheticError
 
     try:  # everything checkable is checked before the flow (and Prefect) starts
         cfg = load_yaml_model(config, CurateConfig)
@@ -116,7 +116,7 @@ def train(
     dataset: Path = typer.Option(None, help="Curated dataset directory (default: the config's dataset_dir)."),
 ) -> None:
     """Train a LoRA/QLoRA adapter with TRL; resumes an interrupted run; logs to MLflow."""
-    from charforge.curated import read_dataset_manifest
+    from charforge.curation.manifest import read_dataset_manifest
     from charforge.schemas.train import TrainConfig
     from charforge.settings import repo_path
 
@@ -185,7 +185,7 @@ def quantize(
     adapter: str = typer.Option(None, help="Adapter folder or models:/<name>/<version>; overrides the config's."),
 ) -> None:
     """Quantize the base (multi-LoRA) or base + adapter (merged), re-evaluate vs bf16, register the checkpoint."""
-    from charforge.curated import read_dataset_manifest
+    from charforge.curation.manifest import read_dataset_manifest
     from charforge.schemas.evaluate import EvalConfig
     from charforge.schemas.promote import PromotionPolicy
     from charforge.schemas.quantize import QuantizeConfig
@@ -195,7 +195,7 @@ def quantize(
         cfg = load_yaml_model(config, QuantizeConfig)
         if adapter is not None:
             cfg = QuantizeConfig.model_validate({**cfg.model_dump(), "adapter": adapter})
-        from tasks.quantization import require_adapter, require_tool
+        from charforge.quantization import require_adapter, require_tool
 
         require_adapter(cfg)
         require_tool(cfg.tool)
@@ -238,7 +238,7 @@ def promote(
         load_yaml_model(policy, PromotionPolicy)  # a bad policy fails before the flow starts
         require_tracking()
         from flows.promote import promote as promote_flow
-        from tasks import registry
+        from charforge import registry
 
         registry.resolve_version(registry.client(), candidate)
         if approve is None and not os.environ.get("PREFECT_API_URL"):
@@ -550,5 +550,10 @@ def ui(
         fail(str(err), code=1)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The `charforge` console script."""
     app()
+
+
+if __name__ == "__main__":
+    main()

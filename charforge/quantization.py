@@ -16,7 +16,7 @@ import httpx
 
 from charforge.checksums import write_manifest
 from charforge.config import ConfigError
-from charforge.curated import read_dataset_manifest
+from charforge.curation.manifest import read_dataset_manifest
 from charforge.schemas.quantize import QuantizeConfig
 
 # Files a served model folder needs beside its weights (vLLM serves with the folder's tokenizer and template).
@@ -70,7 +70,7 @@ def merge_adapter(adapter_dir: Path, base_dir: Path, out_dir: Path) -> Path:
     """The adapter folded into the base weights (PEFT merge_and_unload), saved in bf16 with the base's tokenizer."""
     import torch
 
-    from tasks.adapters import load_adapter_model
+    from charforge.training.adapters import load_adapter_model
 
     model = load_adapter_model(adapter_dir, base_dir, dtype=torch.float32).merge_and_unload()
     model.to(torch.bfloat16).save_pretrained(out_dir)

@@ -1,7 +1,7 @@
 """The lm-eval side of character evaluation: probe documents, chat prompts and per-reply scoring.
 
 `configs/lm_eval/character/` references these through its `hooks.py`; the metric definitions themselves live in
-`charforge.character_metrics`, shared with the promotion gate and tests.
+`charforge.evaluation.metrics`, shared with the promotion gate and tests.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from charforge.character_metrics import (
+from charforge.evaluation.metrics import (
     GENERIC_ASSISTANT,
     CharacterIdentifier,
     card_exemplars,

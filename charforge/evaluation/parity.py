@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from tasks.adapters import TRAINING_TEMPLATE, load_adapter_model
+from charforge.training.adapters import TRAINING_TEMPLATE, load_adapter_model
 
 
 class ParityError(RuntimeError):

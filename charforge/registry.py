@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from charforge.checksums import verify_manifest
 from charforge.config import ConfigError
 from charforge.settings import platform, redact_credentials, repo_path
-from tasks.servability import pickle_files, require_safetensors
+from charforge.training.servability import pickle_files, require_safetensors
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
 PENDING = "pending_promotion"  # registered-model tag: an alias move that was decided but may not have finished

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from charforge.characters import CharacterCard
-from tasks.persona import PersonaIndex, make_ooc_checker
+from charforge.curation.persona import PersonaIndex, make_ooc_checker
 
 GENERIC_ASSISTANT = "generic_assistant"
 # The voice every persona must not fall back into: the class the identifier compares against.

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 
 from charforge.settings import platform
 from charforge.tracking import use_experiment
-from tasks.evaluation import flat_metrics
+from charforge.evaluation.harness import flat_metrics
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag (what mlflow.start_run(parent_run_id=...) sets)
 CHAIN_TAG = "charforge.chain_run_id"

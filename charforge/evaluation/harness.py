@@ -83,7 +83,7 @@ def _statistic(metric: str, values: list) -> float:
         n_bytes = sum(v[1] for v in values)
         return -ll / n_bytes / math.log(2)
     if metric == "char_id_macro_f1":
-        from charforge.eval_tasks import macro_f1
+        from charforge.evaluation.lm_eval_tasks import macro_f1
 
         return macro_f1([tuple(v) for v in values])
     return float(np.mean(values))

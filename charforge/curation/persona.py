@@ -7,8 +7,8 @@ import unicodedata
 from dataclasses import dataclass
 
 from charforge.characters import CharacterCard
-from tasks.ingest import Drop
-from tasks.scrub import PLACEHOLDERS
+from charforge.curation.ingest import Drop
+from charforge.curation.scrub import PLACEHOLDERS
 
 # Phrases by which an assistant steps out of a role: AI self-reference, refusals to role-play, assistant boilerplate.
 OOC_PATTERNS = [

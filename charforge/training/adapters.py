@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from charforge.checksums import verify_manifest, write_manifest
-from tasks.servability import require_safetensors
+from charforge.training.servability import require_safetensors
 
 # bitsandbytes (imported by peft) warns that an optional hub-downloaded CPU kernel is missing; its CPU path works.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

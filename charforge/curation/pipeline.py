@@ -21,11 +21,11 @@ from tqdm import tqdm
 from charforge.checksums import sha256_file
 from charforge.characters import CharacterCard
 from charforge.schemas.curate import CurateConfig
-from tasks.dedup import ExactDeduper, NearDeduper, content_key, minhash_signatures
-from tasks.ingest import Drop, InputError, parse_conversation, raw_text, read_line_at, read_lines
-from tasks.persona import PersonaIndex, make_ooc_checker
-from tasks.scrub import normalize_text, scrub_pii
-from tasks.split import OVER_CAP, TRAIN, assign_splits
+from charforge.curation.dedup import ExactDeduper, NearDeduper, content_key, minhash_signatures
+from charforge.curation.ingest import Drop, InputError, parse_conversation, raw_text, read_line_at, read_lines
+from charforge.curation.persona import PersonaIndex, make_ooc_checker
+from charforge.curation.scrub import normalize_text, scrub_pii
+from charforge.curation.split import OVER_CAP, TRAIN, assign_splits
 
 OUTPUTS = ("train.jsonl", "eval.jsonl", "rejected.jsonl")
 DUPLICATE_REASONS = {"duplicate", "near_duplicate"}

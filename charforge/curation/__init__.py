@@ -1,0 +1,1 @@
+"""Curation: raw chat JSONL -> validated, scrubbed, deduplicated, balanced train/eval splits."""

@@ -1,0 +1,1 @@
+"""Training: LoRA/QLoRA adapters with TRL + PEFT, their servable export and checks."""

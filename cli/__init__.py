@@ -1,0 +1,1 @@
+"""The `charforge` command line: the top layer, above the flows."""

@@ -1,0 +1,5 @@
+"""`python -m cli ...` is `charforge ...`."""
+
+from cli.main import main
+
+main()
