@@ -22,7 +22,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from charforge.checksums import verify_manifest  # noqa: E402
 from charforge.vllm_server import VLLMServer, free_port  # noqa: E402
-from flows.evaluate import load_lora  # noqa: E402
+from charforge.vllm_server import load_lora_adapter  # noqa: E402
 from charforge.training.adapters import newest_adapter  # noqa: E402
 from charforge.evaluation.harness import (  # noqa: E402
     ALL_TASKS,
@@ -53,7 +53,7 @@ def main() -> None:
     try:
         server.wait_ready(400)
         startup = time.perf_counter() - started
-        load_lora(server, "candidate", adapter)
+        load_lora_adapter(server.url, "candidate", adapter)
         url = f"{server.url}/v1/completions"
         t0 = time.perf_counter()
         run_lm_eval(model_args=served_model_args(url, "candidate", base), tasks=LOGLIKELIHOOD_TASKS,
@@ -78,8 +78,8 @@ def main() -> None:
     print(f"ratio HF / vLLM: {hf_s / vllm_s:.2f}x (with vLLM start-up: {hf_s / (vllm_s + startup):.2f}x)")
     for task, metric in [("character_mc", "acc_norm"), ("character_reply_likelihood", "bits_per_byte"),
                          ("character_generation", "char_id_acc")]:
-        print(f"  {task}/{metric}: vLLM {vllm_scores[task][metric]['value']:.3f}  "
-              f"HF {hf_scores[task][metric]['value']:.3f}")
+        print(f"  {task}/{metric}: vLLM {vllm_scores[task][metric].value:.3f}  "
+              f"HF {hf_scores[task][metric].value:.3f}")
     (work / "timings.json").write_text(json.dumps({"vllm_s": vllm_s, "startup_s": startup, "hf_s": hf_s}))
     print(f"outputs: {work}")
 

@@ -99,9 +99,9 @@ def chain_parameters(root: Path, steps: int, limit: int) -> dict:
     from charforge.schemas.evaluate import EvalConfig
     from charforge.schemas.train import TrainConfig
     from charforge.settings import CONFIGS_DIR
-    from flows.retrain import chain_parameters as from_file
+    from charforge.chain import load_chain
 
-    params = from_file(CONFIGS_DIR / "retrain" / "demo.yaml")
+    params = dict(load_chain(CONFIGS_DIR / "retrain" / "demo.yaml"))
     train = load_yaml_model(CONFIGS_DIR / "train" / "smollm2_lora.yaml", TrainConfig).model_copy(
         update={"name": "overhead-bench"})
     train.training.max_steps, train.training.save_steps = steps, steps
@@ -113,7 +113,7 @@ def chain_parameters(root: Path, steps: int, limit: int) -> dict:
 def measure_chain(root: Path, steps: int, limit: int) -> dict:
     from flows.retrain import retrain
 
-    from charforge.settings import quiet_flow_heartbeats
+    from tasks.runtime import quiet_flow_heartbeats
 
     params = chain_parameters(root, steps, limit)
     started = time.perf_counter()
@@ -126,13 +126,13 @@ def measure_chain(root: Path, steps: int, limit: int) -> dict:
             "orchestration_share": sampler.counts["orchestration"] / total,
             "background_cpu_s": {k: v for k, v in threads.items() if k not in ("python", "overhead-sampl")
                                  and v >= 0.5},
-            "prefect_server_cpu_s": prefect_server_cpu(), "promoted": result["promoted"]}
+            "prefect_server_cpu_s": prefect_server_cpu(), "promoted": result.promoted}
 
 
 def measure_recuration(root: Path) -> tuple[float, float]:
     from prefect import flow
 
-    from charforge.settings import quiet_flow_heartbeats
+    from tasks.runtime import quiet_flow_heartbeats
     from flows.curate import curate
 
     flow(name="warm-up")(lambda: None)()  # the temporary Prefect server starts here, not inside the first timing
@@ -152,9 +152,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="charforge-overhead-") as tmp:
         root = Path(tmp)
-        from charforge.base_models import load_preset, materialize
+        from charforge.base_models import load_preset, prepare_base_model
 
-        shared, _ = materialize(load_preset())  # the verified base model of the real state dir, not a second copy
+        shared, _ = prepare_base_model(load_preset())  # the verified base model of the real state dir, not a second copy
         os.environ["CHARFORGE_STATE_DIR"] = str(root / "state")
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
         os.environ["PREFECT_HOME"] = str(root / "prefect")

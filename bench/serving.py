@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx  # noqa: E402
 import yaml  # noqa: E402
 
-from charforge.base_models import load_preset, materialize  # noqa: E402
+from charforge.base_models import load_preset, prepare_base_model  # noqa: E402
 from charforge.vllm_server import VLLMServer, free_port  # noqa: E402
 from charforge.training.adapters import newest_adapter  # noqa: E402
 from charforge.quantization import merge_adapter  # noqa: E402
@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="output tokens per request")
     args = parser.parse_args()
     adapter = (args.adapter or newest_adapter()).resolve()
-    base_dir, _ = materialize(load_preset())
+    base_dir, _ = prepare_base_model(load_preset())
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     n, t = args.requests, args.tokens
     rows: list[tuple[str, str]] = []

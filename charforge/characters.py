@@ -6,7 +6,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from charforge.config import ConfigError, load_yaml_model
+from charforge.config import load_yaml_model
+from charforge.errors import ConfigError
 
 
 class CharacterStyle(BaseModel):

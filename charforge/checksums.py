@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from charforge.config import ConfigError
+from charforge.errors import InputError
 
 MANIFEST = "charforge-manifest.json"
 
@@ -32,18 +32,18 @@ def write_manifest(folder: Path, extra: dict | None = None) -> dict:
 
 
 def verify_manifest(folder: Path, rebuild_hint: str) -> dict:
-    """Check every file listed in the manifest; raise ConfigError naming the first bad file and the fix."""
+    """Check every file listed in the manifest; raise InputError naming the first bad file and the fix."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
-        raise ConfigError(f"{manifest_path}: manifest missing, the folder is incomplete; {rebuild_hint}")
+        raise InputError(f"{manifest_path}: manifest missing, the folder is incomplete; {rebuild_hint}")
     manifest = json.loads(manifest_path.read_text())
     for rel, expected in manifest["files"].items():
         path = folder / rel
         if not path.is_file():
-            raise ConfigError(f"{path}: file missing from the model folder; {rebuild_hint}")
+            raise InputError(f"{path}: file missing from the model folder; {rebuild_hint}")
         actual = sha256_file(path)
         if actual != expected:
-            raise ConfigError(
+            raise InputError(
                 f"{path}: sha256 {actual[:12]}… does not match the manifest ({expected[:12]}…), "
                 f"the file is corrupted; {rebuild_hint}"
             )

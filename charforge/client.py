@@ -19,6 +19,8 @@ from typing import Protocol
 
 import httpx
 
+from charforge.http import bearer
+
 Messages = list[dict[str, str]]
 
 
@@ -77,7 +79,7 @@ class OpenAICompatible:
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120) -> None:
         self.model = model
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        headers = bearer(api_key)
         self.client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
 
     def _body(self, messages: Messages, temperature: float, max_tokens: int, user: str | None,

@@ -10,11 +10,11 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from charforge.errors import ConfigError
+
+__all__ = ["ConfigError", "StageConfig", "load_yaml_model", "read_yaml", "validate_model"]
+
 M = TypeVar("M", bound=BaseModel)
-
-
-class ConfigError(ValueError):
-    """A config or data file is unusable; the message names the file, the key and the reason."""
 
 
 class StageConfig(BaseModel):

@@ -131,3 +131,13 @@ def quantization_checks(quantized: tuple[Scores, Scores], policy: PromotionPolic
             continue
         checks.append(_compare(rule, "quantized_vs_bf16", rule.quantized_vs_bf16, mine, ref, policy))
     return checks
+
+
+def decision_markdown(name: str, version: str, decision: Decision, champion_source: str) -> str:
+    """The decision as a reviewer reads it: one row per check, then the reasons."""
+    verdict = "PROMOTE" if decision.promote else "REJECT"
+    lines = [f"# Promotion of {name} version {version}: {verdict}", "", f"Champion compared: {champion_source}", "",
+             "| check | passed | detail |", "|---|---|---|"]
+    lines += [f"| {c.kind} | {'yes' if c.passed else '**no**'} | {c.detail} |" for c in decision.checks]
+    lines += ["", "Reasons:", *[f"- {r}" for r in decision.reasons]]
+    return "\n".join(lines) + "\n"

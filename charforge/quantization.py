@@ -8,16 +8,26 @@ import importlib.metadata
 import json
 import random
 import shutil
-import statistics
 import time
 from pathlib import Path
 
-import httpx
+import mlflow
+from pydantic import BaseModel, ConfigDict
 
-from charforge.checksums import write_manifest
-from charforge.config import ConfigError
+from charforge import registry
+from charforge.base_models import load_preset, prepare_base_model
+from charforge.checksums import MANIFEST, folder_sha, sha256_file, verify_manifest, write_manifest
+from charforge.config import load_yaml_model
 from charforge.curation.manifest import read_dataset_manifest
+from charforge.errors import InputError
+from charforge.evaluation.harness import summary_metrics
+from charforge.promotion import quantization_checks
+from charforge.results import Evaluation, QuantizationGate, RegisteredCheckpoint
+from charforge.schemas.evaluate import EvalConfig
+from charforge.schemas.promote import PromotionPolicy
 from charforge.schemas.quantize import QuantizeConfig
+from charforge.settings import platform, repo_path
+from charforge.tracking import client, use_experiment
 
 # Files a served model folder needs beside its weights (vLLM serves with the folder's tokenizer and template).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
@@ -56,13 +66,13 @@ def require_tool(tool: str) -> None:
                 "llm-compressor 0.14 pins transformers<=5.17 and compressed-tensors 0.19, so it is not part of the "
                 "pipeline or serving environment; run this preset in an environment with `pip install llmcompressor` "
                 "(GPU hosts)")
-        raise ConfigError(f"{tool} is not installed ({module} cannot be imported); {hint}") from None
+        raise InputError(f"{tool} is not installed ({module} cannot be imported); {hint}") from None
 
 
 def require_adapter(cfg: QuantizeConfig) -> None:
     """Merged mode has nothing to merge without an adapter."""
     if cfg.mode == "merged" and not cfg.adapter:
-        raise ConfigError(f"{cfg.name}: mode 'merged' merges an adapter into the base; pass --adapter "
+        raise InputError(f"{cfg.name}: mode 'merged' merges an adapter into the base; pass --adapter "
                           f"<dir | models:/name/version> (or set `adapter` in the config)")
 
 
@@ -171,22 +181,221 @@ def checkpoint_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
-def decode_speed(base_url: str, model: str, tokens: int, repeats: int, prompt: str) -> float:
-    """Single-stream greedy decode tokens/s through the server's /v1/completions: one warm-up, then the median of
-    `repeats` (end-of-text ignored so every run decodes `tokens` tokens)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
-    rates = []
-    for i in range(repeats + 1):
-        started = time.monotonic()
-        response = httpx.post(f"{base_url}/v1/completions", json=body, timeout=600)
-        response.raise_for_status()
-        elapsed = time.monotonic() - started
-        if i:
-            rates.append(response.json()["usage"]["completion_tokens"] / elapsed)
-    return statistics.median(rates)
-
-
 def metric_deltas(reference: dict[str, float], quantized: dict[str, float]) -> dict[str, float]:
     """quantized minus reference for every metric both have (the raw difference; the sign's meaning depends on
     the metric, which the promotion policy knows)."""
     return {k: quantized[k] - reference[k] for k in sorted(reference.keys() & quantized.keys())}
+
+
+# ---- the quantize flow's steps ----------------------------------------------------------------------------------
+# The config fields that change the checkpoint (evaluation, policy and registry settings do not).
+CHECKPOINT_FIELDS = {"mode", "base_model", "tool", "scheme", "bits", "group_size", "sym", "iters", "optimized_rtn",
+                     "algorithm", "export_format", "ignore", "calibration"}
+
+
+class QuantizeInputs(BaseModel):
+    """What a quantization run starts from: the bf16 base, the adapter (verified), the evaluation config."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: str
+    base_dir: str
+    adapter_dir: str | None
+    eval_config: EvalConfig
+
+
+class ScoredArtifact(BaseModel):
+    """One served artifact's evaluation as the comparison reads it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run_id: str
+    per_probe: dict[str, dict[str, float]]
+    metrics: dict[str, float]
+    load_s: float
+    tokens_per_s: float
+    size_bytes: int
+
+
+class Recorded(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mlflow_run_id: str
+    artifact_uri: str
+    table: str
+    deltas: dict[str, float]
+
+
+def prepare_inputs(cfg: QuantizeConfig) -> QuantizeInputs:
+    require_adapter(cfg)
+    base_dir, _ = prepare_base_model(load_preset(cfg.base_model))
+    adapter_dir = (registry.fetch_verified(cfg.adapter, platform().state / "evals" / "downloads", "adapter")
+                   if cfg.adapter else None)
+    eval_cfg = load_yaml_model(repo_path(cfg.eval_config), EvalConfig).model_copy(update={"register_version": False})
+    return QuantizeInputs(mode=cfg.mode, base_dir=str(base_dir), adapter_dir=str(adapter_dir) if adapter_dir else None,
+                          eval_config=eval_cfg)
+
+
+def artifact_identity(cfg: QuantizeConfig, base_sha: str, adapter_sha: str | None, calibration_sha: str) -> str:
+    """What determines the checkpoint: the quantization settings (not the evaluation), the inputs, the tool."""
+    settings = cfg.model_dump(mode="json", include=CHECKPOINT_FIELDS)
+    key = {"settings": settings, "base": base_sha, "adapter": adapter_sha if cfg.mode == "merged" else None,
+           "calibration": calibration_sha, "tools": tool_versions(cfg.tool)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def build_checkpoint(cfg: QuantizeConfig, inputs: QuantizeInputs, log) -> Path:
+    """Calibration sample → (merge) → quantize, into `<state>/quantized/<name>-<identity12>/`; an existing folder
+    whose manifest verifies is reused."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    base_dir = Path(inputs.base_dir)
+    adapter_dir = Path(inputs.adapter_dir) if inputs.adapter_dir else None
+    texts, calibration_sha = sample_calibration(repo_path(cfg.calibration.dataset_dir), cfg.calibration.samples,
+                                                cfg.calibration.seed, AutoTokenizer.from_pretrained(base_dir))
+    adapter_sha = folder_sha(adapter_dir) if adapter_dir is not None else None
+    identity = artifact_identity(cfg, folder_sha(base_dir), adapter_sha, calibration_sha)
+    out_dir = platform().state / "quantized" / f"{cfg.name}-{identity[:12]}"
+    if (out_dir / MANIFEST).is_file():
+        verify_manifest(out_dir, f"delete {out_dir} and re-run")
+        log(f"reusing {out_dir} (same settings, inputs and tool versions)")
+        return out_dir
+    lineage = {"name": cfg.name, "mode": cfg.mode, "tool": cfg.tool, "scheme": cfg.scheme, "bits": cfg.bits,
+               "group_size": cfg.group_size, "sym": cfg.sym, "iters": cfg.iters, "export_format": cfg.export_format,
+               "base_model": cfg.base_model, "base_model_sha": folder_sha(base_dir),
+               "adapter_sha256": adapter_sha if cfg.mode == "merged" else None,
+               "calibration_sha256": calibration_sha, "calibration_samples": len(texts),
+               "tool_versions": tool_versions(cfg.tool), "identity": identity}
+    log(f"quantizing {cfg.base_model} ({cfg.mode}) with {cfg.tool} {cfg.scheme} on {len(texts)} calibration "
+        f"conversations")
+    with tempfile.TemporaryDirectory(dir=platform().state) as tmp:
+        source = merge_adapter(adapter_dir, base_dir, Path(tmp) / "merged") if cfg.mode == "merged" else base_dir
+        quantize_checkpoint(source, out_dir, cfg, texts, lineage)
+    return out_dir
+
+
+def find_reference(inputs: QuantizeInputs) -> ScoredArtifact | None:
+    """An earlier bf16 evaluation of the same adapter (or base) with the same probes, tasks and limit that measured
+    serving speed; None when there is none."""
+    eval_cfg = inputs.eval_config
+    adapter_sha = folder_sha(Path(inputs.adapter_dir)) if inputs.adapter_dir else "none"
+    use_experiment("evaluate")
+    runs = mlflow.search_runs(experiment_names=[f"{platform().mlflow.experiment_prefix}-evaluate"],
+                              filter_string=f"tags.adapter_sha256 = '{adapter_sha}' and params.served_base = 'bf16' "
+                                            f"and attributes.status = 'FINISHED'", output_format="list")
+    want = {"probes_sha256": sha256_file(repo_path(eval_cfg.probes)), "limit": str(eval_cfg.limit or "all"),
+            "tasks": ",".join(eval_cfg.tasks)}
+    for run in runs:
+        if all(run.data.params.get(k) == v for k, v in want.items()) and "serving/tokens_per_s" in run.data.metrics:
+            return run_scores(run.info.run_id, "candidate" if inputs.adapter_dir else "base", Path(inputs.base_dir))
+    return None
+
+
+def run_scores(run_id: str, primary: str, served_dir: Path) -> ScoredArtifact:
+    """Per-probe scores, flat metrics and serving numbers of one evaluation run."""
+    import tempfile
+
+    c = client()
+    run = c.get_run(run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        per_probe = json.loads(Path(c.download_artifacts(run_id, "per_probe.json", tmp)).read_text())[primary]
+    metrics = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/") and k.count("/") == 2}
+    return ScoredArtifact(run_id=run_id, per_probe=per_probe, metrics=metrics, load_s=run.data.metrics["serving/load_s"],
+                          tokens_per_s=run.data.metrics["serving/tokens_per_s"], size_bytes=checkpoint_bytes(served_dir))
+
+
+def scored(result: Evaluation, served_dir: Path) -> ScoredArtifact:
+    """The same as `run_scores`, from an evaluate flow result."""
+    per_probe = json.loads((Path(result.run_dir) / "per_probe.json").read_text())[result.primary]
+    metrics = {k: v for k, v in summary_metrics(result.summaries[result.primary]).items() if k.count("/") == 2}
+    return ScoredArtifact(run_id=result.mlflow_run_id, per_probe=per_probe, metrics=metrics,
+                          load_s=result.serving["load_s"], tokens_per_s=result.serving["tokens_per_s"],
+                          size_bytes=checkpoint_bytes(served_dir))
+
+
+def comparison_table(rows: dict[str, ScoredArtifact]) -> str:
+    """Markdown: one row per artifact (bf16 first), size / load / tokens/s and every eval metric."""
+    metrics = sorted({k for r in rows.values() for k in r.metrics})
+    head = ["artifact", "size MB", "load s", "tokens/s", *[m.removeprefix("eval/") for m in metrics]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in rows.items():
+        values = [f"{r.size_bytes / 1e6:.0f}", f"{r.load_s:.0f}", f"{r.tokens_per_s:.1f}",
+                  *[f"{r.metrics[m]:.3f}" if m in r.metrics else "-" for m in metrics]]
+        lines.append("| " + " | ".join([label, *values]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def record(cfg: QuantizeConfig, out_dir: Path, reference: ScoredArtifact, quantized: ScoredArtifact,
+           flow_tags: dict[str, str]) -> Recorded:
+    """One MLflow run in `charforge-quantize`: settings, lineage, size/load/speed/metric deltas vs bf16, the
+    per-probe scores of both (what the promotion policy reads) and the checkpoint itself."""
+    lineage = json.loads((out_dir / MANIFEST).read_text())["lineage"]
+    deltas = metric_deltas(reference.metrics, quantized.metrics)
+    table = comparison_table({"bf16": reference, f"{cfg.name} ({cfg.scheme})": quantized})
+    use_experiment("quantize")
+    with mlflow.start_run(run_name=f"{cfg.name}-{lineage['identity'][:12]}") as run:
+        mlflow.set_tags({"stage": "quantize", "artifact_sha256": folder_sha(out_dir),
+                         "reference_eval_run_id": reference.run_id, "quantized_eval_run_id": quantized.run_id,
+                         **flow_tags})
+        mlflow.log_params({k: v for k, v in lineage.items() if k != "tool_versions"}
+                          | {f"version_{k}": v for k, v in lineage["tool_versions"].items()})
+        mlflow.log_metrics({
+            "size_mb": quantized.size_bytes / 1e6, "bf16/size_mb": reference.size_bytes / 1e6,
+            "size_ratio": quantized.size_bytes / reference.size_bytes,
+            "load_s": quantized.load_s, "bf16/load_s": reference.load_s,
+            "tokens_per_s": quantized.tokens_per_s, "bf16/tokens_per_s": reference.tokens_per_s,
+            "delta/tokens_per_s": quantized.tokens_per_s - reference.tokens_per_s,
+            **quantized.metrics, **{f"bf16/{k}": v for k, v in reference.metrics.items()},
+            **{f"delta/{k}": v for k, v in deltas.items()}})
+        mlflow.log_dict({"quantized": quantized.per_probe, "bf16": reference.per_probe}, "per_probe.json")
+        mlflow.log_text(table, "comparison.md")
+        mlflow.log_artifacts(str(out_dir), "model")
+    return Recorded(mlflow_run_id=run.info.run_id, artifact_uri=f"{run.info.artifact_uri}/model", table=table,
+                    deltas=deltas)
+
+
+def judge(run_id: str, policy_path: Path) -> QuantizationGate:
+    """The policy's quantized_vs_bf16 rules on a quantize run's per-probe scores (the same checks `charforge
+    promote` applies to an adapter version evaluated on this base), recorded on the run."""
+    import tempfile
+    from dataclasses import asdict
+
+    c = client()
+    policy = load_yaml_model(repo_path(policy_path), PromotionPolicy)
+    with tempfile.TemporaryDirectory() as tmp:
+        scores = json.loads(Path(c.download_artifacts(run_id, "per_probe.json", tmp)).read_text())
+    checks = quantization_checks((scores["quantized"], scores["bf16"]), policy)
+    verdict = "refuse" if any(not ch.passed for ch in checks) else "pass"
+    c.set_tag(run_id, "quantization_gate", verdict)
+    c.log_dict(run_id, {"verdict": verdict, "checks": [asdict(ch) for ch in checks]}, "quantization_gate.json")
+    return QuantizationGate(verdict=verdict, checks=tuple(ch.detail for ch in checks))
+
+
+def register(cfg: QuantizeConfig, out_dir: Path, recorded: Recorded, adapter_dir: Path | None) -> RegisteredCheckpoint:
+    """The quantized checkpoint as its own registry version (tags: scheme, tool versions, calibration hash, the
+    bf16 base), referenced from the registry version of the adapter that was evaluated on it."""
+    c = client()
+    lineage = json.loads((out_dir / MANIFEST).read_text())["lineage"]
+    name = registry.registered_name(f"{cfg.base_model}-{cfg.name}")
+    tags = {"scheme": cfg.scheme, "tool": cfg.tool, "mode": cfg.mode, "export_format": cfg.export_format,
+            "bits": cfg.bits or "scheme", "group_size": cfg.group_size or "scheme", "iters": cfg.iters,
+            "calibration_sha256": lineage["calibration_sha256"], "base_model": cfg.base_model,
+            "base_model_sha": lineage["base_model_sha"], "merged_adapter_sha256": lineage["adapter_sha256"] or "none",
+            "quantize_run_id": recorded.mlflow_run_id,
+            **{f"version_{k}": v for k, v in lineage["tool_versions"].items()}}
+    version = registry.register_adapter(c, name, recorded.artifact_uri, recorded.mlflow_run_id, folder_sha(out_dir),
+                                        tags, key="artifact_sha256",
+                                        description=f"quantized {cfg.base_model} ({cfg.mode}) for vLLM")
+    uri = f"models:/{name}/{version.version}"
+    referenced = None
+    if adapter_dir is not None:
+        manifest = json.loads((adapter_dir / MANIFEST).read_text())
+        family = registry.registered_name(manifest["lineage"].get("train_config", "adapter"))
+        adapter_version = registry.find_version_by_sha(c, family, folder_sha(adapter_dir))
+        if adapter_version is not None:
+            for key, value in {"quantized_base": uri, "quantize_run_id": recorded.mlflow_run_id}.items():
+                c.set_model_version_tag(family, adapter_version.version, key, value)
+            referenced = f"models:/{family}/{adapter_version.version}"
+    return RegisteredCheckpoint(uri=uri, adapter_version=referenced)

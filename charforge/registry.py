@@ -17,10 +17,15 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from pydantic import BaseModel, ConfigDict
 
-from charforge.checksums import verify_manifest
-from charforge.config import ConfigError
+from charforge.checksums import folder_sha, verify_manifest
+from charforge.errors import InputError, Refused
+from charforge.promotion import Decision
+from charforge.results import RegisteredVersion
+from charforge.schemas.promote import PromotionPolicy
 from charforge.settings import platform, redact_credentials, repo_path
+from charforge.tracking import client, use_experiment
 from charforge.training.servability import pickle_files, require_safetensors
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
@@ -46,7 +51,7 @@ def fetch_verified(ref: str, downloads: Path, kind: str = "adapter") -> Path:
                 mlflow.set_tracking_uri(platform().tracking_uri)
                 mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(target))
             except Exception as exc:  # MLflow raises several types for a missing model/version/alias
-                raise ConfigError(redact_credentials(
+                raise InputError(redact_credentials(
                     f"{ref}: cannot fetch from the MLflow registry at {platform().tracking_uri} "
                     f"({type(exc).__name__}: {str(exc).splitlines()[0]}); check the name and version with the "
                     f"MLflow UI")) from None
@@ -54,21 +59,41 @@ def fetch_verified(ref: str, downloads: Path, kind: str = "adapter") -> Path:
     else:
         path = repo_path(ref)
         if not path.is_dir():
-            raise ConfigError(f"{ref}: {kind} folder not found; {HINTS[kind]}")
+            raise InputError(f"{ref}: {kind} folder not found; {HINTS[kind]}")
     if kind == "adapter":
         require_safetensors(path)  # before PEFT or vLLM could unpickle an adapter_model.bin
     elif pickle_files(path):
-        raise ConfigError(f"{ref}: {', '.join(pickle_files(path))}: pickle weights (loading them can run code); "
+        raise InputError(f"{ref}: {', '.join(pickle_files(path))}: pickle weights (loading them can run code); "
                           f"only safetensors checkpoints are served")
     verify_manifest(path, "re-export it from its training run" if kind == "adapter" else "re-run charforge quantize")
     return path
 
 
-def client() -> MlflowClient:
-    from charforge.tracking import ensure_sqlite_store
+class VersionRef(BaseModel):
+    """A registry version as the stages pass it on: name, number, where its files are, its tags."""
 
-    ensure_sqlite_store(platform().tracking_uri)
-    return MlflowClient(platform().tracking_uri)
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
+
+    name: str
+    version: str
+    source: str
+    tags: dict[str, str] = {}
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def version_ref(entry: ModelVersion) -> VersionRef:
+    return VersionRef(name=entry.name, version=str(entry.version), source=entry.source, tags=dict(entry.tags))
+
+
+class AliasMove(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
+
+    champion: str
+    previous: str | None = None
+    changed: bool
 
 
 def find_version_by_sha(c: MlflowClient, name: str, adapter_sha: str,
@@ -96,9 +121,9 @@ def register_adapter(c: MlflowClient, name: str, source: str, run_id: str | None
 
 
 def resolve_version(c: MlflowClient, ref: str) -> ModelVersion:
-    """`models:/<name>/<version>` or `models:/<name>@<alias>` -> the registry entry (ConfigError if absent)."""
+    """`models:/<name>/<version>` or `models:/<name>@<alias>` -> the registry entry (InputError if absent)."""
     if not ref.startswith("models:/"):
-        raise ConfigError(f"{ref}: expected models:/<name>/<version> or models:/<name>@<alias>")
+        raise InputError(f"{ref}: expected models:/<name>/<version> or models:/<name>@<alias>")
     body = ref.removeprefix("models:/")
     try:
         if "@" in body:
@@ -107,7 +132,7 @@ def resolve_version(c: MlflowClient, ref: str) -> ModelVersion:
         name, _, number = body.partition("/")
         return c.get_model_version(name, number)
     except MlflowException as exc:
-        raise ConfigError(redact_credentials(f"{ref}: not in the MLflow registry at {platform().tracking_uri} "
+        raise InputError(redact_credentials(f"{ref}: not in the MLflow registry at {platform().tracking_uri} "
                                              f"({str(exc).splitlines()[0]})")) from None
 
 
@@ -118,7 +143,7 @@ def alias_version(c: MlflowClient, name: str, alias: str) -> ModelVersion | None
         return None
 
 
-def promote_aliases(c: MlflowClient, name: str, version: str, crash_hook=None) -> dict:
+def promote_aliases(c: MlflowClient, name: str, version: str, crash_hook=None) -> AliasMove:
     """candidate -> champion, old champion -> previous, as one logical step.
 
     The intended move is written to the registered model first (`pending_promotion`); the aliases move; the marker
@@ -128,11 +153,11 @@ def promote_aliases(c: MlflowClient, name: str, version: str, crash_hook=None) -
     entry = c.get_model_version(name, version)
     if (entry.tags.get("eval_status") != "passed" or entry.tags.get("promotion_decision") != "promote"
             or entry.tags.get("approval") not in ("approved", "not_required")):
-        raise RuntimeError(f"{name} version {version} has no passing evaluation, promotion decision and approval "
-                           f"recorded; refusing to make it champion")
+        raise Refused(f"{name} version {version} has no passing evaluation, promotion decision and approval "
+                      f"recorded; refusing to make it champion")
     old = alias_version(c, name, CHAMPION)
     if old is not None and old.version == str(version):
-        return {"champion": str(version), "previous": _alias_number(c, name, PREVIOUS), "changed": False}
+        return AliasMove(champion=str(version), previous=_alias_number(c, name, PREVIOUS), changed=False)
     move = {"version": str(version), "old_champion": old.version if old else None, "at": time.time()}
     c.set_registered_model_tag(name, PENDING, json.dumps(move))
     if crash_hook:
@@ -140,17 +165,17 @@ def promote_aliases(c: MlflowClient, name: str, version: str, crash_hook=None) -
     return _apply(c, name, move)
 
 
-def _apply(c: MlflowClient, name: str, move: dict) -> dict:
+def _apply(c: MlflowClient, name: str, move: dict) -> AliasMove:
     if move["old_champion"] and move["old_champion"] != move["version"]:
         c.set_registered_model_alias(name, PREVIOUS, move["old_champion"])
     c.set_registered_model_alias(name, CHAMPION, move["version"])
     c.set_model_version_tag(name, move["version"], "champion_since", time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                    time.gmtime()))
     c.delete_registered_model_tag(name, PENDING)
-    return {"champion": move["version"], "previous": move["old_champion"], "changed": True}
+    return AliasMove(champion=move["version"], previous=move["old_champion"], changed=True)
 
 
-def finish_pending(c: MlflowClient, name: str) -> dict | None:
+def finish_pending(c: MlflowClient, name: str) -> AliasMove | None:
     """Complete an alias move a crashed promotion decided but did not finish (None when there is none)."""
     try:
         tags = c.get_registered_model(name).tags
@@ -164,3 +189,64 @@ def finish_pending(c: MlflowClient, name: str) -> dict | None:
 def _alias_number(c: MlflowClient, name: str, alias: str) -> str | None:
     entry = alias_version(c, name, alias)
     return entry.version if entry else None
+
+
+def adapter_lineage(manifest_path: Path) -> dict[str, str]:
+    """The lineage an adapter's manifest records (base model, dataset hash, training run, ...)."""
+    return {k: str(v) for k, v in json.loads(Path(manifest_path).read_text())["lineage"].items()}
+
+
+def register_candidate(adapter_dir: Path, lineage: dict[str, str], eval_run_id: str, probes_sha: str,
+                       flow_tags: dict[str, str] | None = None) -> RegisteredVersion:
+    """The evaluated adapter as a registry version (one per adapter sha) with its lineage and evaluation, and the
+    `candidate` alias on it. The version's files are the training run's adapter artifact when that run is in this
+    tracking store, else a copy logged to the evaluation run."""
+    c = client()
+    name = registered_name(lineage.get("train_config", "adapter"))
+    sha = folder_sha(adapter_dir)
+    try:
+        source_run = c.get_run(lineage.get("mlflow_run_id", ""))
+        if not any(a.path == "adapter" for a in c.list_artifacts(source_run.info.run_id)):
+            raise ValueError("training run has no adapter artifact")
+    except Exception:  # not tracked here (e.g. an adapter trained elsewhere): keep a copy with the evaluation
+        c.log_artifacts(eval_run_id, str(adapter_dir), "adapter")
+        source_run = c.get_run(eval_run_id)
+    flow_tags = flow_tags or {}
+    version = register_adapter(c, name, f"{source_run.info.artifact_uri}/adapter", source_run.info.run_id, sha, {
+        "base_model": lineage.get("base_model", "unknown"), "base_model_sha": lineage.get("base_model_sha", "unknown"),
+        "dataset_hash": lineage.get("dataset_hash", "unknown"), "train_config": lineage.get("train_config", "unknown"),
+        "train_run_id": lineage.get("mlflow_run_id", "none"), "eval_run_id": eval_run_id, "eval_status": "passed",
+        "eval_probes_sha256": probes_sha, "quantized_base": lineage.get("quantized_base", "none"),
+        "prefect_flow_run_url": flow_tags.get("prefect_flow_run_url", flow_tags.get("prefect_flow_run_id", "none")),
+    })
+    c.set_registered_model_alias(name, CANDIDATE, version.version)
+    return RegisteredVersion(name=name, version=str(version.version), uri=f"models:/{name}/{version.version}")
+
+
+def record_decision(name: str, version: str, decision: Decision, champion_source: str, policy: PromotionPolicy,
+                    markdown: str, flow_tags: dict[str, str]) -> str:
+    """A promotion decision on the version (tags) and in an MLflow run of `charforge-promote` (decision.json, the
+    policy, the table); returns the run id."""
+    c = client()
+    use_experiment("promote")
+    with mlflow.start_run(run_name=f"{name}-v{version}") as run:
+        mlflow.set_tags({"stage": "promote", "registered_model": name, "model_version": version, **flow_tags})
+        mlflow.log_params({"promote": decision.promote, "rules": len(policy.rules), "approval": policy.approval,
+                           "champion_compared": champion_source[:250]})
+        mlflow.log_dict(decision.as_dict(), "decision.json")
+        mlflow.log_dict(policy.model_dump(mode="json"), "policy.json")
+        mlflow.log_text(markdown, "decision.md")
+    tags = {"promotion_decision": "promote" if decision.promote else "reject",
+            "promotion_reasons": "; ".join(decision.reasons)[:5000], "promotion_run_id": run.info.run_id,
+            "promotion_decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "approval": "pending" if decision.needs_approval else "not_required"}
+    for key, value in tags.items():
+        c.set_model_version_tag(name, version, key, value)
+    return run.info.run_id
+
+
+def record_approval(name: str, version: str, approve: bool, comment: str, reviewer: str) -> None:
+    c = client()
+    c.set_model_version_tag(name, version, "approval", "approved" if approve else "rejected")
+    c.set_model_version_tag(name, version, "approval_comment", comment[:5000] or "-")
+    c.set_model_version_tag(name, version, "approval_reviewer", reviewer or "-")

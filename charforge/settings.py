@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -135,23 +134,3 @@ def export_environment() -> None:
     # MLflow retries an unreachable server 7 times with backoff up to 120 s (~4 min per call); 5 retries ride out
     # a ~1 min server restart and tell a waiting user within ~1 min.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
-
-
-@contextmanager
-def quiet_flow_heartbeats():
-    """Flows run in this process without Prefect's flow-run heartbeat, unless the user set its frequency
-    (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, its legacy name, a Prefect profile or prefect.toml).
-
-    Prefect 3.9 (3.9.1 measured) beats every 180 s from a thread that sleeps in 1 s steps and is joined when the flow ends, so every
-    flow and subflow ends up to 1 s late (a no-op flow: 1.10 s with it, 0.12 s without; 0.83 s of a 1.13 s cached
-    re-curation). The beats only matter to a zombie-detection automation watching deployment runs, and those run
-    in a worker's process, which keeps Prefect's default. Environment variables cannot express "off" (None).
-    """
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
-
-    if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:  # set in the environment or a profile
-        yield
-        return
-
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        yield

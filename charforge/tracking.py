@@ -1,4 +1,5 @@
-"""MLflow wiring: one experiment per stage, sqlite + local artifacts by default, any tracking server by config."""
+"""MLflow wiring: the one client, one experiment per stage, sqlite + local artifacts by default, any tracking server
+by config."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import mlflow
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
 from mlflow.exceptions import MlflowException
 
-from charforge.config import ConfigError
+from charforge.errors import Unavailable
 from charforge.settings import platform, redact_credentials
 
 
-class TrackingUnavailable(ConfigError):
+class TrackingUnavailable(Unavailable):
     """The MLflow tracking server does not answer; the message names it (password redacted) and the fix."""
 
 
@@ -75,6 +76,14 @@ def require_tracking() -> None:
         raise tracking_unavailable(uri, exc, time.monotonic() - started) from None
 
 
+def client() -> mlflow.MlflowClient:
+    """The one MLflow client of the configured store (tracking and registry); the embedded store is created
+    whole on first use."""
+    uri = platform().tracking_uri
+    ensure_sqlite_store(uri)
+    return mlflow.MlflowClient(uri)
+
+
 def use_experiment(stage: str) -> str:
     """Point MLflow at the configured store and select `<prefix>-<stage>`, creating it if needed."""
     cfg = platform()
@@ -94,21 +103,6 @@ def use_experiment(stage: str) -> str:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
-
-
-def flow_run_tags() -> dict[str, str]:
-    """Tags that link an MLflow run to the Prefect flow run that produced it (empty outside a flow)."""
-    from prefect.context import FlowRunContext
-    from prefect.settings import PREFECT_UI_URL
-
-    ctx = FlowRunContext.get()
-    if ctx is None or ctx.flow_run is None:
-        return {}
-    tags = {"prefect_flow_run_id": str(ctx.flow_run.id), "prefect_flow_name": ctx.flow.name}
-    ui = PREFECT_UI_URL.value()
-    if ui:
-        tags["prefect_flow_run_url"] = f"{ui.rstrip('/')}/runs/flow-run/{ctx.flow_run.id}"
-    return tags
 
 
 def log_dataset_inputs(dataset_dir: Path, dataset_hash: str) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from charforge.errors import Unavailable
+
 from charforge.settings import PlatformConfig
 
 
@@ -62,7 +64,7 @@ def wait_healthy(service: Service, timeout: float, log_dir: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if service.process.poll() is not None:
-            raise RuntimeError(
+            raise Unavailable(
                 f"{service.name} server exited with code {service.process.returncode}; "
                 f"see {log_dir / (service.name.lower() + '.log')}"
             )
@@ -72,7 +74,7 @@ def wait_healthy(service: Service, timeout: float, log_dir: Path) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"{service.name} not healthy at {service.health_url} after {timeout:.0f} s")
+    raise Unavailable(f"{service.name} not healthy at {service.health_url} after {timeout:.0f} s")
 
 
 def stop(services: list[Service], grace: float = 15) -> None:
@@ -136,7 +138,7 @@ def run_ui(cfg: PlatformConfig, timeout: float = 180, deploy: bool = True) -> No
         while not stopping:
             for s in services:
                 if s.process.poll() is not None:
-                    raise RuntimeError(f"{s.name} server exited with code {s.process.returncode}")
+                    raise Unavailable(f"{s.name} server exited with code {s.process.returncode}")
             time.sleep(0.5)
     finally:
         stop(services)

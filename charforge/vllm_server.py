@@ -13,11 +13,17 @@ from pathlib import Path
 
 import httpx
 
+from charforge.errors import Refused, Unavailable
+from charforge.http import bearer
 from charforge.settings import platform
 
 
-class VLLMStartError(RuntimeError):
+class VLLMStartError(Unavailable):
     """vLLM exited before it was healthy, or never became healthy; the message names the cause from its log."""
+
+
+class AdapterRefused(Refused):
+    """vLLM refused to load an adapter (its answer is in the message)."""
 
 
 GENERIC_FAILURES = ("Engine core initialization failed", "WorkerProc initialization failed")
@@ -100,7 +106,7 @@ class VLLMServer:
     def start(self, log_path: Path) -> None:
         python = platform().serving_python
         if not python.exists():
-            raise RuntimeError(f"{python}: serving environment missing; create it with `make setup`")
+            raise VLLMStartError(f"{python}: serving environment missing; create it with `make setup`")
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "ab")
         self.log_path = log_path
@@ -140,3 +146,12 @@ class VLLMServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def load_lora_adapter(url: str, name: str, path: Path, api_key: str | None = None, timeout: float = 120) -> None:
+    """Hot-load an adapter folder as `name`; vLLM refusing it (bad files, rank above the server's maximum) is
+    `AdapterRefused` with vLLM's answer."""
+    response = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
+                          headers=bearer(api_key), timeout=timeout)
+    if response.status_code != 200:
+        raise AdapterRefused(f"vLLM refused adapter {path} as {name!r} ({response.status_code}): {response.text}")

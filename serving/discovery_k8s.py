@@ -16,12 +16,14 @@ from pathlib import Path
 
 import httpx
 
+from charforge.errors import InputError
+from charforge.http import bearer
 from charforge.schemas.serving import KubernetesDiscovery
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
-class DiscoveryError(RuntimeError):
+class DiscoveryError(InputError):
     """The pod list could not be read; the message says what to fix."""
 
 
@@ -57,7 +59,7 @@ class InCluster:
 def list_pods(client: httpx.Client, api_url: str, namespace: str, selector: str, token: str) -> dict:
     """GET /api/v1/namespaces/<ns>/pods?labelSelector=...; a refusal names the missing permission."""
     r = client.get(f"{api_url}/api/v1/namespaces/{namespace}/pods", params={"labelSelector": selector},
-                   headers={"authorization": f"Bearer {token}"}, timeout=10)
+                   headers=bearer(token), timeout=10)
     if r.status_code in (401, 403):
         raise DiscoveryError(f"the API server refused to list pods in {namespace!r} ({r.status_code}): the "
                              "gateway's service account needs a Role with get/list on pods "

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from charforge.http import bearer
+from charforge.io import write_json_atomic
 from charforge.vllm_server import VLLMServer
 
 
@@ -31,8 +32,7 @@ def replica_key() -> str | None:
 
 def replica_headers() -> dict[str, str]:
     """Headers for calls to a replica's /v1 routes (the gateway, the deployer, the supervisor)."""
-    key = replica_key()
-    return {"authorization": f"Bearer {key}"} if key else {}
+    return bearer(replica_key())
 
 
 def load_adapter(url: str, name: str, path: Path, timeout: float = 120) -> tuple[int | None, str, bool]:
@@ -65,10 +65,7 @@ class DesiredState:
         return cls(path, json.loads(path.read_text()) if path.is_file() else {})
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.adapters, indent=2))
-        tmp.replace(self.path)
+        write_json_atomic(self.path, self.adapters)
 
 
 class LocalFleet:

@@ -11,10 +11,10 @@ The routing table is a JSON file written atomically, so a restarted gateway come
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import json
 import logging
-import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -25,6 +25,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from charforge.http import bearer
+from charforge.io import write_json_atomic
 from serving.fleet import replica_headers
 from serving.routing import Replica, Strategy, assign_version, choose_replica
 
@@ -51,10 +53,8 @@ class RouteTable:
         return cls(path, {name: Route(**r) for name, r in raw.get("routes", {}).items()})
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"routes": {n: r.__dict__ for n, r in self.routes.items()}}, indent=2))
-        os.replace(tmp, self.path)  # atomic: a crash leaves the old table or the new one
+        # atomic: a crash leaves the old table or the new one
+        write_json_atomic(self.path, {"routes": {n: r.__dict__ for n, r in self.routes.items()}})
 
     def set_weights(self, name: str, weights: dict[str, float], system_prompt: str | None = None,
                     previous: dict[str, float] | None = None) -> Route:
@@ -157,7 +157,8 @@ class Gateway:
 
     # ---- requests ------------------------------------------------------------------------------------------------
     def check_key(self, request: Request) -> None:
-        if self.api_key and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+        if self.api_key and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
+                                                    bearer(self.api_key)["authorization"].encode()):
             raise HTTPException(401, detail="missing or wrong API key: send Authorization: Bearer <key>")
 
     def resolve(self, body: dict, request: Request) -> tuple[str, str, dict]:

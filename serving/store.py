@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 
 from charforge.checksums import folder_sha, verify_manifest
-from charforge.config import ConfigError
+from charforge.errors import InputError, Refused
 from charforge.training.servability import check_servable
 
 
@@ -23,11 +23,11 @@ STORE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")  # no separator, no 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(Refused):
     """The adapter must not be loaded anywhere (checksum mismatch, unservable)."""
 
 
-def materialize(name: str, version: str, source: str, expected_sha: str, root: Path, max_lora_rank: int,
+def fetch_version(name: str, version: str, source: str, expected_sha: str, root: Path, max_lora_rank: int,
                 architecture: str) -> Path:
     """The verified folder for a registry version; downloads it once. Raises ArtifactError before any replica sees
     a bad adapter: sha256 different from the registry's `adapter_sha256`, files not matching their manifest, or
@@ -53,7 +53,7 @@ def materialize(name: str, version: str, source: str, expected_sha: str, root: P
 def _verify(folder: Path, expected_sha: str, max_lora_rank: int, architecture: str) -> None:
     try:
         verify_manifest(folder, "the artifact in the registry is damaged; re-register the adapter")
-    except ConfigError as err:
+    except InputError as err:
         raise ArtifactError(str(err)) from None
     actual = folder_sha(folder)
     if actual != expected_sha:
@@ -78,13 +78,13 @@ def remove_unused(root: Path, in_use: set[str], name: str = "*") -> list[Path]:
 def fleet_weights(fleet, downloads: Path) -> Path:
     """The folder every replica loads: the base preset's bf16 weights, or `fleet.checkpoint` (a quantized base or
     merged model from `charforge quantize`, by registry URI or folder), verified against its manifest."""
-    from charforge.base_models import load_preset, materialize
+    from charforge.base_models import load_preset, prepare_base_model
     from charforge.registry import fetch_verified
 
     if fleet.checkpoint is None:
-        return materialize(load_preset(fleet.base_model))[0]
+        return prepare_base_model(load_preset(fleet.base_model))[0]
     folder = fetch_verified(fleet.checkpoint, downloads, "checkpoint")
     if not (folder / "config.json").is_file():
-        raise ConfigError(f"{fleet.checkpoint}: no config.json in {folder}; fleet.checkpoint must be a model "
+        raise InputError(f"{fleet.checkpoint}: no config.json in {folder}; fleet.checkpoint must be a model "
                           f"checkpoint (a `charforge quantize` output), not an adapter")
     return folder

@@ -19,9 +19,9 @@ from charforge.vllm_server import free_port  # noqa: E402
 @pytest.fixture(scope="session")
 def base_model_dir():
     """The real SmolLM2-135M-Instruct folder, materialized (or verified) by the same code as `charforge setup`."""
-    from charforge.base_models import load_preset, materialize
+    from charforge.base_models import load_preset, prepare_base_model
 
-    folder, _ = materialize(load_preset())
+    folder, _ = prepare_base_model(load_preset())
     return folder
 
 
@@ -63,7 +63,7 @@ def prefect_harness():
     """One temporary Prefect server + database for every flow test in the session."""
     from prefect.testing.utilities import prefect_test_harness
 
-    from charforge.settings import quiet_flow_heartbeats
+    from tasks.runtime import quiet_flow_heartbeats
 
     with prefect_test_harness(server_startup_timeout=120), quiet_flow_heartbeats():
         yield

@@ -15,9 +15,10 @@ from mlflow import MlflowClient
 
 from charforge.checksums import write_manifest
 from charforge.tracking import use_experiment
-from flows.evaluate import register_candidate
+from charforge.registry import register_candidate
 from flows.promote import promote
 from charforge import registry
+from charforge.errors import Refused
 
 CHARFORGE = str(Path(sys.executable).parent / "charforge")
 PROBES = [f"p{i}" for i in range(30)]
@@ -51,7 +52,7 @@ def register(tmp_path: Path, label: str, char_id: float, ooc: float) -> str:
     use_experiment("evaluate")
     with mlflow.start_run() as run:
         mlflow.log_dict({"candidate": per_probe(char_id, ooc), "base": per_probe(0.5, 0.0)}, "per_probe.json")
-    return register_candidate(adapter, lineage, run.info.run_id, "probes-sha")["uri"]
+    return register_candidate(adapter, lineage, run.info.run_id, "probes-sha").uri
 
 
 @pytest.fixture
@@ -77,13 +78,13 @@ def test_versions_are_promoted_refused_and_rolled_into_previous(registry_env):
     assert client.get_model_version(NAME, "2").tags["adapter_sha256"] != tags["adapter_sha256"]
 
     first = promote(candidate=v1, policy_file=policy, approve=True, comment="first champion, read the samples")
-    assert first["promoted"] and aliases(client)["champion"] == "1"
+    assert first.promoted and aliases(client)["champion"] == "1"
     assert client.get_model_version(NAME, "1").tags["approval"] == "approved"
     assert client.get_model_version(NAME, "1").tags["approval_comment"] == "first champion, read the samples"
 
     bad = register(tmp_path, "ooc", char_id=0.8, ooc=0.5)
     refused = promote(candidate=bad, policy_file=policy)
-    assert not refused["promoted"] and aliases(client)["champion"] == "1"
+    assert not refused.promoted and aliases(client)["champion"] == "1"
     tags = client.get_model_version(NAME, "3").tags
     assert tags["promotion_decision"] == "reject"
     assert "character_generation/ooc_rate: 0.500 > cap 0.1 -> FAIL" in tags["promotion_reasons"]
@@ -91,20 +92,21 @@ def test_versions_are_promoted_refused_and_rolled_into_previous(registry_env):
 
     better = register(tmp_path, "better", char_id=0.9, ooc=0.0)
     second = promote(candidate=better, policy_file=policy)  # not the first version: no approval needed
-    assert second["promoted"] and second["changed"]
+    assert second.promoted and second.changed
     assert {k: v for k, v in aliases(client).items() if k != "candidate"} == {"champion": "4", "previous": "1"}
     assert client.get_model_version(NAME, "4").tags["approval"] == "not_required"
 
     again = promote(candidate=better, policy_file=policy)
-    assert again["promoted"] and not again["changed"] and again["reasons"] == ["already champion"]
+    assert again.promoted and not again.changed and again.reasons == ("already champion",)
     assert aliases(client)["previous"] == "1"
 
 
 def test_a_version_without_a_passing_decision_never_becomes_champion(registry_env):
     tmp_path, policy, client = registry_env
     register(tmp_path, "one", 0.8, 0.0)
-    with pytest.raises(RuntimeError, match="has no passing evaluation, promotion decision and approval recorded"):
+    with pytest.raises(Refused, match="has no passing evaluation, promotion decision and approval recorded") as err:
         registry.promote_aliases(client, NAME, "1")
+    assert err.value.exit_code == 3
     assert "champion" not in aliases(client)
 
 
@@ -119,7 +121,7 @@ def test_first_version_waits_for_a_reviewer_in_the_prefect_ui(registry_env):
     tmp_path, policy, client = registry_env
     uri = register(tmp_path, "one", 0.8, 0.0)
     result = {}
-    runner = threading.Thread(target=lambda: result.update(promote(candidate=uri, policy_file=policy)))
+    runner = threading.Thread(target=lambda: result.update(outcome=promote(candidate=uri, policy_file=policy)))
     runner.start()
 
     async def paused_run():
@@ -137,7 +139,8 @@ def test_first_version_waits_for_a_reviewer_in_the_prefect_ui(registry_env):
     assert client.get_model_version(NAME, "1").tags["approval"] == "pending"
     resume_flow_run(flow_run_id, run_input={"approve": False, "comment": "voice too modern", "reviewer": "dana"})
     runner.join(timeout=120)
-    assert result["promoted"] is False and result["reasons"][-1] == "rejected by reviewer: voice too modern"
+    outcome = result["outcome"]
+    assert outcome.promoted is False and outcome.reasons[-1] == "rejected by reviewer: voice too modern"
     tags = client.get_model_version(NAME, "1").tags
     assert (tags["approval"], tags["approval_reviewer"]) == ("rejected", "dana")
     assert "champion" not in aliases(client)

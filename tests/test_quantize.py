@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from charforge.checksums import MANIFEST, verify_manifest
+from charforge.errors import InputError
 from charforge.config import ConfigError, load_yaml_model
 from charforge.promotion import decide
 from charforge.schemas.promote import PromotionPolicy
@@ -48,7 +49,7 @@ def test_bad_config_names_file_key_and_reason(tmp_path, changes, message):
 
 def test_merged_mode_without_adapter_is_refused():
     cfg = load_yaml_model(CONFIGS_DIR / "quantize" / "cpu_w4a16_rtn_merged.yaml", QuantizeConfig)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(InputError) as err:
         require_adapter(cfg)
     assert str(err.value) == ("cpu-w4a16-rtn-merged: mode 'merged' merges an adapter into the base; pass --adapter "
                               "<dir | models:/name/version> (or set `adapter` in the config)")
@@ -88,7 +89,7 @@ def test_missing_quantization_tool_says_where_it_runs():
         pytest.skip("llmcompressor is installed here")
     except ImportError:
         pass
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(InputError) as err:
         require_tool("llm-compressor")
     assert str(err.value).startswith("llm-compressor is not installed (llmcompressor cannot be imported); "
                                      "llm-compressor 0.14 pins transformers<=5.17")
@@ -98,7 +99,7 @@ def test_missing_quantization_tool_says_where_it_runs():
 def test_calibration_without_curated_dataset_says_how_to_make_one(tmp_path, base_model_dir):
     from transformers import AutoTokenizer
 
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(InputError) as err:
         sample_calibration(tmp_path / "nowhere", 8, 0, AutoTokenizer.from_pretrained(base_model_dir))
     assert "no curated dataset here (manifest.json missing); run `charforge curate" in str(err.value)
 
@@ -200,7 +201,7 @@ def test_policy_without_a_quantized_evaluation_skips_the_quantization_rules():
 def test_quantize_run_is_judged_by_the_policy_and_the_verdict_recorded(mlflow_store, tmp_path):
     import mlflow
 
-    from flows.quantize import judge
+    from charforge.quantization import judge
 
     bf16 = {"character_mc/acc_mutual_info": probe_scores([1, 1, 1, 0] * 8),
             "character_reply_likelihood/bits_per_byte": probe_scores([1.5] * 32)}
@@ -211,8 +212,8 @@ def test_quantize_run_is_judged_by_the_policy_and_the_verdict_recorded(mlflow_st
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump(quantization_policy(0.05).model_dump(mode="json", exclude_none=True)))
     gate = judge(run.info.run_id, policy)
-    assert gate["verdict"] == "refuse" and len(gate["checks"]) == 2
-    assert gate["checks"][1].startswith("character_reply_likelihood/bits_per_byte: gain vs bf16 when served "
+    assert gate.verdict == "refuse" and len(gate.checks) == 2
+    assert gate.checks[1].startswith("character_reply_likelihood/bits_per_byte: gain vs bf16 when served "
                                         "quantized -1.000")
     assert mlflow.get_run(run.info.run_id).data.tags["quantization_gate"] == "refuse"
 
@@ -237,7 +238,7 @@ def test_fleet_serves_the_quantized_base_with_a_rolled_out_lora(base_model_dir, 
 
     from charforge.tracking import use_experiment
     from charforge.vllm_server import free_port
-    from flows.evaluate import register_candidate
+    from charforge.registry import register_candidate
     from tests.conftest import build_adapter
     from tests.serving.test_rollout import charforge, two_free_ports
 
@@ -256,7 +257,7 @@ def test_fleet_serves_the_quantized_base_with_a_rolled_out_lora(base_model_dir, 
     with mlflow.start_run() as run:
         pass
     uri = register_candidate(adapter, {"base_model": "smollm2-135m-instruct", "train_config": "w4-lora",
-                                       "mlflow_run_id": "none"}, run.info.run_id, "probes")["uri"]
+                                       "mlflow_run_id": "none"}, run.info.run_id, "probes").uri
     config = tmp_path / "serving.yaml"
     gateway = free_port()
     config.write_text(yaml.safe_dump({

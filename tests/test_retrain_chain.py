@@ -55,8 +55,9 @@ def small_parameters(root: Path, gateway_url: str) -> dict:
     train = load_yaml_model(CONFIGS_DIR / "train" / "smollm2_lora.yaml", TrainConfig).model_copy(update={
         "name": "chain-test"})
     train.training.max_steps, train.training.save_steps, train.training.max_length = 2, 2, 256
-    evaluate = EvalConfig(limit=2, bootstrap_resamples=200, parity={"prompts": 4, "tokens": 4,
-                                                                    "min_first_token_agreement": 0.5})
+    # register_version: false: the chain still promotes, so it registers the candidate itself (this was a KeyError)
+    evaluate = EvalConfig(limit=2, bootstrap_resamples=200, register_version=False,
+                          parity={"prompts": 4, "tokens": 4, "min_first_token_agreement": 0.5})
     # Two probes per task cannot show a difference; the gate's mechanics run, with margins no 2-step adapter fails.
     policy = PromotionPolicy(resamples=200, rules=[
         {"metric": "character_generation/empty_rate", "max": 0.5},
@@ -124,21 +125,22 @@ def test_retrain_runs_every_stage_and_the_gateway_serves_the_champion(chain_env,
     params = small_parameters(chain_env, gateway)
     result = retrain(**params)
 
-    assert result["promoted"] and not result["curation_cached"]
+    assert result.promoted and not result.curation_cached
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     champion = client.get_model_version_by_alias(NAME, "champion")
-    assert str(champion.version) == str(result["version"])
+    assert champion.tags["eval_status"] == "passed" and champion.tags["eval_run_id"] == result.eval_run_id
+    assert str(champion.version) == str(result.version)
     served = f"{NAME}-v{champion.version}"
     reply = httpx.post(f"{gateway}/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"}, timeout=120,
-                       json={"model": result["example_route"], "max_tokens": 8, "messages": [{"role": "user", "content": "Hello!"}]})
+                       json={"model": result.example_route, "max_tokens": 8, "messages": [{"role": "user", "content": "Hello!"}]})
     assert reply.status_code == 200 and reply.headers["x-charforge-version"] == served
-    assert result["replicas"] and result["rollout"] == "done"
+    assert result.replicas and result.rollout == "done"
 
     # Lineage on the version: dataset -> training run -> adapter -> evaluation -> chain run -> replicas
     tags = champion.tags
-    assert tags["dataset_hash"] == result["dataset_hash"] and tags["train_run_id"] == result["train_run_id"]
-    assert tags["adapter_sha256"] == result["adapter_sha256"] and tags["eval_run_id"] == result["eval_run_id"]
-    assert tags["chain_run_id"] == result["chain_run_id"] and tags["served_by"] == ",".join(result["replicas"])
+    assert tags["dataset_hash"] == result.dataset_hash and tags["train_run_id"] == result.train_run_id
+    assert tags["adapter_sha256"] == result.adapter_sha256 and tags["eval_run_id"] == result.eval_run_id
+    assert tags["chain_run_id"] == result.chain_run_id and tags["served_by"] == ",".join(result.replicas)
     assert tags["promotion_decision"] == "promote" and tags["approval"] == "approved"
 
     # The reviewer's view: one parent, a child per stage, a grandchild per scored model with the same metric names
@@ -151,9 +153,9 @@ def test_retrain_runs_every_stage_and_the_gateway_serves_the_champion(chain_env,
     assert "eval/character_generation/char_id_acc" in models["candidate"].data.metrics
     artifacts = {a.path for a in client.list_artifacts(stages["evaluate"].info.run_id)}
     assert {"per_character.png", "eval_samples.json", "report.md"} <= artifacts
-    assert client.get_run(result["train_run_id"]).data.tags["charforge.chain_run_id"] == parent.info.run_id
+    assert client.get_run(result.train_run_id).data.tags["charforge.chain_run_id"] == parent.info.run_id
     assert stages["promote"].data.tags["promotion_decision"] == "promote"
-    assert parent.data.tags["prefect_flow_run_id"] in result["prefect_flow_run_url"]
+    assert parent.data.tags["prefect_flow_run_id"] in result.prefect_flow_run_url
 
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -163,7 +165,7 @@ def test_retrain_runs_every_stage_and_the_gateway_serves_the_champion(chain_env,
             return await prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
 
     markdown = asyncio.run(artifacts("lineage"))[-1].data
-    assert result["dataset_hash"][:16] in markdown and result["chain_run_id"] in markdown and served in markdown
+    assert result.dataset_hash[:16] in markdown and result.chain_run_id in markdown and served in markdown
     summary = asyncio.run(artifacts("retrain-summary"))[-1].data  # the terminal's summary, in the Prefect UI
     assert f"{NAME} version {champion.version} (champion)" in summary and "bits_per_byte" in summary
     assert any("| character_mc | acc_norm ↑ |" in (a.data or "") for a in asyncio.run(artifacts("character-eval")))
@@ -174,7 +176,7 @@ def test_retrain_runs_every_stage_and_the_gateway_serves_the_champion(chain_env,
 def assert_candidate_scored_against_base(client: MlflowClient, result: dict, cfg: EvalConfig) -> None:
     """The evaluation stage as the chain ran it: the flow-trained adapter and its base, served by vLLM and scored
     by lm-eval on the task folder, with CIs, train/serve parity, report files and an MLflow run a reviewer reads."""
-    out = Path(result["eval_report"]).parent
+    out = Path(result.eval_report).parent
     scores = json.loads((out / "scores.json").read_text())
     assert set(scores["summaries"]) == {"candidate", "base"}
     for target, summary in scores["summaries"].items():
@@ -207,7 +209,7 @@ def assert_candidate_scored_against_base(client: MlflowClient, result: dict, cfg
     ll = {t: [s["resps"][0][0][0] for s in samples[t]["character_mc"]] for t in samples}
     assert ll["candidate"] != ll["base"]
 
-    run = client.get_run(result["eval_run_id"])
+    run = client.get_run(result.eval_run_id)
     metrics = run.data.metrics
     assert {"eval/character_mc/acc_norm", "eval/character_mc/acc_norm/ci_low", "base/eval/character_mc/acc_norm",
             "eval/character_generation/ooc_rate", "parity/first_token_agreement"} <= set(metrics)
@@ -217,7 +219,7 @@ def assert_candidate_scored_against_base(client: MlflowClient, result: dict, cfg
     assert {"eval_samples.json", "report.md", "scores.json", "per_character.png", "lm_eval"} <= artifacts
     table = json.loads(Path(client.download_artifacts(run.info.run_id, "eval_samples.json")).read_text())
     assert {"model", "task", "probe", "character", "response"} <= set(table["columns"])
-    assert run.data.tags["adapter_sha256"] == result["adapter_sha256"]
+    assert run.data.tags["adapter_sha256"] == result.adapter_sha256
     assert run.data.params["targets"] == "candidate,base"
 
 
@@ -254,8 +256,11 @@ def test_prefect_deployment_run_from_the_api_is_picked_up_by_a_worker(chain_env,
         deployment = httpx.get(f"{api}/deployments/name/retrain/nightly").json()
         schedule = deployment["schedules"][0]
         assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["active"] is False
-        assert {"curate", "train", "evaluate", "quantize", "promotion", "serving"} <= set(
-            deployment["parameter_openapi_schema"]["properties"])
+        form = deployment["parameter_openapi_schema"]["properties"]  # what the UI's Run form shows
+        assert {"curate", "train", "evaluate", "quantize", "promotion", "serving", "config"} <= set(form)
+        assert form["train"]["default"]["name"] == "smollm2-lora" and form["evaluate"]["default"]["limit"] is None
+        assert form["serving"]["default"]["rollout"]["steps"] == [5, 25, 100] and form["quantize"]["default"] is None
+        assert deployment["parameters"] == {}  # a scheduled run reads configs/retrain/default.yaml when it starts
 
         worker = Service(name="Worker", command=deployments.worker_command(), health_url=api,
                          env=deployments.prefect_env(api, env))
@@ -309,3 +314,39 @@ def wait_final(api: str, run_id: str, timeout: float) -> dict:
             return state
         time.sleep(2)
     raise AssertionError(f"flow run {run_id} did not finish within {timeout:.0f} s")
+
+
+def test_no_gateway_ends_the_chain_as_one_line_with_the_unavailable_code(chain_env, prefect_api):
+    """`charforge retrain` as a user runs it, on the first test's state (every stage reused), deploying through a
+    gateway that does not answer: one line naming the gateway and the fix, exit code 4, no traceback; the chain's
+    MLflow run ends FAILED with that error."""
+    import subprocess
+
+    import yaml
+
+    from charforge.vllm_server import free_port
+    from tests.training.test_train_flow import CHARFORGE
+
+    params = small_parameters(chain_env, "unused")
+    files = {}
+    for stage in ("curate", "train", "evaluate", "promotion", "serving"):
+        files[stage] = chain_env / f"{stage}.yaml"
+        files[stage].write_text(yaml.safe_dump(params[stage]))
+    chain = chain_env / "chain.yaml"
+    chain.write_text(yaml.safe_dump({**{k: str(v) for k, v in files.items()}, "inputs": params["inputs"],
+                                     "dataset_dir": params["dataset_dir"], "start_fleet": False}))
+    from prefect.settings import get_current_settings
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "PREFECT_LOCAL_STORAGE_PATH": str(get_current_settings().results.local_storage_path)}
+    result = subprocess.run([CHARFORGE, "retrain", "--config", str(chain), "--gateway", dead, "--approve"],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 4, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: no gateway answers at {dead}; start the fleet with `charforge serve up` (or pass "
+                      "start_fleet=true) and re-run: every earlier stage is reused"], result.stderr[-3000:]
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    last = chain_runs(client)[-1]
+    summary = json.loads(Path(client.download_artifacts(last.info.run_id, "chain_summary.json")).read_text())
+    assert last.info.status == "FAILED" and summary["error"].startswith("GatewayUnavailable: no gateway answers")

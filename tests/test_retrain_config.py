@@ -8,23 +8,23 @@ import pytest
 from charforge.config import ConfigError
 from charforge.schemas.evaluate import EvalConfig
 from charforge.settings import CONFIGS_DIR
-from flows.retrain import chain_parameters, evaluation_key
+from charforge.chain import evaluation_key, load_chain as chain_parameters
 
 
 def test_chain_files_become_the_flow_parameters():
     demo = chain_parameters(CONFIGS_DIR / "retrain" / "demo.yaml")
     nightly = chain_parameters(CONFIGS_DIR / "retrain" / "default.yaml")
-    assert demo["evaluate"].limit == 32 and nightly["evaluate"].limit is None
-    assert demo["train"].name == nightly["train"].name == "smollm2-lora"
-    assert demo["inputs"] == ["data/raw"] and demo["deploy"] and demo["start_fleet"]
-    assert demo["quantize"] is None
+    assert demo.evaluate.limit == 32 and nightly.evaluate.limit is None
+    assert demo.train.name == nightly.train.name == "smollm2-lora"
+    assert demo.inputs == ["data/raw"] and demo.deploy and demo.start_fleet
+    assert demo.quantize is None
 
 
 def test_quantization_is_one_line_in_the_chain_file(tmp_path):
     chain = tmp_path / "chain.yaml"
     chain.write_text("evaluate: configs/eval/quick.yaml\nquantize: configs/quantize/cpu_w4a16_rtn.yaml\n")
     params = chain_parameters(chain)
-    assert params["quantize"].mode == "multi_lora" and params["evaluate"].limit == 32
+    assert params.quantize.mode == "multi_lora" and params.evaluate.limit == 32
 
 
 def test_a_bad_stage_file_is_named(tmp_path):

@@ -50,7 +50,7 @@ def test_cli_flows_run_without_heartbeats_unless_the_user_sets_them():
     import sys
 
     probe = ("from prefect.settings import get_current_settings as s\n"
-             "from charforge.settings import quiet_flow_heartbeats\n"
+             "from tasks.runtime import quiet_flow_heartbeats\n"
              "before = s().flows.heartbeat_frequency\n"
              "with quiet_flow_heartbeats():\n    inside = s().flows.heartbeat_frequency\n"
              "print(before, inside, s().flows.heartbeat_frequency)")

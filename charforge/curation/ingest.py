@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from charforge.errors import InputError
+
 ROLES = {"system", "user", "assistant"}
 
 
@@ -16,10 +18,6 @@ class Drop:
 
     reason: str
     detail: str
-
-
-class InputError(ValueError):
-    """An input path is unusable (missing, unreadable, empty); the message names it."""
 
 
 def expand_inputs(paths: list[Path]) -> list[Path]:

@@ -9,7 +9,7 @@ import mlflow
 from charforge.tracking import log_dataset_inputs, use_experiment
 
 
-def flat_metrics(manifest: dict) -> dict[str, float]:
+def manifest_metrics(manifest: dict) -> dict[str, float]:
     metrics = {k: manifest[k] for k in ("rows_read", "rows_kept", "rows_rejected", "duplicates_removed")}
     metrics |= {f"rejected.{k}": v for k, v in manifest["rejected_by_reason"].items()}
     metrics |= {f"pii.{k}": v for k, v in manifest["pii_redactions"].items()}
@@ -34,7 +34,7 @@ def log_curated_dataset(out_dir: Path, flow_run: dict | None = None) -> str:
                            "max_tokens": manifest["config"]["max_tokens"],
                            "near_threshold": manifest["config"]["dedup"]["near_threshold"],
                            "inputs": ",".join(Path(i["path"]).name for i in manifest["inputs"])})
-        mlflow.log_metrics(flat_metrics(manifest))
+        mlflow.log_metrics(manifest_metrics(manifest))
         log_dataset_inputs(out_dir, digest)
         mlflow.log_artifact(str(out_dir / "manifest.json"))
         mlflow.log_dict(manifest["per_character"], "per_character.json")

@@ -16,13 +16,17 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
+
+from charforge.base_models import load_preset, model_dir
 
 from charforge.checksums import sha256_file
 from charforge.characters import CharacterCard
 from charforge.schemas.curate import CurateConfig
 from charforge.curation.dedup import ExactDeduper, NearDeduper, content_key, minhash_signatures
-from charforge.curation.ingest import Drop, InputError, parse_conversation, raw_text, read_line_at, read_lines
+from charforge.errors import InputError
+from charforge.curation.ingest import Drop, parse_conversation, raw_text, read_line_at, read_lines
 from charforge.curation.persona import PersonaIndex, make_ooc_checker
 from charforge.curation.scrub import normalize_text, scrub_pii
 from charforge.curation.split import OVER_CAP, TRAIN, assign_splits
@@ -299,3 +303,39 @@ def build_manifest(out_dir: Path, files, cfg: CurateConfig, tokenizer, tally: Ta
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest
+
+
+class CurationPlan(BaseModel):
+    """What one curation run reads and writes, and the fingerprint its result is cached on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    files: tuple[str, ...]
+    out_dir: str
+    characters_dir: str
+    fingerprint: str
+    outputs_intact: bool
+
+
+def curation_fingerprint(files: list[Path], characters_dir: Path, out_dir: Path, config: CurateConfig) -> str:
+    """Everything the curated output depends on: input bytes, cards, config, tokenizer, output location."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path}:{sha256_file(path)}\n".encode())
+    for card in sorted(Path(characters_dir).glob("*.yaml")):
+        digest.update(f"{card.name}:{sha256_file(card)}\n".encode())
+    tokenizer_file = model_dir(load_preset(config.base_model)) / "tokenizer.json"
+    if tokenizer_file.is_file():
+        digest.update(sha256_file(tokenizer_file).encode())
+    digest.update(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode())
+    digest.update(str(Path(out_dir).resolve()).encode())
+    return digest.hexdigest()
+
+
+def outputs_intact(out_dir: Path) -> bool:
+    """True when manifest.json exists and every output file still has the sha256 it records."""
+    manifest_path = Path(out_dir) / "manifest.json"
+    if not manifest_path.is_file():
+        return False
+    recorded = json.loads(manifest_path.read_text()).get("sha256", {})
+    return all((Path(out_dir) / n).is_file() and sha256_file(Path(out_dir) / n) == recorded.get(n) for n in OUTPUTS)

@@ -12,11 +12,13 @@ import httpx
 from tqdm import tqdm
 
 from charforge.characters import CharacterCard, load_characters
+from charforge.errors import Unavailable
+from charforge.http import bearer
 from charforge.schemas.curate import SyntheticConfig
 
 
-class SyntheticError(RuntimeError):
-    pass
+class SyntheticError(Unavailable):
+    """The generation endpoint did not answer, or answered with an error."""
 
 
 def chat(client: httpx.Client, cfg: SyntheticConfig, messages: list[dict], seed: int) -> str:
@@ -50,7 +52,7 @@ def synthesize_conversation(client, cfg: SyntheticConfig, card: CharacterCard, s
 def generate_synthetic(characters_dir: Path, out_path: Path, cfg: SyntheticConfig) -> Path:
     """Write `conversations_per_character` generated conversations per card to `out_path` (JSONL)."""
     cards = load_characters(characters_dir)
-    headers = {"Authorization": f"Bearer {cfg.api_key.get_secret_value()}"} if cfg.api_key else {}
+    headers = bearer(cfg.api_key.get_secret_value() if cfg.api_key else None)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     total = len(cards) * cfg.conversations_per_character
     with httpx.Client(base_url=cfg.base_url, headers=headers, timeout=120) as client, \

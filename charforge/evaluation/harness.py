@@ -6,11 +6,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
+import time
+from functools import partial
 from pathlib import Path
 
+import httpx
 import numpy as np
 
-from charforge.settings import CONFIGS_DIR
+from charforge.evaluation.metrics import bootstrap_ci
+from charforge.results import MetricSummary
+from charforge.schemas.evaluate import EvalConfig
+from charforge.settings import CONFIGS_DIR, repo_path
 
 TASK_DIR = CONFIGS_DIR / "lm_eval" / "character"
 GROUP = "character"
@@ -59,7 +66,7 @@ def run_lm_eval(*, model_args: dict, tasks: list[str], output_dir: Path, model: 
         random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
     )
     if results is None:
-        raise RuntimeError("lm-eval returned no results")
+        raise RuntimeError("lm-eval returned no results")  # a bug in a task, not something a user fixes
     samples = results.pop("samples")
     tracker.save_results_aggregated(results=results, samples=samples)
     for task_name in results["configs"]:
@@ -89,15 +96,10 @@ def _statistic(metric: str, values: list) -> float:
     return float(np.mean(values))
 
 
-def bootstrap(metric: str, values: list, resamples: int, seed: int = 0, confidence: float = 0.95) -> dict:
-    """Point value and percentile-bootstrap CI, resampling documents (corpus metrics recomputed per resample)."""
-    point = _statistic(metric, values)
-    rng = np.random.default_rng(seed)
-    n = len(values)
-    stats = [_statistic(metric, [values[i] for i in rng.integers(0, n, n)]) for _ in range(resamples)]
-    alpha = (1 - confidence) / 2
-    return {"value": point, "ci_low": float(np.quantile(stats, alpha)), "ci_high": float(np.quantile(stats, 1 - alpha)),
-            "n": n}
+def summarize_metric(metric: str, values: list, resamples: int, per_character: dict[str, float]) -> MetricSummary:
+    """Point value and percentile-bootstrap CI over documents (corpus metrics recomputed per resample)."""
+    point, low, high = bootstrap_ci(values, resamples=resamples, statistic=partial(_statistic, metric))
+    return MetricSummary(value=point, ci_low=low, ci_high=high, n=len(values), per_character=per_character)
 
 
 def metric_names(task_rows: list[dict]) -> list[str]:
@@ -117,26 +119,26 @@ def persona_effect_values(samples: dict[str, list[dict]]) -> dict[str, tuple[str
             for k in sorted(with_p.keys() & without.keys())}
 
 
-def summarize(samples: dict[str, list[dict]], resamples: int = 1000) -> dict:
-    """{task: {metric: {value, ci_low, ci_high, n, per_character: {character: value}}}} from the sample files."""
-    summary: dict[str, dict] = {}
+def summarize(samples: dict[str, list[dict]], resamples: int = 1000) -> dict[str, dict[str, MetricSummary]]:
+    """{task: {metric: summary with CI and per-character values}} from the sample files."""
+    summary: dict[str, dict[str, MetricSummary]] = {}
     for task, rows in sorted(samples.items()):
         summary[task] = {}
         for metric in metric_names(rows):
-            entry = bootstrap(metric, [r[metric] for r in rows], resamples)
             by_character: dict[str, list] = {}
             for r in rows:
                 by_character.setdefault(r["doc"]["character"], []).append(r[metric])
-            entry["per_character"] = {c: _statistic(metric, v) for c, v in sorted(by_character.items())}
-            summary[task][metric] = entry
+            summary[task][metric] = summarize_metric(
+                metric, [r[metric] for r in rows], resamples,
+                {c: _statistic(metric, v) for c, v in sorted(by_character.items())})
     effect = persona_effect_values(samples)
     if effect:
-        entry = bootstrap(PERSONA_EFFECT, [value for _, value in effect.values()], resamples)
         by_character = {}
         for character, value in effect.values():
             by_character.setdefault(character, []).append(value)
-        entry["per_character"] = {c: float(np.mean(v)) for c, v in sorted(by_character.items())}
-        summary["character_reply_likelihood"][PERSONA_EFFECT] = entry
+        summary["character_reply_likelihood"][PERSONA_EFFECT] = summarize_metric(
+            PERSONA_EFFECT, [value for _, value in effect.values()], resamples,
+            {c: float(np.mean(v)) for c, v in sorted(by_character.items())})
     return summary
 
 
@@ -158,15 +160,59 @@ def per_probe_scores(samples: dict[str, list[dict]]) -> dict[str, dict[str, floa
     return scores
 
 
-def flat_metrics(summary: dict) -> dict[str, float]:
+def summary_metrics(summary: dict[str, dict[str, MetricSummary]]) -> dict[str, float]:
     """MLflow metric names: `eval/<task>/<metric>`, its CI bounds, and `eval/<task>/<metric>/<character>`."""
     flat = {}
     for task, metrics in summary.items():
         for metric, entry in metrics.items():
             key = f"eval/{task}/{metric}"
-            flat[key] = entry["value"]
-            flat[f"{key}/ci_low"] = entry["ci_low"]
-            flat[f"{key}/ci_high"] = entry["ci_high"]
-            for character, value in entry["per_character"].items():
+            flat[key] = entry.value
+            flat[f"{key}/ci_low"] = entry.ci_low
+            flat[f"{key}/ci_high"] = entry.ci_high
+            for character, value in entry.per_character.items():
                 flat[f"{key}/{character}"] = value
     return flat
+
+
+def score_served_model(cfg: EvalConfig, base_url: str, served_name: str, tokenizer_dir: Path,
+                       out_dir: Path) -> dict[str, dict[str, MetricSummary]]:
+    """All configured tasks for one served model: lm-eval's files under `out_dir`, `summary.json` and
+    `per_probe.json` beside them; returns the summary."""
+    metadata = {"probes": str(repo_path(cfg.probes)), "characters": str(repo_path(cfg.characters))}
+    url = f"{base_url}/v1/completions"
+    common = dict(output_dir=out_dir, limit=cfg.limit, metadata=metadata)
+    loglikelihood = [t for t in cfg.tasks if t in LOGLIKELIHOOD_TASKS]
+    generation = [t for t in cfg.tasks if t not in LOGLIKELIHOOD_TASKS]
+    if loglikelihood:  # one prompt at a time: see LOGLIKELIHOOD_TASKS
+        run_lm_eval(model_args=served_model_args(url, served_name, tokenizer_dir), tasks=loglikelihood, **common)
+    if generation:
+        run_lm_eval(model_args=served_model_args(url, served_name, tokenizer_dir, cfg.generation_concurrency),
+                    tasks=generation, **common)
+    samples = read_samples(out_dir)
+    summary = summarize(samples, cfg.bootstrap_resamples)
+    (out_dir / "summary.json").write_text(json.dumps(
+        {t: {m: e.model_dump() for m, e in metrics.items()} for t, metrics in summary.items()}, indent=2))
+    (out_dir / "per_probe.json").write_text(json.dumps(per_probe_scores(samples), indent=1))
+    return summary
+
+
+# Single-stream decode speed of the evaluated model, measured once per evaluation (median of 3 after a warm-up).
+DECODE_TOKENS, DECODE_REPEATS = 64, 3
+DECODE_PROMPT = ("<|im_start|>system\nYou are Sherlock Holmes.<|im_end|>\n<|im_start|>user\nHow did you know I "
+                 "was a doctor?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def decode_speed(base_url: str, model: str, tokens: int = DECODE_TOKENS, repeats: int = DECODE_REPEATS,
+                 prompt: str = DECODE_PROMPT) -> float:
+    """Single-stream greedy decode tokens/s through the server's /v1/completions: one warm-up, then the median of
+    `repeats` (end-of-text ignored so every run decodes `tokens` tokens)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    rates = []
+    for i in range(repeats + 1):
+        started = time.monotonic()
+        response = httpx.post(f"{base_url}/v1/completions", json=body, timeout=600)
+        response.raise_for_status()
+        elapsed = time.monotonic() - started
+        if i:
+            rates.append(response.json()["usage"]["completion_tokens"] / elapsed)
+    return statistics.median(rates)

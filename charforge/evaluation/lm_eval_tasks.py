@@ -24,7 +24,7 @@ from charforge.evaluation.metrics import (
     style_marker_rate,
 )
 from charforge.characters import CharacterCard, load_characters
-from charforge.config import ConfigError
+from charforge.errors import ConfigError
 from charforge.settings import DATA_DIR
 
 PROBE_TYPES = ("normal", "boundary", "identity")

@@ -139,16 +139,23 @@ def card_exemplars(card: CharacterCard, lines: list[str] | None = None) -> list[
     return [card.system_prompt, *card.facts, *card.style.catchphrases, *(lines or [])]
 
 
-def bootstrap_ci(values: list[float], confidence: float = 0.95, resamples: int = 2000,
-                 seed: int = 0) -> tuple[float, float, float]:
-    """(mean, low, high): percentile bootstrap over samples."""
-    data = np.asarray(values, dtype=float)
-    if data.size == 0:
+def bootstrap_ci(values: list, confidence: float = 0.95, resamples: int = 2000, seed: int = 0,
+                 statistic=None) -> tuple[float, float, float]:
+    """(point, low, high): percentile bootstrap resampling the values with replacement. `statistic` (default: the
+    mean) is recomputed on every resample, so corpus metrics (bits/byte over summed log-likelihoods, macro-F1)
+    get the CI of the corpus figure, not of per-item means. The only bootstrap in charforge: the evaluation's CIs
+    and the promotion gate's paired CIs both come from here."""
+    if len(values) == 0:
         raise ValueError("bootstrap_ci needs at least one value")
     rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
+    draws = rng.integers(0, len(values), size=(resamples, len(values)))
+    if statistic is None:
+        data = np.asarray(values, dtype=float)
+        point, stats = float(data.mean()), data[draws].mean(axis=1)
+    else:
+        point, stats = statistic(values), [statistic([values[i] for i in row]) for row in draws]
     alpha = (1 - confidence) / 2
-    return float(data.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+    return point, float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
 
 
 def paired_bootstrap_diff(a: list[float], b: list[float], confidence: float = 0.95, resamples: int = 2000,

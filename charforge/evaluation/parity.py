@@ -15,11 +15,21 @@ from pathlib import Path
 import httpx
 import torch
 
+from charforge.errors import Refused
+from charforge.evaluation.lm_eval_tasks import read_probes
+from charforge.results import Parity, ParityExample
+from charforge.schemas.evaluate import EvalConfig
+from charforge.settings import repo_path
+
 from charforge.training.adapters import TRAINING_TEMPLATE, load_adapter_model
 
 
-class ParityError(RuntimeError):
+class ParityError(Refused):
     """Training and serving disagree on the prompt itself (template or special tokens)."""
+
+
+class ParityRefused(Refused):
+    """The served adapter does not generate like the trained one (first greedy tokens disagree too often)."""
 
 
 def training_template(adapter_dir: Path, tokenizer) -> tuple[str, str]:
@@ -59,7 +69,7 @@ def served_greedy_ids(base_url: str, model: str, prompt_ids: list[int], tokens: 
 
 
 def check_parity(*, adapter_dir: Path, base_dir: Path, base_url: str, served_name: str,
-                 conversations: list[list[dict]], tokens: int) -> dict:
+                 conversations: list[list[dict]], tokens: int) -> Parity:
     """Run both checks; raise ParityError on a prompt mismatch, else return the agreement rates and examples."""
     from transformers import AutoTokenizer
 
@@ -88,7 +98,26 @@ def check_parity(*, adapter_dir: Path, base_dir: Path, base_url: str, served_nam
         n = min(len(hf_ids), len(vllm_ids))
         all_equal += int(hf_ids[:n] == vllm_ids[:n])
         if len(examples) < 3:
-            examples.append({"hf": tokenizer.decode(hf_ids), "vllm": tokenizer.decode(vllm_ids)})
-    return {"prompts": len(prompts), "tokens": tokens, "template_source": template_source,
-            "first_token_agreement": first_equal / len(prompts), "prefix_agreement": all_equal / len(prompts),
-            "examples": examples}
+            examples.append(ParityExample(hf=tokenizer.decode(hf_ids), vllm=tokenizer.decode(vllm_ids)))
+    return Parity(prompts=len(prompts), tokens=tokens, template_source=template_source,
+                  first_token_agreement=first_equal / len(prompts), prefix_agreement=all_equal / len(prompts),
+                  examples=tuple(examples))
+
+
+def check_served_adapter(cfg: EvalConfig, adapter_dir: Path, base_dir: Path, base_url: str, served_name: str,
+                         enforce: bool = True) -> Parity:
+    """`check_parity` on `cfg.parity.prompts` probes spread over the probe file; below
+    `min_first_token_agreement` the adapter is refused (`ParityRefused`) unless `enforce` is off."""
+    probes = read_probes(repo_path(cfg.probes))
+    step = max(1, len(probes) // cfg.parity.prompts)
+    conversations = [[{"role": "system", "content": p["system_prompt"]}, *p["history"],
+                      {"role": "user", "content": p["user_msg"]}] for p in probes[::step][:cfg.parity.prompts]]
+    result = check_parity(adapter_dir=adapter_dir, base_dir=base_dir, base_url=base_url, served_name=served_name,
+                          conversations=conversations, tokens=cfg.parity.tokens)
+    if enforce and result.first_token_agreement < cfg.parity.min_first_token_agreement:
+        raise ParityRefused(
+            f"train/serve parity: HF+PEFT and vLLM agree on the first greedy token for only "
+            f"{result.first_token_agreement:.0%} of prompts (< {cfg.parity.min_first_token_agreement:.0%}); the "
+            f"served adapter does not behave like the trained one. Examples: "
+            f"{[e.model_dump() for e in result.examples]}")
+    return result

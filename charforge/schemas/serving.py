@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import json
 from typing import Literal
 
@@ -89,6 +91,10 @@ class GatewaySettings(StageConfig):
                                      "are polled.")
     connect_retries: int = Field(default=2, ge=0, description="Other replicas tried when one refuses a connection.")
     request_timeout_s: float = Field(default=300, gt=0, description="Upstream timeout per request.")
+
+    def api_key(self) -> str | None:
+        """The key from `api_key_env` in this process's environment (None: no key set)."""
+        return os.environ.get(self.api_key_env) or None if self.api_key_env else None
 
 
 class GateSettings(StageConfig):

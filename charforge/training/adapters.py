@@ -56,9 +56,10 @@ def load_adapter_model(adapter_dir: Path, base_dir: Path | None = None, dtype=to
 
 def newest_adapter() -> Path:
     """The most recently exported adapter under `<state>/training/` (what a benchmark uses by default)."""
+    from charforge.errors import InputError
     from charforge.settings import platform
 
     runs = sorted((platform().state / "training").glob("*/adapter"), key=lambda p: p.stat().st_mtime)
     if not runs:
-        raise SystemExit("no trained adapter under .state/training; run `make demo` or pass --adapter")
+        raise InputError("no trained adapter under .state/training; run `make demo` or pass --adapter")
     return runs[-1]

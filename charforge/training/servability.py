@@ -27,15 +27,15 @@ def pickle_files(adapter_dir: Path) -> list[str]:
 
 
 def require_safetensors(adapter_dir: Path) -> None:
-    """ConfigError unless the adapter's weights are adapter_model.safetensors and no pickle file sits beside them."""
-    from charforge.config import ConfigError
+    """InputError unless the adapter's weights are adapter_model.safetensors and no pickle file sits beside them."""
+    from charforge.errors import InputError
 
     found = pickle_files(adapter_dir)
     if found:
-        raise ConfigError(f"{adapter_dir}: {', '.join(found)}: pickle weights (loading them can run code); only "
+        raise InputError(f"{adapter_dir}: {', '.join(found)}: pickle weights (loading them can run code); only "
                           f"safetensors adapters are loaded: export {ADAPTER_WEIGHTS} and remove them")
     if not (Path(adapter_dir) / ADAPTER_WEIGHTS).is_file():
-        raise ConfigError(f"{adapter_dir}: {ADAPTER_WEIGHTS} is missing (only safetensors adapters are loaded)")
+        raise InputError(f"{adapter_dir}: {ADAPTER_WEIGHTS} is missing (only safetensors adapters are loaded)")
 
 
 def adapter_rank(config: dict) -> int:

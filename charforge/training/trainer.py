@@ -20,6 +20,7 @@ from datasets import load_dataset
 from peft import LoraConfig, prepare_model_for_kbit_training
 from peft.helpers import disable_input_dtype_casting
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+from pydantic import BaseModel, ConfigDict
 from trl import SFTConfig, SFTTrainer
 
 from charforge.schemas.train import TrainConfig, TrainingSettings
@@ -233,7 +234,17 @@ def load_conversations(dataset_dir: Path):
     return {split: ds.select_columns(["messages"]) for split, ds in data.items()}
 
 
-def fit_adapter(cfg: TrainConfig, model_dir: Path, dataset_dir: Path, run_dir: Path, logger=None) -> dict:
+class FitResult(BaseModel):
+    """What a fit left: the step it ended at, the checkpoint it resumed from, its final metrics."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    global_step: int
+    resumed_from: str | None = None
+    metrics: dict[str, float] = {}
+
+
+def fit_adapter(cfg: TrainConfig, model_dir: Path, dataset_dir: Path, run_dir: Path, logger=None) -> FitResult:
     """Train (or resume) in `run_dir/checkpoints`; save the final adapter to `run_dir/adapter-raw`."""
     data = load_conversations(dataset_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -265,7 +276,8 @@ def fit_adapter(cfg: TrainConfig, model_dir: Path, dataset_dir: Path, run_dir: P
     metrics["num_tokens"] = float(next((h["num_tokens"] for h in reversed(trainer.state.log_history)
                                         if "num_tokens" in h), 0))
     trainer.model.save_pretrained(run_dir / "adapter-raw")  # adapter only; the base tokenizer stays the base's
-    final = {"global_step": trainer.state.global_step, "resumed_from": Path(resume_from).name if resume_from else None,
-             "metrics": metrics}
-    (run_dir / "fit.json").write_text(json.dumps(final, indent=2))
+    final = FitResult(global_step=trainer.state.global_step,
+                      resumed_from=Path(resume_from).name if resume_from else None,
+                      metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+    (run_dir / "fit.json").write_text(final.model_dump_json(indent=2))
     return final

@@ -95,7 +95,7 @@ def test_flow_accounts_for_every_line_and_logs_lineage(corpus, cards_dir, tmp_pa
     assert all(r["messages"][0]["role"] == "system" for r in rows)  # bo's rows got the card's system prompt
     assert {r["character"] for r in rows} == {"mara", "bo"}
 
-    run = MlflowClient(mlflow_store).get_run(result["mlflow_run_id"])
+    run = MlflowClient(mlflow_store).get_run(result.mlflow_run_id)
     assert run.data.tags["dataset_hash"] == manifest["dataset_hash"]
     assert "prefect_flow_run_id" in run.data.tags
     assert run.data.metrics["rows_read"] == 28
@@ -104,7 +104,7 @@ def test_flow_accounts_for_every_line_and_logs_lineage(corpus, cards_dir, tmp_pa
     before = (out / "train.jsonl").stat().st_mtime_ns
     again = curate(inputs=[str(corpus)], out_dir=str(out), characters_dir=str(cards_dir), config=config)
     assert (out / "train.jsonl").stat().st_mtime_ns == before  # served from cache
-    assert again["mlflow_run_id"] == result["mlflow_run_id"]  # one lineage run per dataset
+    assert again.mlflow_run_id == result.mlflow_run_id  # one lineage run per dataset
 
     (out / "train.jsonl").write_text("tampered\n")
     curate(inputs=[str(corpus)], out_dir=str(out), characters_dir=str(cards_dir), config=config)

@@ -139,14 +139,14 @@ def _answers(url: str) -> bool:
         return False
 
 
-def scenario(tiny_llama_dir: str, dataset_dir: str, policy_file: str) -> dict:
+def scenario(tiny_llama_dir: str, dataset_dir: str, policy_file: str) -> dict[str, object]:
     """Run in a fresh process whose MLFLOW_TRACKING_URI and PREFECT_API_URL name the PostgreSQL-backed servers:
     train the tiny adapter, register it with an evaluation's per-probe scores, promote it to champion."""
     import mlflow
 
     from charforge.checksums import MANIFEST
     from charforge.tracking import use_experiment
-    from flows.evaluate import register_candidate
+    from charforge.registry import register_candidate
     from flows.promote import promote
     from flows.train import train
     from tests.test_promote_flow import per_probe
@@ -158,15 +158,15 @@ def scenario(tiny_llama_dir: str, dataset_dir: str, policy_file: str) -> dict:
         while not _answers(health) and time.monotonic() < deadline:
             time.sleep(0.5)
     trained = train(config=tiny_config(Path(tiny_llama_dir), Path(dataset_dir), max_steps=2, save_steps=2))
-    adapter = Path(trained["adapter_dir"])
+    adapter = Path(trained.adapter_dir)
     lineage = json.loads((adapter / MANIFEST).read_text())["lineage"]
     use_experiment("evaluate")  # the scores an evaluation logs; the policy reads them
     with mlflow.start_run() as run:
         mlflow.log_dict({"candidate": per_probe(0.8, 0.0), "base": per_probe(0.5, 0.0)}, "per_probe.json")
     registered = register_candidate(adapter, lineage, run.info.run_id, "probes-sha")
-    decision = promote(candidate=registered["uri"], policy_file=policy_file, approve=True,
+    decision = promote(candidate=registered.uri, policy_file=policy_file, approve=True,
                        comment="first champion, on PostgreSQL")
-    return {"train_run": trained["mlflow_run_id"], "registered": registered, "promoted": decision["promoted"]}
+    return {"train_run": trained.mlflow_run_id, "registered": registered.model_dump(), "promoted": decision.promoted}
 
 
 def test_train_register_promote_on_postgres_backed_mlflow_and_prefect(postgres, tiny_llama_dir, curated_project,

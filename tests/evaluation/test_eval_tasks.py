@@ -23,7 +23,7 @@ from charforge.evaluation.lm_eval_tasks import (
 )
 from charforge.schemas.evaluate import EvalConfig
 from charforge.settings import DATA_DIR
-from charforge.evaluation.harness import TASK_DIR, bootstrap, flat_metrics, summarize
+from charforge.evaluation.harness import TASK_DIR, summarize, summarize_metric, summary_metrics
 from charforge.evaluation.parity import token_difference
 
 CHARACTERS = str(DATA_DIR / "characters")
@@ -142,19 +142,20 @@ def test_summary_has_cis_per_character_corpus_metrics_and_persona_effect():
     }
     summary = summarize(samples, resamples=200)
     acc = summary["character_generation"]["char_id_acc"]
-    assert acc["value"] == 0.5 and acc["ci_low"] <= 0.5 <= acc["ci_high"] and acc["n"] == 4
-    assert acc["per_character"] == {"a": 0.0, "b": 1.0}
-    assert summary["character_generation"]["char_id_macro_f1"]["value"] == 1.0
-    assert summary["character_reply_likelihood"]["bits_per_byte"]["value"] == pytest.approx(1 / math.log(2))
+    assert acc.value == 0.5 and acc.ci_low <= 0.5 <= acc.ci_high and acc.n == 4
+    assert acc.per_character == {"a": 0.0, "b": 1.0}
+    assert summary["character_generation"]["char_id_macro_f1"].value == 1.0
+    assert summary["character_reply_likelihood"]["bits_per_byte"].value == pytest.approx(1 / math.log(2))
     effect = summary["character_reply_likelihood"]["persona_effect_bpb"]
-    assert effect["value"] == pytest.approx(1 / math.log(2))  # the persona halves the reply's surprisal
-    flat = flat_metrics(summary)
+    assert effect.value == pytest.approx(1 / math.log(2))  # the persona halves the reply's surprisal
+    flat = summary_metrics(summary)
     assert flat["eval/character_generation/char_id_acc/b"] == 1.0
     assert "eval/character_generation/char_id_acc/ci_low" in flat
 
 
 def test_bootstrap_ci_of_a_constant_is_a_point():
-    assert bootstrap("ooc_rate", [1.0] * 10, resamples=100) == {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0, "n": 10}
+    entry = summarize_metric("ooc_rate", [1.0] * 10, resamples=100, per_character={})
+    assert (entry.value, entry.ci_low, entry.ci_high, entry.n) == (1.0, 1.0, 1.0, 10)
 
 
 def test_token_difference_shows_where_training_and_serving_diverge(base_model_dir):

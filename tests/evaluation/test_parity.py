@@ -31,3 +31,35 @@ def test_template_mismatch_between_training_and_serving_is_an_error(smollm2_adap
     assert "first difference at token 10 of 23 (training) / 23 (serving)" in message
     assert "training: '" in message and "<|endoftext|>" in message and "<|im_end|>" in message
     assert httpx.get(f"{vllm_base.url}/health").status_code == 200
+
+
+def test_a_parity_failure_ends_the_evaluation_as_one_line_with_the_refusal_code_and_is_not_retried(
+        smollm2_adapter, tmp_path, prefect_api):
+    """Through the command line as a user runs it: the adapter's training template disagrees with what vLLM serves.
+    The evaluation starts vLLM once, refuses at the parity check (exit 3, one line, no traceback) and stops vLLM;
+    nothing retries it (a retry would start vLLM again to fail the same way)."""
+    import json
+    import os
+    import subprocess
+
+    from charforge.checksums import MANIFEST, write_manifest
+    from tests.training.test_train_flow import CHARFORGE
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(smollm2_adapter, adapter)
+    template = adapter / "training_chat_template.jinja"
+    template.write_text(template.read_text().replace("<|im_end|>", "<|endoftext|>"))
+    manifest = json.loads((adapter / MANIFEST).read_text())
+    write_manifest(adapter, {"lineage": manifest["lineage"], "dtype": manifest["dtype"]})  # a consistent artifact
+    env = {**os.environ, "CHARFORGE_STATE_DIR": str(tmp_path / "state"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    result = subprocess.run([CHARFORGE, "evaluate", "--adapter", str(adapter), "--limit", "1"], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 3, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert errors[0].startswith("error: chat template mismatch between training (")
+    assert "first difference at token" in result.stderr
+    runs = list((tmp_path / "state" / "evals").glob("character-eval-*"))
+    assert len(runs) == 1 and (runs[0] / "vllm.log").is_file()  # vLLM started once
+    assert not list(runs[0].glob("lm_eval/*"))  # refused before any scoring

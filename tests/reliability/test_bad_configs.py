@@ -97,7 +97,7 @@ def test_serve_up_refuses_a_taken_port_and_starts_nothing(tmp_path):
         cfg.write_text(yaml.safe_dump({"fleet": {"replicas": 2, "first_port": port - 1},
                                        "gateway": {"port": free_port()}}))
         result = run(["serve", "up", "--config", str(cfg)], tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2  # input to fix: the port in the config
     assert result.stderr.strip() == (f"error: port {port} (fleet.first_port + 1) already in use by another process; "
                                       f"stop it or change the port in {cfg}")
     assert not (tmp_path / "state" / "serving" / "serve.json").exists()

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from charforge.config import ConfigError
+from charforge.errors import InputError
 from charforge.schemas.serving import ServingConfig
 from charforge.settings import CONFIGS_DIR, REPO_ROOT, redact_credentials
 from charforge.vllm_server import VLLMServer
@@ -79,11 +79,11 @@ def test_gateway_admin_and_api_routes_require_the_key(tmp_path):
     ("charforge-lora", "../../outside"), ("charforge-lora", "/tmp/x"), ("charforge-lora", "A" * 64),
 ])
 def test_the_adapter_store_refuses_names_that_would_leave_it(name, sha, tmp_path):
-    from serving.store import ArtifactError, materialize
+    from serving.store import ArtifactError, fetch_version
 
     root = tmp_path / "store"
     with pytest.raises(ArtifactError, match="not a model name and a sha256; refusing a path outside"):
-        materialize(name, "1", "models:/x/1", sha, root, 16, "LlamaForCausalLM")
+        fetch_version(name, "1", "models:/x/1", sha, root, 16, "LlamaForCausalLM")
     assert list(tmp_path.iterdir()) == []  # not even the store root was created
 
 
@@ -119,7 +119,7 @@ def pickle_adapter(root: Path, with_safetensors: bool) -> Path:
 
 @pytest.mark.parametrize("with_safetensors", [False, True])
 def test_pickle_adapters_are_refused_by_evaluation_training_and_the_store(with_safetensors, tmp_path):
-    from flows.evaluate import resolve_adapter
+    from charforge.evaluation.plan import resolve_adapter
     from charforge.training.adapters import load_adapter_model
     from charforge.training.servability import check_servable
 
@@ -127,7 +127,7 @@ def test_pickle_adapters_are_refused_by_evaluation_training_and_the_store(with_s
     message = (f"{folder}: adapter_model.bin: pickle weights (loading them can run code); only safetensors adapters "
                "are loaded: export adapter_model.safetensors and remove them")
     for load in (lambda: resolve_adapter(str(folder), tmp_path), lambda: load_adapter_model(folder)):
-        with pytest.raises(ConfigError) as err:
+        with pytest.raises(InputError) as err:
             load()
         assert str(err.value) == message
     assert any(r.startswith("pickle weights ['adapter_model.bin']") for r in check_servable(folder, 16,

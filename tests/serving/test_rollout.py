@@ -23,8 +23,9 @@ import yaml
 from charforge.schemas.serving import ServingConfig
 from charforge.tracking import use_experiment
 from charforge.vllm_server import free_port
-from flows.deploy import RolloutError, deploy
-from flows.evaluate import register_candidate
+from flows.deploy import deploy
+from serving.rollout import RolloutRefused
+from charforge.registry import register_candidate
 from serving import daemon
 from serving.fleet import served_roots
 from serving.store import ArtifactError, remove_unused
@@ -93,7 +94,7 @@ def register(base_model_dir, tmp_path, label: str, seed: int, family: str, rank:
     with mlflow.start_run() as run:
         pass
     lineage = {"base_model": "smollm2-135m-instruct", "train_config": family, "mlflow_run_id": "none"}
-    return register_candidate(adapter, lineage, run.info.run_id, "probes")["uri"]
+    return register_candidate(adapter, lineage, run.info.run_id, "probes").uri
 
 
 def replicas(url: str) -> list[dict]:
@@ -141,7 +142,7 @@ def test_rollout_under_load_then_instant_rollback(stack, cfg, base_model_dir, tm
     v1 = register(base_model_dir, tmp_path, "v1", seed=1, family="rollout")
     v2 = register(base_model_dir, tmp_path, "v2", seed=2, family="rollout")
     first = deploy(adapter=v1, gateway_url=url, api_key=KEY, config=cfg)
-    assert first["status"] == "done" and set(first["replicas"].values()) == {"staged"}
+    assert first.status == "done" and set(first.replicas.values()) == {"staged"}
 
     with Load(url) as load:
         time.sleep(2)
@@ -153,7 +154,7 @@ def test_rollout_under_load_then_instant_rollback(stack, cfg, base_model_dir, tm
         rollback_s = time.monotonic() - started_mono
         rolled = time.monotonic()
         time.sleep(4)
-    assert record["status"] == "done", record
+    assert record.status == "done", record
     assert back.status_code == 200 and rollback_s < 1
     cli = charforge("rollback", "charforge", "--gateway", url, timeout=60)
     assert cli.returncode == 0 and "charforge-rollout-v1" in cli.stdout, cli.stderr
@@ -197,7 +198,7 @@ def test_replica_killed_mid_rollout(stack, cfg, base_model_dir, tmp_path, prefec
     v2 = register(base_model_dir, tmp_path, "k2", seed=6, family="faults")
     cfg.rollout.routes = ["faults"]
     cfg.rollout.hold_s = 8
-    assert deploy(adapter=v1, gateway_url=url, api_key=KEY, config=cfg)["status"] == "done"
+    assert deploy(adapter=v1, gateway_url=url, api_key=KEY, config=cfg).status == "done"
     record_file = Path(os.environ["CHARFORGE_STATE_DIR"]) / "serving" / "rollouts" / "charforge-faults.json"
     outcome: dict = {}
 
@@ -213,7 +214,7 @@ def test_replica_killed_mid_rollout(stack, cfg, base_model_dir, tmp_path, prefec
         rollout.start()
         while json.loads(record_file.read_text()).get("status") != "canary":
             time.sleep(0.2)
-        with pytest.raises(RolloutError, match="another rollout of charforge-faults is running"):
+        with pytest.raises(RolloutRefused, match="another rollout of charforge-faults is running"):
             deploy(adapter=v2, gateway_url=url, api_key=KEY, config=cfg)
         victim = daemon.read_record()["replicas"][1]
         os.killpg(victim, signal.SIGKILL)  # the replica and its engine process
@@ -228,7 +229,7 @@ def test_replica_killed_mid_rollout(stack, cfg, base_model_dir, tmp_path, prefec
         recovered = time.monotonic()
         time.sleep(6)
     assert "error" not in outcome, outcome
-    assert outcome["record"]["status"] == "done"
+    assert outcome["record"].status == "done"
     assert r1["healthy"] and {"charforge-faults-v1", "charforge-faults-v2"} <= set(r1["loaded"]), r1
     assert daemon.read_record()["replicas"][1] != victim
     assert load.statuses() == {200: len(load.results)}, load.statuses()  # 0 failed requests
@@ -292,7 +293,7 @@ def test_gateway_restarted_mid_rollout(stack, cfg, base_model_dir, tmp_path, pre
     v1 = register(base_model_dir, tmp_path, "g1", seed=7, family="gwrestart")
     v2 = register(base_model_dir, tmp_path, "g2", seed=8, family="gwrestart")
     cfg.rollout.routes, cfg.rollout.hold_s, cfg.rollout.gate.min_requests = ["gwrestart"], 6, 1
-    assert deploy(adapter=v1, gateway_url=gw_url, api_key=KEY, config=cfg)["status"] == "done"
+    assert deploy(adapter=v1, gateway_url=gw_url, api_key=KEY, config=cfg).status == "done"
     record_file = Path(os.environ["CHARFORGE_STATE_DIR"]) / "serving" / "rollouts" / "charforge-gwrestart.json"
     outcome: dict = {}
     rollout = threading.Thread(target=lambda: outcome.update(
@@ -312,7 +313,7 @@ def test_gateway_restarted_mid_rollout(stack, cfg, base_model_dir, tmp_path, pre
                 "model": "gwrestart", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
             assert r.status_code == 200, r.text
         rollout.join(timeout=300)
-        assert outcome["record"]["status"] == "done", outcome
+        assert outcome["record"].status == "done", outcome
         live = httpx.get(f"{gw_url}/admin/routes", headers=AUTH).json()["gwrestart"]
         assert live["weights"] == {"charforge-gwrestart-v2": 100.0}
         assert live["previous"] == {"charforge-gwrestart-v1": 100.0}

@@ -103,7 +103,7 @@ def test_classify_load(status, body, vllm_json, verdict):
 
 def test_canary_window_survives_a_gateway_restart():
     """Metric deltas between two /metrics scrapes; a restarted gateway's counters start again from zero."""
-    from flows.deploy import window
+    from serving.rollout import window
 
     before = {("v2", "ok"): 10.0, ("v2", "le=0.5"): 9.0, ("v2", "le=1.0"): 10.0}
     after = {("v2", "ok"): 30.0, ("v2", "errors"): 1.0, ("v2", "le=0.5"): 20.0, ("v2", "le=1.0"): 31.0}

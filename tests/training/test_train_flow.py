@@ -47,19 +47,19 @@ def test_lora_training_changes_weights_logs_loss_and_ships_a_verified_adapter(
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
     result = train(config=tiny_config(tiny_llama_dir, dataset_dir))
-    assert result["servable"] and result["global_step"] == 4 and result["resumed_from"] is None
+    assert result.servable and result.global_step == 4 and result.resumed_from is None
 
-    weights = load_file(Path(result["adapter_dir"]) / "adapter_model.safetensors")
+    weights = load_file(Path(result.adapter_dir) / "adapter_model.safetensors")
     lora_b = [v for k, v in weights.items() if "lora_B" in k]
     assert lora_b and all(v.dtype == torch.bfloat16 for v in weights.values())
     assert max(v.abs().max().item() for v in lora_b) > 0  # lora_B starts at zero: training moved it
 
     client = MlflowClient(mlflow_store)
-    run = client.get_run(result["mlflow_run_id"])
+    run = client.get_run(result.mlflow_run_id)
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 4
     assert "tokens_per_second" in run.data.metrics and "final_eval_loss" in run.data.metrics
     assert run.data.params["dataset_hash"] == manifest["dataset_hash"]
-    assert run.data.tags["adapter_sha256"] == result["adapter_sha256"]
+    assert run.data.tags["adapter_sha256"] == result.adapter_sha256
     assert run.data.tags["servable"] == "true" and "prefect_flow_run_id" in run.data.tags
     assert {d.dataset.digest for d in run.inputs.dataset_inputs} == {manifest["dataset_hash"][:16]}
     assert any(k.startswith("system/") for k in run.data.metrics)
@@ -71,7 +71,7 @@ def test_lora_training_changes_weights_logs_loss_and_ships_a_verified_adapter(
     assert model.peft_config["default"].r == 8
 
     again = train(config=tiny_config(tiny_llama_dir, dataset_dir))
-    assert again["mlflow_run_id"] == result["mlflow_run_id"]  # finished run is reused, not retrained
+    assert again.mlflow_run_id == result.mlflow_run_id  # finished run is reused, not retrained
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
@@ -81,8 +81,8 @@ def test_qlora_nf4_trains_on_cpu(tiny_llama_dir, curated_project, state_dir, mlf
         update={"method": "qlora", "name": "tiny-qlora"})
     cfg = TrainConfig.model_validate({**cfg.model_dump(), "quantization": {"quant_type": "nf4"}})
     result = train(config=cfg)
-    assert result["servable"] and result["global_step"] == 2
-    params = MlflowClient(mlflow_store).get_run(result["mlflow_run_id"]).data.params
+    assert result.servable and result.global_step == 2
+    params = MlflowClient(mlflow_store).get_run(result.mlflow_run_id).data.params
     assert params["method"] == "qlora" and '"quant_type": "nf4"' in params["quantization"]
 
 

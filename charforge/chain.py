@@ -1,0 +1,98 @@
+"""The retrain chain's inputs and outputs outside Prefect: a chain file composed into typed stage configs, the key an
+evaluation is reused by, and the summary a person reads at the end."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from charforge.config import load_yaml_model
+from charforge.results import ChainSummary
+from charforge.schemas.curate import CurateConfig
+from charforge.schemas.evaluate import EvalConfig
+from charforge.schemas.promote import PromotionPolicy
+from charforge.schemas.quantize import QuantizeConfig
+from charforge.schemas.retrain import RetrainConfig
+from charforge.schemas.serving import ServingConfig
+from charforge.schemas.train import TrainConfig
+from charforge.settings import CONFIGS_DIR, repo_path
+
+DEFAULT_CHAIN = CONFIGS_DIR / "retrain" / "default.yaml"
+
+
+class ChainParameters(BaseModel):
+    """Every stage config of one chain run, loaded and validated."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    curate: CurateConfig
+    train: TrainConfig
+    evaluate: EvalConfig
+    promotion: PromotionPolicy
+    serving: ServingConfig
+    quantize: QuantizeConfig | None = None
+    inputs: list[str]
+    dataset_dir: str
+    deploy: bool
+    start_fleet: bool
+
+
+STAGE_SCHEMAS = {"curate": CurateConfig, "train": TrainConfig, "evaluate": EvalConfig,
+                 "promotion": PromotionPolicy, "serving": ServingConfig}
+
+
+def load_chain(path: Path) -> ChainParameters:
+    """A `configs/retrain/*.yaml` file with its stage files loaded and validated (a bad one is named)."""
+    cfg = load_yaml_model(path, RetrainConfig)
+    stages = {stage: load_yaml_model(repo_path(getattr(cfg, stage)), schema) for stage, schema in STAGE_SCHEMAS.items()}
+    quantize = load_yaml_model(repo_path(cfg.quantize), QuantizeConfig) if cfg.quantize else None
+    return ChainParameters(**stages, quantize=quantize, inputs=list(cfg.inputs), dataset_dir=cfg.dataset_dir,
+                           deploy=cfg.deploy, start_fleet=cfg.start_fleet)
+
+
+def chain_with(path: Path, overrides: dict[str, object]) -> ChainParameters:
+    """The chain file's parameters, with every override that is not None in their place (what the flow was
+    given: a Prefect form, a deployment's parameters, a test)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    base = load_chain(path) if len(given) < len(ChainParameters.model_fields) else None
+    merged = {**(base.model_dump() if base is not None else {}), **{
+        k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in given.items()}}
+    return ChainParameters.model_validate(merged)
+
+
+def evaluation_key(evaluate: EvalConfig, adapter_sha: str, champion_sha: str | None) -> str:
+    """What an evaluation in the chain depends on: the same adapter, against the same champion, same config."""
+    payload = json.dumps([evaluate.model_dump(mode="json"), adapter_sha, champion_sha], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def summary_text(s: ChainSummary, mlflow_ui: str, prefect_ui: str) -> str:
+    """What a person needs after a chain run: the table, the decision, where it is served, where to look."""
+    lines = [f"\n== retrain: {s.registered_model} version {s.version} "
+             f"({'champion' if s.promoted else 'NOT promoted'}) ==",
+             f"dataset {s.dataset_hash[:12]} (curation {'cached' if s.curation_cached else 'ran'}), "
+             f"adapter {s.adapter_sha256[:12]}", "", s.eval_table, "promotion decision:",
+             *[f"  - {r}" for r in s.reasons], "", f"MLflow chain run: {s.chain_run_url}"]
+    if s.prefect_flow_run_url:
+        lines.append(f"Prefect flow run: {s.prefect_flow_run_url}")
+    lines.append(f"MLflow / Prefect UIs: {mlflow_ui} / {prefect_ui} (`charforge ui` serves both)")
+    if s.gateway_url:
+        lines += [f"gateway: {s.gateway_url} serves {s.served_name} on {len(s.replicas)} replica(s) "
+                  f"(status: charforge serve status; stop: charforge serve down)", "", try_it(s)]
+    return "\n".join(lines)
+
+
+def try_it(s: ChainSummary) -> str:
+    """Ready-to-paste requests to the gateway: curl and the openai client."""
+    url, route, key_env = s.gateway_url, s.example_route, s.api_key_env
+    auth = f' -H "Authorization: Bearer ${key_env}"' if key_env else ""
+    key = f'os.environ.get("{key_env}", "none")' if key_env else '"none"'
+    body = json.dumps({"model": route, "messages": [{"role": "user", "content": "Who are you, and what is your day like?"}],
+                       "max_tokens": 80})
+    return (f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'\n\n"
+            f".venv/bin/python -c 'import os, openai; c = openai.OpenAI(base_url=\"{url}/v1\", api_key={key}); "
+            f"print(c.chat.completions.create(model=\"{route}\", messages=[{{\"role\": \"user\", \"content\": "
+            f"\"Who are you?\"}}]).choices[0].message.content)'")

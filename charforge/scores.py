@@ -1,0 +1,71 @@
+"""Per-probe scores of registered versions, as the promotion gate reads them from their evaluation runs.
+
+Every evaluation logs `per_probe.json` (`{model: {"<task>/<metric>": {probe: value}}}`); a version's tags name
+its evaluation (`eval_run_id`) and, when it was evaluated on a quantized base, the quantize run.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from charforge import registry
+from charforge.errors import InputError
+from charforge.promotion import Scores
+from charforge.tracking import client
+
+
+class GateScores(BaseModel):
+    """What the gate compares: the candidate, the champion (None for a first version, empty when it cannot be
+    compared), the base, and the quantized/bf16 pair when the version was evaluated on a quantized base."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    candidate: Scores
+    champion: Scores | None
+    base: Scores | None
+    champion_source: str
+    quantized: tuple[Scores, Scores] | None = None
+
+
+def run_scores(run_id: str) -> dict[str, Scores]:
+    """per_probe.json of an evaluation or quantize run: {model: {"<task>/<metric>": {probe: value}}}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client().download_artifacts(run_id, "per_probe.json", tmp)).read_text())
+
+
+def gate_scores(version: registry.VersionRef) -> GateScores:
+    """Candidate and base from the candidate's evaluation; the champion from the same evaluation when it scored the
+    current champion, else from the champion's own evaluation on the same probes."""
+    run_id = version.tags.get("eval_run_id")
+    if not run_id or version.tags.get("eval_status") != "passed":
+        raise InputError(f"{version.uri} has no completed evaluation recorded; run `charforge evaluate --adapter "
+                         f"{version.uri}` first")
+    scores = run_scores(run_id)
+    common = {"candidate": scores["candidate"], "base": scores.get("base"), "quantized": quantized(version)}
+    c = client()
+    champion = registry.alias_version(c, version.name, registry.CHAMPION)
+    if champion is None:
+        return GateScores(**common, champion=None, champion_source="none (first version)")
+    if "champion" in scores and c.get_run(run_id).data.tags.get("champion_adapter_sha256") == champion.tags.get(
+            "adapter_sha256"):
+        return GateScores(**common, champion=scores["champion"], champion_source=f"version {champion.version} (same run)")
+    if champion.tags.get("eval_probes_sha256") != version.tags.get("eval_probes_sha256"):
+        return GateScores(**common, champion={}, champion_source=(
+            f"version {champion.version} was evaluated on other probes; re-evaluate with --champion "
+            f"models:/{version.name}/{champion.version}"))
+    return GateScores(**common, champion=run_scores(champion.tags["eval_run_id"])["candidate"],
+                      champion_source=f"version {champion.version} (own evaluation)")
+
+
+def quantized(version: registry.VersionRef) -> tuple[Scores, Scores] | None:
+    """(scores on the quantized base, scores on the bf16 base) from the quantize run the version was evaluated in
+    (tag `quantize_run_id`, set by `charforge quantize`), else None."""
+    run_id = version.tags.get("quantize_run_id")
+    if not run_id or run_id == "none":
+        return None
+    scores = run_scores(run_id)
+    return scores["quantized"], scores["bf16"]

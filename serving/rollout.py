@@ -1,0 +1,268 @@
+"""The rollout of an adapter version onto the fleet behind the gateway, as plain steps the deploy flow calls:
+
+1. pre-flight (`prepare`): the version materialized into the content-addressed store and verified (sha256,
+   servability), the routes it switches, their weights now (the rollback target), the record saved;
+2. `retire`: versions no route weights or can roll back to are unloaded everywhere and their files deleted;
+3. `stage_on_replica`: load without traffic, prove the replica lists *this* folder and answers differently than the
+   base;
+4. `canary_step`: set the new version's weight on every route, hold, judge the gateway's per-version error rate
+   and p95 latency; a failing gate restores the previous weights at once (`roll_back`).
+
+The record under `<state>/serving/rollouts/<family>.json` says where a crashed rollout stopped; a re-run resumes
+with the same rollback target. `rollout_lock` refuses a second concurrent rollout of a family.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from charforge.characters import load_characters
+from charforge.errors import Refused, Unavailable
+from charforge.io import write_json_atomic
+from charforge.results import Rollout
+from charforge.schemas.serving import ServingConfig
+from charforge.settings import DATA_DIR
+from serving.admin import GatewayAdmin, MetricsSnapshot
+from serving.fleet import DesiredState, load_adapter, replica_headers, served_roots
+from serving.routing import Gate, WindowStats, classify_load, gate_decision
+from serving import store
+
+Log = Callable[[str], None]
+
+
+class RolloutRefused(Refused):
+    """The rollout must not go on: a bad artifact, a replica serving something else, another rollout running."""
+
+
+class NoReplicaToStage(Unavailable):
+    """No healthy replica took the version."""
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """Everything a rollout needs that does not change while it runs."""
+
+    family: str  # the registered model name
+    version: str
+    served: str  # the name replicas serve it under: <family>-v<version>
+    folder: Path  # its verified store folder
+    routes: dict[str, str | None]  # route -> system prompt
+    previous: dict[str, dict[str, float]]  # route -> weights before this rollout (the rollback target)
+    record_path: Path
+    desired_path: Path
+    adapter_root: Path
+    base_name: str
+
+    @property
+    def old_versions(self) -> dict[str, str]:
+        return {route: next(iter(w)) for route, w in self.previous.items() if w}
+
+    def weights_at(self, route: str, pct: float) -> dict[str, float]:
+        """The route's weights with the new version at `pct` percent (all of it when there is nothing older)."""
+        old = self.old_versions.get(route)
+        if old is None or old == self.served or pct >= 100:
+            return {self.served: 100.0}
+        return {old: 100 - pct, self.served: pct}
+
+
+def route_names(cfg: ServingConfig, family: str) -> dict[str, str | None]:
+    """Route -> system prompt for the routes a deployment of this family switches."""
+    routes: dict[str, str | None] = {}
+    for entry in cfg.rollout.routes:
+        if entry == "characters":
+            routes[family] = None
+            routes.update({cid: card.system_prompt for cid, card in load_characters(DATA_DIR / "characters").items()})
+        else:
+            routes[entry] = None
+    return routes
+
+
+def save_record(path: Path, record: Rollout) -> Rollout:
+    write_json_atomic(path, record.model_dump(mode="json"))
+    return record
+
+
+def read_record(path: Path) -> Rollout | None:
+    return Rollout.model_validate(json.loads(path.read_text())) if path.is_file() else None
+
+
+@contextmanager
+def rollout_lock(path: Path) -> Iterator[None]:
+    """Exclusive per adapter family, across processes and threads; released by the OS if the deployer dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RolloutRefused(f"another rollout of {path.stem} is running (lock {path}); wait for it to finish, "
+                             f"or roll back with `charforge rollback`") from None
+    try:
+        yield
+    finally:
+        handle.close()
+
+
+def prepare(name: str, version: str, source: str, adapter_sha: str, gw: GatewayAdmin, cfg: ServingConfig,
+            state: Path, family_prefix: str, base_name: str, architecture: str, log: Log) -> RolloutPlan:
+    """Verify and store the version, find the rollback target (kept from an unfinished rollout of this family),
+    and save the record as `staging`."""
+    folder = store.fetch_version(name, version, source, adapter_sha, state / "adapters", cfg.fleet.max_lora_rank,
+                                 architecture)
+    record_path = state / "rollouts" / f"{name}.json"
+    routes = route_names(cfg, name.removeprefix(family_prefix))
+    current = gw.routes()
+    previous = {r: current[r].weights for r in routes if r in current}
+    unfinished = read_record(record_path)
+    if unfinished is not None and unfinished.status in ("staging", "canary"):
+        previous = unfinished.previous
+        log(f"resuming after an unfinished rollout of {unfinished.served} (step {unfinished.step}); rollback target "
+            f"stays {previous}")
+    plan = RolloutPlan(name, str(version), f"{name}-v{version}", folder, routes, previous, record_path,
+                       state / "desired.json", state / "adapters", base_name)
+    save_record(record_path, Rollout(version=plan.version, served=plan.served, folder=str(folder), previous=previous,
+                                     status="staging", started=time.time()))
+    return plan
+
+
+def unload_adapter(url: str, name: str) -> bool:
+    try:
+        r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name}, headers=replica_headers(),
+                       timeout=30)
+    except httpx.HTTPError:
+        return False
+    return r.status_code == 200 or r.status_code in (400, 404) and name not in served_roots(url)
+
+
+def retire(gw: GatewayAdmin, plan: RolloutPlan) -> list[str]:
+    """Unload versions no route weights or can roll back to, from every replica; drop them from the desired state;
+    delete store folders only when every replica answered and none lists them any more. Then the new version
+    joins the desired state, so a restarted replica gets it back before the gateway routes to it."""
+    keep = {plan.served: str(plan.folder)}
+    desired = DesiredState.load(plan.desired_path)
+    routes = gw.routes()
+    referenced = {v for r in routes.values() for w in (r.weights, r.previous or {}) for v in w} | set(keep)
+    stale = [name for name in desired.adapters if name not in referenced and name.startswith(f"{plan.family}-v")]
+    replicas = gw.replicas()
+    for name in stale:
+        for replica in replicas:
+            if name in replica.loaded:
+                unload_adapter(replica.url, name)
+        del desired.adapters[name]
+    desired.adapters.update(keep)
+    desired.save()
+    try:
+        in_use = {root for replica in replicas for root in served_roots(replica.url).values()}
+    except (httpx.HTTPError, ValueError, KeyError):
+        return stale  # a replica did not answer: its files stay until a later deployment sees it
+    if all(replica.healthy for replica in replicas):
+        store.remove_unused(plan.adapter_root, in_use | set(desired.adapters.values()), plan.family)
+    return stale
+
+
+def load_with_backoff(url: str, served: str, folder: Path, delays: tuple[float, ...] = (2, 4, 8)) -> str:
+    """Load and classify; a bad replica is retried after each delay. Returns the final verdict."""
+    verdict = "bad_replica"
+    for delay in (*delays, None):
+        status, body, vllm_json = load_adapter(url, served, folder)
+        verdict = classify_load(status, body, vllm_json)
+        if verdict == "already_loaded":
+            verdict = "ok" if served_roots(url).get(served) == str(folder) else "bad_artifact"
+        if verdict in ("bad_artifact", "config_error"):
+            raise RolloutRefused(f"{verdict}: loading {served} on {url} answered {status}: {body[:300]}")
+        if verdict == "ok" or delay is None:
+            return verdict
+        time.sleep(delay)
+    return verdict
+
+
+def stage_on_replica(url: str, plan: RolloutPlan, smoke_prompt: str, warn: Log) -> str:
+    """Load without traffic and prove the replica serves *this* artifact with an effect. A replica that does not
+    answer after the retries is reported 'out of rotation', not fatal: the others carry the rollout."""
+    served, folder = plan.served, plan.folder
+    if load_with_backoff(url, served, folder) != "ok":
+        warn(f"{url} did not take {served} after retries; left out of this rollout")
+        return "out of rotation (bad_replica)"
+
+    def ask(model: str) -> str:
+        r = httpx.post(f"{url}/v1/chat/completions", headers=replica_headers(), timeout=120, json={
+            "model": model, "temperature": 0, "max_tokens": 24,
+            "messages": [{"role": "user", "content": smoke_prompt}]})
+        r.raise_for_status()
+        return r.json()["choices"][0]["message"]["content"]
+    try:
+        listed = served_roots(url).get(served)
+        same = listed == str(folder) and ask(served) == ask(plan.base_name)
+    except (httpx.HTTPError, ValueError, KeyError) as exc:  # the replica died or broke while staging
+        warn(f"{url} failed while staging {served} ({exc}); left out of this rollout")
+        return f"out of rotation (bad_replica: {type(exc).__name__})"
+    if listed != str(folder):
+        raise RolloutRefused(f"bad_replica: {url} does not list {served} with root {folder}")
+    if same:
+        raise RolloutRefused(f"bad_artifact: {served} answers the smoke prompt exactly like the base model")
+    return "staged"
+
+
+def window(before: MetricsSnapshot, after: MetricsSnapshot, version: str) -> WindowStats:
+    """Requests, errors and p95 latency of `version` between two metric snapshots."""
+    restarted = any(after.get(key, 0.0) < value for key, value in before.items())  # the gateway restarted
+
+    def delta(kind: str) -> float:
+        return after.get((version, kind), 0.0) - (0.0 if restarted else before.get((version, kind), 0.0))
+    requests = delta("ok") + delta("errors")
+    buckets = sorted(((float(k[1][3:]), delta(k[1])) for k in after if k[0] == version and k[1].startswith("le=")),
+                     key=lambda b: b[0])
+    p95 = 0.0
+    for bound, count in buckets:  # cumulative counts: the first bound holding 95% of the requests
+        if requests and count >= 0.95 * requests:
+            p95 = bound
+            break
+    return WindowStats(int(requests), int(delta("errors")), p95)
+
+
+def roll_back(gw: GatewayAdmin, plan: RolloutPlan, record: Rollout, why: str) -> Rollout:
+    """Restore every route's weights from before the rollout (the previous version is still loaded)."""
+    for route, weights in plan.previous.items():
+        gw.set_weights(route, weights, plan.routes[route])
+    return save_record(plan.record_path, record.model_copy(update={"status": "rolled_back", "reason": why}))
+
+
+def canary_step(gw: GatewayAdmin, plan: RolloutPlan, record: Rollout, pct: float, gate: Gate, hold_s: float,
+                log: Log) -> Rollout:
+    """Move every route to `pct` percent of the new version and judge the step on the gateway's metrics (held up
+    to three times while too few requests arrive). Returns the record: `canary` to go on, `done` when there was
+    nothing to canary against or 100% was reached, `rolled_back` when the gate said so."""
+    before = gw.metrics()
+    for route, prompt in plan.routes.items():
+        gw.set_weights(route, plan.weights_at(route, pct), prompt, plan.previous.get(route))
+    first_version = not plan.old_versions
+    record = save_record(plan.record_path, record.model_copy(update={"step": 100 if first_version else pct,
+                                                                      "status": "canary"}))
+    if first_version:
+        log(f"{plan.served}: 100% of traffic (no earlier version on {', '.join(plan.routes)}: nothing to canary "
+            "against)")
+        return finish(plan, record)
+    log(f"{plan.served}: {pct:g}% of traffic")
+    if pct >= 100:
+        return finish(plan, record)
+    old = next(iter(plan.old_versions.values()))
+    for _ in range(3):
+        time.sleep(hold_s)
+        after = gw.metrics()
+        verdict, why = gate_decision(window(before, after, plan.served), window(before, after, old), gate)
+        log(f"gate at {pct:g}%: {verdict} ({why})")
+        if verdict != "wait":
+            break
+    return roll_back(gw, plan, record, why) if verdict == "rollback" else record
+
+
+def finish(plan: RolloutPlan, record: Rollout) -> Rollout:
+    return save_record(plan.record_path, record.model_copy(update={"status": "done", "finished": time.time()}))

@@ -1,0 +1,48 @@
+"""The serving runtime wired from a serving config: the local fleet (supervised vLLM replicas) and the gateway in
+front of any fleet (local, static URLs, or ready pods on Kubernetes). `charforge serve run` and `charforge gateway`
+are these two functions and uvicorn."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from charforge.errors import InputError
+from charforge.schemas.serving import ServingConfig
+from charforge.settings import platform
+from serving import daemon, store
+from serving.fleet import LocalFleet
+from serving.gateway import Gateway, RouteTable
+
+
+def local_fleet(cfg: ServingConfig, config_name: str) -> LocalFleet:
+    """The replicas `serve run` starts and supervises (not started yet); a bad `fleet.checkpoint` fails here."""
+    if cfg.fleet.discovery != "local":
+        raise InputError(f"{config_name}: fleet.discovery is {cfg.fleet.discovery!r}; `charforge serve` starts a local "
+                         f"fleet, use `charforge gateway` in front of a static one")
+    state = platform().state / "serving"
+    base_dir = store.fleet_weights(cfg.fleet, state / "checkpoints")
+    f = cfg.fleet
+    return LocalFleet(base_dir, f.base_model, [f.first_port + i for i in range(f.replicas)], state / "logs",
+                      state / "desired.json", max_model_len=f.max_model_len, max_lora_rank=f.max_lora_rank,
+                      max_loras=f.max_loras, max_cpu_loras=f.max_cpu_loras, kv_cache_gib=f.kv_cache_gib,
+                      enable_lora=f.enable_lora, on_restart=daemon.note_replicas, extra_args=f.engine_args())
+
+
+def replica_urls(cfg: ServingConfig, given: list[str] | None = None) -> tuple[list[str], Callable | None]:
+    """The replicas a gateway fronts: the URLs given, the config's static URLs, the local fleet's ports, or (on
+    Kubernetes) ready vLLM pods, re-read as they change (then also the callable that re-reads them)."""
+    if cfg.fleet.discovery == "kubernetes" and not given:
+        from serving.discovery_k8s import PodDiscovery
+
+        discover = PodDiscovery(cfg.fleet.kubernetes).replicas
+        return list(discover().values()), discover
+    return (given or cfg.fleet.urls or [f"http://127.0.0.1:{cfg.fleet.first_port + i}"
+                                        for i in range(cfg.fleet.replicas)]), None
+
+
+def gateway(cfg: ServingConfig, urls: list[str], discover: Callable | None = None) -> Gateway:
+    """The gateway with the routing table under the state directory and the config's key and policies."""
+    g = cfg.gateway
+    return Gateway([] if discover else urls, RouteTable.load(platform().state / "serving" / "routes.json"),
+                   g.strategy, g.api_key(), g.health_interval_s, g.connect_retries, g.request_timeout_s,
+                   discover=discover)

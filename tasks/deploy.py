@@ -1,0 +1,108 @@
+"""Prefect tasks of the deploy flow: each a step of `serving.rollout`, with the flow run's logger."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from charforge import registry
+from charforge.base_models import load_preset
+from charforge.errors import InputError
+from charforge.results import Rollout
+from charforge.schemas.serving import ServingConfig
+from charforge.settings import platform
+from serving import rollout
+from serving.admin import GatewayAdmin, ReplicaState
+from serving.routing import Gate
+from tasks.runtime import TRANSIENT_RETRIES
+
+
+@task(name="check-fleet-takes-adapters", cache_policy=NONE)
+def require_runtime_lora(cfg: ServingConfig, adapter: str) -> None:
+    if not cfg.fleet.enable_lora:
+        raise InputError(f"{adapter}: this fleet serves {cfg.fleet.checkpoint or cfg.fleet.base_model} without "
+                         f"runtime LoRA (fleet.enable_lora: false), so adapters cannot be rolled out to it; merge "
+                         f"the adapter (charforge quantize with a mode: merged config) and serve that checkpoint, "
+                         f"or set fleet.enable_lora: true")
+
+
+@contextmanager
+def exclusive_rollout(family: str) -> Iterator[None]:
+    """One rollout of a family at a time, across processes (`serving.rollout.rollout_lock`)."""
+    with rollout.rollout_lock(platform().state / "serving" / "rollouts" / f"{family}.lock"):
+        yield
+
+
+def gateway_admin(url: str, api_key: str | None) -> GatewayAdmin:
+    return GatewayAdmin(url, api_key)
+
+
+@task(name="list-replicas", cache_policy=NONE, **TRANSIENT_RETRIES)
+def list_replicas(gw: GatewayAdmin) -> list[ReplicaState]:
+    return gw.replicas()
+
+
+@task(name="resolve-version", cache_policy=NONE, **TRANSIENT_RETRIES)
+def resolve_version(ref: str) -> registry.VersionRef:
+    return registry.version_ref(registry.resolve_version(registry.client(), ref))
+
+
+@task(name="prepare-rollout", cache_policy=NONE)
+def prepare_rollout(version: registry.VersionRef, gw: GatewayAdmin, cfg: ServingConfig) -> rollout.RolloutPlan:
+    """Store and verify the artifact (a bad one never reaches a replica), find the rollback target, save the
+    record."""
+    preset = load_preset(cfg.fleet.base_model)
+    return rollout.prepare(version.name, version.version, version.source, version.tags["adapter_sha256"], gw, cfg,
+                           platform().state / "serving", f"{platform().mlflow.experiment_prefix}-", preset.name,
+                           preset.architecture, get_run_logger().warning)
+
+
+@task(name="retire-old-versions", cache_policy=NONE)
+def retire_old_versions(gw: GatewayAdmin, plan: rollout.RolloutPlan) -> list[str]:
+    retired = rollout.retire(gw, plan)
+    if retired:
+        get_run_logger().info(f"retired {', '.join(retired)} (no route weights them or rolls back to them)")
+    return retired
+
+
+@task(name="stage-on-replica", cache_policy=NONE)
+def stage(url: str, plan: rollout.RolloutPlan, smoke_prompt: str) -> str:
+    """Load without traffic and prove the replica serves this artifact with an effect."""
+    return rollout.stage_on_replica(url, plan, smoke_prompt, get_run_logger().warning)
+
+
+@task(name="record-staging", cache_policy=NONE)
+def record_staging(plan: rollout.RolloutPlan, url: str, answer: str) -> Rollout:
+    """What a replica answered to staging, in the rollout record."""
+    record = rollout.read_record(plan.record_path)
+    return rollout.save_record(plan.record_path, record.model_copy(update={"replicas": {**record.replicas,
+                                                                                          url: answer}}))
+
+
+@task(name="require-staged", cache_policy=NONE)
+def require_staged(plan: rollout.RolloutPlan) -> Rollout:
+    """At least one replica took the version; the record as staging left it."""
+    record = rollout.read_record(plan.record_path)
+    if not any(v == "staged" for v in record.replicas.values()):
+        raise rollout.NoReplicaToStage(f"no healthy replica took {plan.served}: {record.replicas or 'no replicas'}")
+    return record
+
+
+@task(name="canary-step", cache_policy=NONE)
+def canary_step(gw: GatewayAdmin, plan: rollout.RolloutPlan, record: Rollout, pct: float,
+                cfg: ServingConfig) -> Rollout:
+    """`pct` percent of every route on the new version, held and judged; rolled back at once if the gate fails."""
+    logger = get_run_logger()
+    outcome = rollout.canary_step(gw, plan, record, pct, Gate(**cfg.rollout.gate.model_dump()), cfg.rollout.hold_s,
+                                  logger.info)
+    if outcome.status == "rolled_back":
+        logger.warning(f"rolled back {plan.served}: {outcome.reason}")
+    return outcome
+
+
+@task(name="finish-rollout", cache_policy=NONE)
+def finish_rollout(plan: rollout.RolloutPlan, record: Rollout) -> Rollout:
+    return record if record.status in ("done", "rolled_back") else rollout.finish(plan, record)

@@ -1,0 +1,107 @@
+"""Prefect tasks of the evaluate flow: plan, serve, check parity, score each served model, report, register."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+
+from charforge import registry
+from charforge.checksums import sha256_file
+from charforge.evaluation import parity as parity_check
+from charforge.evaluation import report as evaluation_report
+from charforge.evaluation.harness import decode_speed, score_served_model
+from charforge.evaluation.plan import EvalPlan, plan_evaluation
+from charforge.evaluation.report import score_table
+from charforge.results import Evaluation, ModelScores, Parity, RegisteredVersion
+from charforge.schemas.evaluate import EvalConfig
+from charforge.settings import repo_path
+from charforge.vllm_server import VLLMServer, free_port, load_lora_adapter
+from tasks.runtime import TRANSIENT_RETRIES, flow_run_tags
+
+
+@task(name="plan-evaluation", cache_policy=NONE, **TRANSIENT_RETRIES)
+def plan(cfg: EvalConfig, adapter: str | None, base_only: bool, champion: str | None, served_base: str | None,
+         score_base: bool) -> EvalPlan:
+    """Resolve and verify the adapters (downloading registry versions once), the base, the served names."""
+    return plan_evaluation(cfg, adapter, base_only, champion, served_base, score_base)
+
+
+@task(name="load-adapters", cache_policy=NONE)
+def load_adapters(server: VLLMServer, adapters: dict[str, str]) -> None:
+    """Hot-load the candidate (and champion) as their served names; vLLM refusing one is a refusal, not retried."""
+    for name, folder in adapters.items():
+        load_lora_adapter(server.url, name, Path(folder))
+
+
+@contextmanager
+def vllm_serving(cfg: EvalConfig, plan: EvalPlan) -> Iterator[tuple[VLLMServer, float]]:
+    """One vLLM server for the whole evaluation (base + runtime LoRA), stopped whatever happens; yields the server
+    and its load time (process start to /health)."""
+    run_dir = Path(plan.run_dir)
+    server = VLLMServer(Path(plan.served_dir), plan.base_name, free_port(), max_model_len=cfg.serving.max_model_len,
+                        max_lora_rank=cfg.serving.max_lora_rank, kv_cache_gib=cfg.serving.kv_cache_gib,
+                        omp_threads=2)
+    get_run_logger().info(f"starting vLLM for {plan.base_name} (log: {run_dir / 'vllm.log'})")
+    started = time.monotonic()
+    server.start(run_dir / "vllm.log")
+    try:
+        server.wait_ready(cfg.serving.startup_timeout_s)
+        load_s = time.monotonic() - started
+        load_adapters(server, plan.adapters())
+        yield server, load_s
+    finally:
+        server.stop()
+
+
+@task(name="check-train-serve-parity", cache_policy=NONE)
+def check_parity(cfg: EvalConfig, plan: EvalPlan, server: VLLMServer) -> Parity:
+    """HF + PEFT vs vLLM + adapter on the same prompts: prompt tokens must match (else `ParityError`), greedy
+    tokens are compared. On a quantized base (`served_base`) the agreement is logged, not enforced: there it
+    measures quantization drift, which the quantize flow judges with its own deltas."""
+    result = parity_check.check_served_adapter(cfg, Path(plan.candidate_dir), Path(plan.tokenizer_dir), server.url,
+                                               plan.targets["candidate"], enforce=plan.served_base is None)
+    get_run_logger().info(f"train/serve parity: first token {result.first_token_agreement:.0%}, first "
+                          f"{cfg.parity.tokens} tokens {result.prefix_agreement:.0%} of {result.prompts} prompts")
+    return result
+
+
+@task(name="score-served-model", cache_policy=NONE)
+def score(cfg: EvalConfig, server: VLLMServer, display: str, plan: EvalPlan) -> ModelScores:
+    """All configured tasks for one served model through lm-eval; the summary with CIs."""
+    get_run_logger().info(f"scoring {display} ({plan.targets[display]}) on {', '.join(cfg.tasks)}")
+    return score_served_model(cfg, server.url, plan.targets[display], Path(plan.tokenizer_dir),
+                              Path(plan.run_dir) / "lm_eval" / display)
+
+
+@task(name="measure-decode-speed", cache_policy=NONE)
+def measure_decode_speed(server: VLLMServer, plan: EvalPlan) -> float:
+    """Single-stream greedy decode tokens/s of the primary model (median of 3 after a warm-up)."""
+    return decode_speed(server.url, plan.targets[plan.primary])
+
+
+@task(name="report-evaluation", cache_policy=NONE, **TRANSIENT_RETRIES)
+def report(cfg: EvalConfig, plan: EvalPlan, summaries: dict[str, ModelScores], parity: Parity | None,
+           serving: dict[str, float]) -> Evaluation:
+    """scores.json, report.md, chart PNG and sample rows on disk; the same in MLflow; a Prefect markdown artifact."""
+    evaluation = evaluation_report.write_and_log(cfg, plan, summaries, parity, serving, flow_run_tags())
+    create_markdown_artifact(key="character-eval", markdown=Path(evaluation.report).read_text(),
+                             description=f"Character evaluation of {plan.evaluated}")
+    get_run_logger().info(f"evaluation written to {plan.run_dir}\n{score_table(summaries)}")
+    return evaluation
+
+
+@task(name="register-candidate", cache_policy=NONE, **TRANSIENT_RETRIES)
+def register_candidate(cfg: EvalConfig, plan: EvalPlan, evaluation: Evaluation) -> Evaluation:
+    """The evaluated adapter as a registry version (one per adapter sha) with its lineage and evaluation, and the
+    `candidate` alias on it."""
+    registered: RegisteredVersion = registry.register_candidate(
+        Path(plan.candidate_dir), plan.lineage, evaluation.mlflow_run_id, sha256_file(repo_path(cfg.probes)),
+        flow_run_tags())
+    get_run_logger().info(f"registered {registered.name} version {registered.version} (alias {registry.CANDIDATE})")
+    return evaluation.model_copy(update={"registered": registered})
