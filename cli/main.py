@@ -39,9 +39,11 @@ def _main() -> None:
 
 
 def run_flow(flow_fn, /, **params):
-    """A flow run from the command line, in this process (see `quiet_flow_heartbeats`)."""
-    from tasks.runtime import quiet_flow_heartbeats
+    """A flow run from the command line, in this process (see `quiet_flow_heartbeats`); an expected error reaches
+    the terminal as its one line, without Prefect's traceback of it."""
+    from tasks.runtime import quiet_expected_errors, quiet_flow_heartbeats
 
+    quiet_expected_errors()
     with quiet_flow_heartbeats():
         return flow_fn(**params)
 

@@ -3,11 +3,12 @@ and flow runs without Prefect's heartbeat for command-line runs."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from charforge.errors import is_transient
+from charforge.errors import CharforgeError, is_transient
 from charforge.settings import platform
 
 
@@ -80,3 +81,22 @@ def quiet_flow_heartbeats() -> Iterator[None]:
 
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
+
+
+class _NoTracebackForExpectedErrors(logging.Filter):
+    """A `CharforgeError` says what happened and what to do in its message; Prefect's run loggers would print its
+    traceback (into the terminal and the run's log) as if it were a bug. The log line stays, the traceback goes;
+    any other exception keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], CharforgeError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_expected_errors() -> None:
+    """Install the filter on Prefect's flow-run and task-run loggers (idempotent)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTracebackForExpectedErrors) for f in logger.filters):
+            logger.addFilter(_NoTracebackForExpectedErrors())

@@ -118,3 +118,24 @@ def test_importing_flows_and_tasks_reads_no_config_or_data_file():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_stage_results_survive_prefects_result_serializers():
+    """Prefect stores flow and task results with its JSON or pickle serializer; a typed result comes back equal."""
+    from prefect.serializers import JSONSerializer, PickleSerializer
+
+    from charforge.results import Evaluation, MetricSummary, Parity, RegisteredVersion, Rollout
+
+    evaluation = Evaluation(
+        mlflow_run_id="run", run_dir="/evals/x", report="/evals/x/report.md", chart="/evals/x/per_character.png",
+        summaries={"candidate": {"character_mc": {"acc": MetricSummary(value=0.5, ci_low=0.1, ci_high=0.9, n=4,
+                                                                        per_character={"nell_bramwick": 1.0})}}},
+        targets={"candidate": "candidate-abc"}, primary="candidate",
+        parity=Parity(prompts=1, tokens=2, template_source="t", first_token_agreement=1.0, prefix_agreement=1.0),
+        serving={"load_s": 1.0}, registered=RegisteredVersion(name="charforge-x", version=3, uri="models:/charforge-x/3"))
+    rollout = Rollout(served="charforge-x-v3", status="rolled_back", previous={"nell_bramwick": {"charforge-x-v2": 100}},
+                      reason="error rate 5.0% > 1.0%")
+    for serializer in (JSONSerializer(), PickleSerializer()):
+        for result in (evaluation, rollout):
+            assert serializer.loads(serializer.dumps(result)) == result
+    assert evaluation.registered.version == "3"  # MLflow hands out int versions; results keep strings
