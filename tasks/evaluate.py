@@ -15,9 +15,11 @@ from charforge import registry
 from charforge.checksums import sha256_file
 from charforge.evaluation import parity as parity_check
 from charforge.evaluation import report as evaluation_report
+from charforge.evaluation import score_cache
 from charforge.evaluation.harness import decode_speed, score_served_model
 from charforge.evaluation.plan import EvalPlan, plan_evaluation
 from charforge.evaluation.report import score_table
+from charforge.evaluation.score_cache import ScoreReuse
 from charforge.results import Evaluation, ModelScores, Parity, RegisteredVersion
 from charforge.schemas.evaluate import EvalConfig
 from charforge.settings import repo_path
@@ -30,6 +32,19 @@ def plan(cfg: EvalConfig, adapter: str | None, base_only: bool, champion: str | 
          score_base: bool) -> EvalPlan:
     """Resolve and verify the adapters (downloading registry versions once), the base, the served names."""
     return plan_evaluation(cfg, adapter, base_only, champion, served_base, score_base)
+
+
+@task(name="find-reusable-scores", cache_policy=NONE, **TRANSIENT_RETRIES)
+def find_reusable_scores(cfg: EvalConfig, plan: EvalPlan) -> ScoreReuse:
+    """Each model's score key; the scores an earlier evaluation run already has under it (reused, not re-scored)."""
+    found = score_cache.lookup(cfg, plan)
+    logger = get_run_logger()
+    for role, reused in found.reused.items():
+        logger.info(f"{role}: scores reused from evaluation run {reused.run_id} (scored there as {reused.role}; "
+                    f"same served artifact, probes, tasks, metric code, settings and versions)")
+    for role in set(plan.targets) - set(found.reused):
+        logger.info(f"{role}: no earlier scores under key {found.score_keys[role][:12]}; scoring it")
+    return found
 
 
 @task(name="load-adapters", cache_policy=NONE)
@@ -76,7 +91,7 @@ def score(cfg: EvalConfig, server: VLLMServer, display: str, plan: EvalPlan) -> 
     """All configured tasks for one served model through lm-eval; the summary with CIs."""
     get_run_logger().info(f"scoring {display} ({plan.targets[display]}) on {', '.join(cfg.tasks)}")
     return score_served_model(cfg, server.url, plan.targets[display], Path(plan.tokenizer_dir),
-                              Path(plan.run_dir) / "lm_eval" / display)
+                              Path(plan.run_dir) / "lm_eval" / display, report=get_run_logger().info)
 
 
 @task(name="measure-decode-speed", cache_policy=NONE)
@@ -87,9 +102,9 @@ def measure_decode_speed(server: VLLMServer, plan: EvalPlan) -> float:
 
 @task(name="report-evaluation", cache_policy=NONE, **TRANSIENT_RETRIES)
 def report(cfg: EvalConfig, plan: EvalPlan, summaries: dict[str, ModelScores], parity: Parity | None,
-           serving: dict[str, float]) -> Evaluation:
+           serving: dict[str, float], scores: ScoreReuse) -> Evaluation:
     """scores.json, report.md, chart PNG and sample rows on disk; the same in MLflow; a Prefect markdown artifact."""
-    evaluation = evaluation_report.write_and_log(cfg, plan, summaries, parity, serving, flow_run_tags())
+    evaluation = evaluation_report.write_and_log(cfg, plan, summaries, parity, serving, scores, flow_run_tags())
     create_markdown_artifact(key="character-eval", markdown=Path(evaluation.report).read_text(),
                              description=f"Character evaluation of {plan.evaluated}")
     get_run_logger().info(f"evaluation written to {plan.run_dir}\n{score_table(summaries)}")

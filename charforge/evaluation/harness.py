@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 
 from charforge.evaluation.metrics import bootstrap_ci
+from charforge.evaluation.progress import Report
 from charforge.results import MetricSummary
 from charforge.schemas.evaluate import EvalConfig
 from charforge.settings import CONFIGS_DIR, repo_path
@@ -47,10 +48,11 @@ def hf_model_args(base_dir: Path, adapter_dir: Path | None = None) -> dict:
     return {**args, "peft": str(adapter_dir)} if adapter_dir else args
 
 
-def run_lm_eval(*, model_args: dict, tasks: list[str], output_dir: Path, model: str = "local-completions",
+def run_lm_eval(*, model_args: dict, tasks: list[str], output_dir: Path, model: str | object = "local-completions",
                 limit: int | None = None, metadata: dict | None = None, batch_size: int = 1) -> dict:
     """Run character tasks with `--apply_chat_template` and `--log_samples`; lm-eval's own `results_*.json`
-    and `samples_<task>_*.jsonl` land under `output_dir/<model name>/`. Returns lm-eval's results."""
+    and `samples_<task>_*.jsonl` land under `output_dir/<model name>/`. `model` is an lm-eval model name (built
+    from `model_args`) or a model object. Returns lm-eval's results."""
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.tasks import TaskManager
@@ -174,20 +176,24 @@ def summary_metrics(summary: dict[str, dict[str, MetricSummary]]) -> dict[str, f
     return flat
 
 
-def score_served_model(cfg: EvalConfig, base_url: str, served_name: str, tokenizer_dir: Path,
-                       out_dir: Path) -> dict[str, dict[str, MetricSummary]]:
+def score_served_model(cfg: EvalConfig, base_url: str, served_name: str, tokenizer_dir: Path, out_dir: Path,
+                       report: Report | None = None) -> dict[str, dict[str, MetricSummary]]:
     """All configured tasks for one served model: lm-eval's files under `out_dir`, `summary.json` and
-    `per_probe.json` beside them; returns the summary."""
+    `per_probe.json` beside them; returns the summary. Progress (requests done, rate, ETA) goes to `report`."""
+    from charforge.evaluation.progress import served_completions
+
     metadata = {"probes": str(repo_path(cfg.probes)), "characters": str(repo_path(cfg.characters))}
     url = f"{base_url}/v1/completions"
-    common = dict(output_dir=out_dir, limit=cfg.limit, metadata=metadata)
-    loglikelihood = [t for t in cfg.tasks if t in LOGLIKELIHOOD_TASKS]
-    generation = [t for t in cfg.tasks if t not in LOGLIKELIHOOD_TASKS]
-    if loglikelihood:  # one prompt at a time: see LOGLIKELIHOOD_TASKS
-        run_lm_eval(model_args=served_model_args(url, served_name, tokenizer_dir), tasks=loglikelihood, **common)
-    if generation:
-        run_lm_eval(model_args=served_model_args(url, served_name, tokenizer_dir, cfg.generation_concurrency),
-                    tasks=generation, **common)
+    report = report or logging.getLogger(__name__).info
+    passes = [(cfg.loglikelihood_concurrency, [t for t in cfg.tasks if t in LOGLIKELIHOOD_TASKS]),
+              (cfg.generation_concurrency, [t for t in cfg.tasks if t not in LOGLIKELIHOOD_TASKS])]
+    if passes[0][0] == passes[1][0]:  # one lm-eval pass: its set-up is paid once
+        passes = [(cfg.generation_concurrency, list(cfg.tasks))]
+    for concurrency, tasks in passes:
+        if tasks:
+            args = served_model_args(url, served_name, tokenizer_dir, concurrency)
+            run_lm_eval(model=served_completions(args, report, served_name), model_args=args, tasks=tasks,
+                        output_dir=out_dir, limit=cfg.limit, metadata=metadata)
     samples = read_samples(out_dir)
     summary = summarize(samples, cfg.bootstrap_resamples)
     (out_dir / "summary.json").write_text(json.dumps(
@@ -196,8 +202,9 @@ def score_served_model(cfg: EvalConfig, base_url: str, served_name: str, tokeniz
     return summary
 
 
-# Single-stream decode speed of the evaluated model, measured once per evaluation (median of 3 after a warm-up).
-DECODE_TOKENS, DECODE_REPEATS = 64, 3
+# Single-stream decode speed of the evaluated model, measured once per evaluation (median of 2 after a warm-up;
+# 96 decoded tokens: about 25 s on a slow 2-core CPU, where 256 took 77 s).
+DECODE_TOKENS, DECODE_REPEATS = 32, 2
 DECODE_PROMPT = ("<|im_start|>system\nYou are Sherlock Holmes.<|im_end|>\n<|im_start|>user\nHow did you know I "
                  "was a doctor?<|im_end|>\n<|im_start|>assistant\n")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from charforge.cpu import serving_dtype
 from charforge.errors import Refused
 from charforge.evaluation.lm_eval_tasks import read_probes
 from charforge.results import Parity, ParityExample
@@ -86,7 +87,10 @@ def check_parity(*, adapter_dir: Path, base_dir: Path, base_url: str, served_nam
                               f"(vLLM, model {served_name}): {difference}")
         prompts.append(served)
 
-    model = load_adapter_model(adapter_dir, base_dir, dtype=torch.bfloat16).eval()
+    # The dtype vLLM serves in here: float32 on a CPU without native bf16, else the checkpoint's bf16
+    served_dtype = serving_dtype("auto")
+    model = load_adapter_model(adapter_dir, base_dir,
+                               dtype=torch.float32 if served_dtype == "float32" else torch.bfloat16).eval()
     first_equal, all_equal, examples = 0, 0, []
     for prompt in prompts:
         with torch.no_grad():

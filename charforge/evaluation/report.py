@@ -10,6 +10,7 @@ import mlflow
 from charforge.checksums import folder_sha, sha256_file
 from charforge.evaluation.harness import read_samples, summary_metrics
 from charforge.evaluation.plan import EvalPlan
+from charforge.evaluation.score_cache import KEY_TAG, REUSED_TAG, ScoreReuse
 from charforge.results import Evaluation, ModelScores, Parity
 from charforge.schemas.evaluate import EvalConfig
 from charforge.settings import repo_path
@@ -108,8 +109,21 @@ def run_tags(plan: EvalPlan) -> dict[str, str]:
             "served_base_sha256": folder_sha(Path(plan.served_dir)) if plan.served_base else "bf16"}
 
 
+def reuse_lines(scores: ScoreReuse) -> str:
+    """Markdown: which models' scores came from an earlier run, and which run."""
+    return "".join(f"\nScores of {role} reused from evaluation run `{r.run_id}` (scored there as {r.role}; same "
+                   f"served artifact, probes, tasks, metric code, settings and versions).\n"
+                   for role, r in scores.reused.items())
+
+
+def score_tags(scores: ScoreReuse) -> dict[str, str]:
+    """`score_key.<role>` for every scored model (what later evaluations look up), `scores.<role>.reused_from`."""
+    return {**{KEY_TAG.format(role=role): key for role, key in scores.score_keys.items()},
+            **{REUSED_TAG.format(role=role): r.run_id for role, r in scores.reused.items()}}
+
+
 def write_and_log(cfg: EvalConfig, plan: EvalPlan, summaries: dict[str, ModelScores], parity: Parity | None,
-                  serving: dict[str, float], flow_tags: dict[str, str]) -> Evaluation:
+                  serving: dict[str, float], scores: ScoreReuse, flow_tags: dict[str, str]) -> Evaluation:
     """scores.json, report.md, per_probe.json, the chart and the sample rows on disk, and all of it in one MLflow
     run of `charforge-evaluate` (the primary model's metrics unprefixed, the others under `<model>/`)."""
     import pandas as pd
@@ -120,7 +134,8 @@ def write_and_log(cfg: EvalConfig, plan: EvalPlan, summaries: dict[str, ModelSco
                    f"\nTrain/serve parity: first token {parity.first_token_agreement:.0%}, first {parity.tokens} "
                    f"tokens {parity.prefix_agreement:.0%} of {parity.prompts} prompts (template: "
                    f"{parity.template_source}).\n")
-    markdown = f"# Character evaluation: {plan.evaluated}\n\n{score_table(summaries)}{parity_line}"
+    markdown = (f"# Character evaluation: {plan.evaluated}\n\n{score_table(summaries)}{parity_line}"
+                f"{reuse_lines(scores)}")
     (run_dir / "report.md").write_text(markdown)
     (run_dir / "scores.json").write_text(json.dumps({
         "summaries": {t: {task: {m: e.model_dump() for m, e in ms.items()} for task, ms in s.items()}
@@ -134,7 +149,7 @@ def write_and_log(cfg: EvalConfig, plan: EvalPlan, summaries: dict[str, ModelSco
 
     use_experiment("evaluate")
     with mlflow.start_run(run_name=f"{cfg.name}-{plan.short}") as run:
-        mlflow.set_tags({"stage": "evaluate", **run_tags(plan), **flow_tags})
+        mlflow.set_tags({"stage": "evaluate", **run_tags(plan), **score_tags(scores), **flow_tags})
         mlflow.log_params(params)
         for target, summary in summaries.items():
             prefix = "" if target == plan.primary else f"{target}/"
@@ -150,4 +165,5 @@ def write_and_log(cfg: EvalConfig, plan: EvalPlan, summaries: dict[str, ModelSco
         mlflow.log_artifacts(str(run_dir / "lm_eval"), "lm_eval")
     return Evaluation(mlflow_run_id=run.info.run_id, run_dir=str(run_dir), report=str(run_dir / "report.md"),
                       chart=str(chart), summaries=summaries, targets=plan.targets, primary=plan.primary,
-                      parity=parity, serving=serving)
+                      parity=parity, serving=serving,
+                      reused_scores={role: r.run_id for role, r in scores.reused.items()})

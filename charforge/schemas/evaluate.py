@@ -43,6 +43,11 @@ class EvalConfig(StageConfig):
     limit: int | None = Field(default=None, ge=1, description="Documents per task (None = all); for smoke runs.")
     bootstrap_resamples: int = Field(default=1000, ge=100, description="Resamples for the 95% CIs.")
     generation_concurrency: int = Field(default=4, ge=1, description="Parallel generation requests to vLLM.")
+    loglikelihood_concurrency: int = Field(
+        default=4, ge=1, description="Parallel log-likelihood requests to vLLM (batched prompt log-probabilities).")
+    reuse_scores: bool = Field(
+        default=True, description="Reuse a model's scores from an earlier evaluation run with the same served "
+        "artifact, probes, task folder, metric code, settings and versions (false: score everything again).")
     register_version: bool = Field(default=True, description="Register the evaluated adapter in the MLflow registry and "
                            "point the `candidate` alias at it.")
     parity: ParitySettings = Field(default_factory=ParitySettings)

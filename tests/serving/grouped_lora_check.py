@@ -110,9 +110,28 @@ def no_adapter_rows() -> float:
     return float(y[torch.tensor([1, 3])].abs().max())
 
 
+def prompt_logprob_rows() -> dict:
+    """vLLM's prompt log-probabilities: one request's 300 prompt tokens through the LoRA logits processor with the
+    batch's 3 per-sequence indices. All sequences on one adapter: every row gets that adapter (as one request on its
+    own would); mixed adapters whose lm_head weights are zero: no row gets a term; otherwise: not attributable."""
+    x = torch.randn(300, HIDDEN, dtype=torch.bfloat16)
+    a = torch.randn(SLOTS, 1, RANK, HIDDEN, dtype=torch.bfloat16)
+    same = torch.zeros(300, RANK)
+    grouped_lora.bgmv_shrink(x, a, same, torch.tensor([1, 1, 1]), 1.0)
+    alone = torch.zeros(300, RANK)
+    grouped_lora.bgmv_shrink(x, a, alone, torch.full((300,), 1), 1.0)
+    zero_a = torch.zeros_like(a)
+    mixed_zero = torch.ones(300, RANK)
+    grouped_lora.bgmv_shrink(x, zero_a, mixed_zero, torch.tensor([0, -1, 2]), 1.0)
+    attributable = grouped_lora.per_row(x, a, torch.tensor([0, -1, 2])) is not None
+    return {"same_adapter_max_abs_diff": float((same - alone).abs().max()),
+            "mixed_zero_weights_max_abs": float(mixed_zero.abs().max()), "mixed_attributable": attributable}
+
+
 cases = [
     case("one adapter, 300-token prompt", torch.zeros(300, dtype=torch.long), True, True),
     case("two adapters in one batch", torch.tensor([1] * 7 + [2] * 5), True, True),
     case("decode step, three sequences, 3-d weights", torch.tensor([2, 0, 2]), False, False),
 ]
-print(json.dumps({"cases": cases, "no_adapter_max_abs": no_adapter_rows()}))
+print(json.dumps({"cases": cases, "no_adapter_max_abs": no_adapter_rows(),
+                  "prompt_logprob_rows": prompt_logprob_rows()}))

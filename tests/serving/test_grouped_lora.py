@@ -30,6 +30,10 @@ def test_grouped_ops_compute_what_vllms_reference_ops_compute():
         assert case["max_rel_err"] < 1e-5, case
         assert case["chained_prefill"]["explained"] <= 1.0, case
     assert result["no_adapter_max_abs"] == 0.0  # a base request batched with adapter requests gets no LoRA term
+    # Batched prompt log-probabilities (lm-eval's log-likelihoods, several requests at a time): the logits LoRA gets
+    # per-sequence indices for per-token rows; one adapter for all is exact, mixed ones must not be guessed
+    assert result["prompt_logprob_rows"] == {"same_adapter_max_abs_diff": 0.0, "mixed_zero_weights_max_abs": 0.0,
+                                             "mixed_attributable": False}
 
 
 @pytest.mark.slow

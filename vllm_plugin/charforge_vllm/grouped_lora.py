@@ -3,8 +3,8 @@ multiply each adapter's rows once instead of gathering a weight matrix per token
 
 Weights are stacked per adapter slot: shrink `[slots, 1, rank, in]`, expand `[slots, 1, out, rank]` (or without
 the 1). A token's index picks its slot; -1 means "no adapter" and adds no LoRA term, as in vLLM's GPU kernels.
-Shapes the grouped path does not cover (an index count that differs from the number of input rows) go to vLLM's
-reference op unchanged.
+An index count that differs from the number of input rows (vLLM's prompt log-probabilities through the LoRA logits
+processor) is resolved by `per_row` where the answer is certain, else left to vLLM's reference op.
 """
 
 from __future__ import annotations
@@ -40,16 +40,39 @@ def covered(inputs: torch.Tensor, indices: torch.Tensor) -> bool:
     return indices.dim() == 1 and indices.numel() == inputs.shape[0]
 
 
+def per_row(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
+    """One index per input row where vLLM passes fewer: its prompt-logprobs path sends one request's prompt tokens
+    through the LoRA logits processor with the batch's per-*sequence* sampler indices (vllm-project/vllm#16668;
+    the reference op then fails on the shape). When every sequence uses the same slot, that slot is right for
+    every row; when the slots in use all hold zero weights (adapters that do not train `lm_head`), no row gets a
+    LoRA term. Otherwise the rows cannot be attributed: None (the reference op's failure stands)."""
+    if indices.dim() != 1 or indices.numel() == 0:
+        return None
+    slots = torch.unique(indices).tolist()
+    stacked = weights.squeeze(1) if weights.dim() == 4 else weights
+    if len(slots) > 1 and all(slot < 0 or not bool(stacked[slot].any()) for slot in slots):
+        slots = [-1]
+    if len(slots) != 1:
+        return None
+    return torch.full((inputs.shape[0],), slots[0], dtype=indices.dtype)
+
+
 def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0, slots=None):
     if not covered(inputs, lora_indices_tensor):
-        return reference.bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling)
+        rows = per_row(inputs, lora_b_weights, lora_indices_tensor)
+        if rows is None:
+            return reference.bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling)
+        lora_indices_tensor, slots = rows, None
     outputs = grouped_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype, slots)
     output_tensor[:, : outputs.shape[1]] = scaling * outputs
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True, slots=None):
     if not covered(inputs, lora_indices_tensor):
-        return reference.bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs)
+        rows = per_row(inputs, lora_b_weights, lora_indices_tensor)
+        if rows is None:
+            return reference.bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs)
+        lora_indices_tensor, slots = rows, None
     outputs = grouped_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype, slots)
     limit = output_tensor.shape[0]
     if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
@@ -64,8 +87,11 @@ def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_
 def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int,
                       slice_size: int, add_inputs: bool = True, slots=None):
     if not covered(inputs, lora_indices_tensor):
-        return reference.bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor,
-                                           slice_offset, slice_size, add_inputs)
+        rows = per_row(inputs, lora_b_weights, lora_indices_tensor)
+        if rows is None:
+            return reference.bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor,
+                                               slice_offset, slice_size, add_inputs)
+        lora_indices_tensor, slots = rows, None
     outputs = grouped_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype, slots)
     if add_inputs:
         output_tensor[:, slice_offset: slice_offset + slice_size] += outputs
