@@ -54,7 +54,11 @@ def per_character_chart(summaries: dict[str, ModelScores], path: Path) -> Path:
     import numpy as np
 
     panels = [(t, m) for t, m in CHART_METRICS if any(m in s.get(t, {}) for s in summaries.values())]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.2 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(max(1, len(panels)), 1, figsize=(11, 3.2 * max(1, len(panels))), squeeze=False)
+    if not panels:  # e.g. an evaluation of log-likelihood tasks alone: say so instead of failing the report
+        axes[0, 0].axis("off")
+        axes[0, 0].text(0.5, 0.5, "no per-character chart metric among the evaluated tasks "
+                        f"({', '.join(f'{t}/{m}' for t, m in CHART_METRICS)})", ha="center", va="center")
     width = 0.8 / max(1, len(summaries))
     for ax, (task, metric) in zip(axes[:, 0], panels):
         characters = sorted({c for s in summaries.values() if metric in s.get(task, {})

@@ -209,3 +209,15 @@ def test_cli_refuses_bad_evaluate_requests_before_starting_anything(tmp_path, sm
     bad.write_text("limt: 3\n")
     assert run("--adapter", str(smollm2_adapter), "--config", str(bad)) == (
         2, f"error: {bad}: key 'limt': unknown key, did you mean 'limit'?")
+
+
+def test_report_chart_of_an_evaluation_without_chart_metrics_is_written_not_a_crash(tmp_path):
+    """An evaluation of log-likelihood tasks alone has none of the chart's metrics; the report used to fail in
+    matplotlib ("Number of rows must be a positive integer, not 0") after every model had been scored."""
+    from charforge.evaluation.report import per_character_chart
+    from charforge.results import MetricSummary
+
+    summary = {"character_reply_likelihood": {"bits_per_byte": MetricSummary(value=1.2, ci_low=1.1, ci_high=1.3, n=2,
+                                                                             per_character={"a": 1.2})}}
+    chart = per_character_chart({"base": summary}, tmp_path / "per_character.png")
+    assert chart.read_bytes().startswith(b"\x89PNG")

@@ -58,7 +58,6 @@ def test_a_second_evaluation_reuses_every_score_the_first_made_and_names_its_sou
     assert metrics["champion/eval/character_reply_likelihood/bits_per_byte"] == metrics[
         "eval/character_reply_likelihood/bits_per_byte"]
 
-    # Another setting is another score: nothing reused
-    third = evaluate(cfg.model_copy(update={"tasks": ["character_reply_likelihood"]}), adapter=str(smollm2_adapter),
-                     score_base=False)
-    assert third.reused_scores == {}
+    # Another setting is another score: the base is scored again (base only: no adapter, no parity check)
+    third = evaluate(cfg.model_copy(update={"tasks": ["character_reply_likelihood"]}), base_only=True)
+    assert third.reused_scores == {} and set(third.summaries) == {"base"}

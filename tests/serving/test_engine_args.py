@@ -52,3 +52,29 @@ def test_shipped_serving_config_flags():
     assert fleet.engine_args() == ["--enable-prefix-caching", "--tensor-parallel-size", "1"]
     off = FleetSettings(enable_prefix_caching=False)
     assert off.engine_args()[0] == "--no-enable-prefix-caching"
+
+
+@pytest.mark.parametrize("flags, gpu, dtype", [
+    ({"avx2", "fma"}, False, "float32"),  # AVX2 only: bf16 is emulated (4.5x slower than fp32, measured)
+    ({"avx2", "avx512f", "avx512_bf16"}, False, "bfloat16"),
+    ({"avx2", "avx512f", "amx_bf16", "amx_tile"}, False, "bfloat16"),
+    ({"avx2"}, True, "auto"),  # a GPU host: vLLM takes the checkpoint's dtype
+])
+def test_auto_dtype_follows_what_the_cpu_multiplies_natively(monkeypatch, flags, gpu, dtype):
+    from charforge import cpu
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(cpu, "nvidia_gpu", lambda: gpu)
+    argv = VLLMServer(Path("/models/base"), "base", 8000).command()
+    assert argv[argv.index("--dtype") + 1] == dtype
+    pinned = VLLMServer(Path("/models/base"), "base", 8000, dtype="bfloat16").command()
+    assert pinned[pinned.index("--dtype") + 1] == "bfloat16"  # an explicit dtype is passed through
+
+
+def test_a_quantized_checkpoint_keeps_bf16_activations(tmp_path, monkeypatch):
+    from charforge import cpu
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2"}))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "auto-round"}}))
+    argv = VLLMServer(tmp_path, "base", 8000).command()
+    assert argv[argv.index("--dtype") + 1] == "bfloat16"
