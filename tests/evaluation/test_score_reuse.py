@@ -1,5 +1,6 @@
 """Each served artifact is scored once: the evaluate flow, run for real twice against one MLflow store, reuses the
-first run's scores in the second, whatever role the model plays there, and says so in MLflow and the report.
+first run's scores in the second, whatever role the model plays there, and says so in MLflow and the report. That
+any other input is another key (so another score) is checked input by input in test_score_cache.py.
 
 The second run is also the suite's evaluation of a candidate against a champion (the champion is the same adapter
 under another served name, so its scores come from the first run's candidate)."""
@@ -58,6 +59,3 @@ def test_a_second_evaluation_reuses_every_score_the_first_made_and_names_its_sou
     assert metrics["champion/eval/character_reply_likelihood/bits_per_byte"] == metrics[
         "eval/character_reply_likelihood/bits_per_byte"]
 
-    # Another setting is another score: the base is scored again (base only: no adapter, no parity check)
-    third = evaluate(cfg.model_copy(update={"tasks": ["character_reply_likelihood"]}), base_only=True)
-    assert third.reused_scores == {} and set(third.summaries) == {"base"}
