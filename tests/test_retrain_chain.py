@@ -55,6 +55,10 @@ def small_parameters(root: Path, gateway_url: str) -> dict:
     train = load_yaml_model(CONFIGS_DIR / "train" / "smollm2_lora.yaml", TrainConfig).model_copy(update={
         "name": "chain-test"})
     train.training.max_steps, train.training.save_steps, train.training.max_length = 2, 2, 256
+    # Two steps at the shipped 5e-4 leave LoRA B near its zero init: served in float32 (a CPU without native bf16)
+    # the adapter then answers the smoke prompt exactly like the base, and staging rightly refuses it. 2e-2 moves
+    # the weights in two steps enough to change the greedy reply, as a trained adapter does.
+    train.training.learning_rate = 2e-2
     # register_version: false: the chain still promotes, so it registers the candidate itself (this was a KeyError)
     evaluate = EvalConfig(limit=2, bootstrap_resamples=200, register_version=False,
                           parity={"prompts": 4, "tokens": 4, "min_first_token_agreement": 0.5})
