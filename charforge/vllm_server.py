@@ -54,6 +54,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def served_dtype(model_dir: Path, requested: str = "auto") -> str:
+    """The `--dtype` vLLM runs `model_dir` with: `auto` resolved for this host (charforge.cpu.serving_dtype),
+    except for a quantized checkpoint, whose CPU kernels (W4A16) were verified with bf16 activations only."""
+    config = Path(model_dir) / "config.json"
+    if requested == "auto" and config.is_file() and "quantization_config" in json.loads(config.read_text()):
+        return "bfloat16"
+    return serving_dtype(requested)
+
+
 @dataclass
 class VLLMServer:
     """One vLLM replica (`python -m vllm.entrypoints.openai.api_server`) with runtime LoRA loading on."""
@@ -79,20 +88,12 @@ class VLLMServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def served_dtype(self) -> str:
-        """`auto` resolved for this host (charforge.cpu.serving_dtype), except for a quantized checkpoint: its CPU
-        kernels (W4A16) were verified with bf16 activations only, so it keeps bfloat16."""
-        config = Path(self.model_dir) / "config.json"
-        if self.dtype == "auto" and config.is_file() and "quantization_config" in json.loads(config.read_text()):
-            return "bfloat16"
-        return serving_dtype(self.dtype)
-
     def command(self) -> list[str]:
         cmd = [
             str(platform().serving_python), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(self.model_dir), "--served-model-name", self.served_name,
             "--host", self.host, "--port", str(self.port),
-            "--dtype", self.served_dtype(), "--max-model-len", str(self.max_model_len),
+            "--dtype", served_dtype(self.model_dir, self.dtype), "--max-model-len", str(self.max_model_len),
         ]
         if self.enable_lora:  # off only for a merged single-character model (no runtime adapters)
             cmd += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank),

@@ -27,11 +27,11 @@ from pydantic import BaseModel, ConfigDict
 
 from charforge import tracking
 from charforge.checksums import folder_sha, sha256_file
-from charforge.cpu import serving_dtype
 from charforge.evaluation.plan import EvalPlan
 from charforge.results import MetricSummary
 from charforge.schemas.evaluate import EvalConfig
 from charforge.settings import REPO_ROOT, platform, repo_path
+from charforge.vllm_server import served_dtype
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def key_inputs(cfg: EvalConfig, plan: EvalPlan, role: str) -> dict[str, str]:
     settings = cfg.model_dump(mode="json", include={"tasks", "limit", "bootstrap_resamples", "generation_concurrency",
                                                     "loglikelihood_concurrency"})
     settings["max_model_len"] = cfg.serving.max_model_len
-    settings["served_dtype"] = serving_dtype("auto")  # what VLLMServer runs the evaluation's vLLM in
+    settings["served_dtype"] = served_dtype(Path(plan.served_dir))  # what the evaluation's vLLM runs in
     return {
         "served_model": folder_sha(Path(plan.served_dir)),
         "adapter": folder_sha(Path(adapter)) if adapter else "none",

@@ -3,6 +3,7 @@ lm-eval runs. (The reuse itself, through MLflow, runs end to end in tests/evalua
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -108,3 +109,12 @@ def test_progress_reports_done_total_rate_and_eta_at_most_every_interval():
     assert lines == ["candidate-abc: 100 log-likelihood requests",
                      "candidate-abc: log-likelihood 8/100 (8%), 0.5/s, ETA 184 s",
                      "candidate-abc: log-likelihood 100/100 done in 100 s (1.0/s)"]
+
+
+def test_the_key_records_the_dtype_vllm_serves_the_folder_in(setup):
+    cfg, plan, tmp_path = setup
+    quantized = _folder(tmp_path / "w4a16", "int4")
+    (quantized / "config.json").write_text('{"quantization_config": {"quant_method": "auto-round"}}')
+    settings = json.loads(score_cache.key_inputs(cfg, plan.model_copy(update={"served_dir": str(quantized)}),
+                                                 "base")["settings"])
+    assert settings["served_dtype"] == "bfloat16"  # a quantized checkpoint keeps bf16 activations on every CPU
