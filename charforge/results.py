@@ -129,7 +129,7 @@ class Quantization(StageResult):
 
 
 # ---- deployment --------------------------------------------------------------------------------------------------
-RolloutStatus = Literal["staging", "canary", "done", "rolled_back"]
+RolloutStatus = Literal["staging", "canary", "done", "rolled_back", "stopped"]  # stopped: a route changed under it
 
 
 class Rollout(StageResult):
@@ -141,6 +141,7 @@ class Rollout(StageResult):
     version: str = ""
     folder: str = ""
     previous: dict[str, dict[str, float]] = {}  # route -> weights before the rollout
+    generations: dict[str, int] = {}  # route -> its generation after this rollout's last write (compare-and-set)
     replicas: dict[str, str] = {}  # replica URL -> staged | out of rotation (...) | skipped (unhealthy)
     step: float | None = None
     started: float = 0.0

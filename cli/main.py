@@ -7,6 +7,7 @@ its exit code: 2 input to fix, 3 refused by a gate, 4 a dependency unavailable (
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -304,7 +305,7 @@ def serve_status(
     from serving import daemon
 
     cfg = _serving_config(config)
-    s = daemon.status(cfg, cfg.gateway.api_key())
+    s = daemon.status(cfg, cfg.gateway.admin_key())
     typer.echo(f"supervisor: {'running, pid ' + str(s.supervisor) if s.running else 'not running'}")
     typer.echo(f"gateway {s.url}: {'healthy' if s.gateway_healthy else 'not answering /health'}")
     for r in s.replicas:
@@ -374,7 +375,7 @@ def deploy(
     from flows.deploy import deploy as deploy_flow
 
     record = run_flow(deploy_flow, adapter=adapter, gateway_url=gateway_url or _gateway_url(cfg),
-                      api_key=cfg.gateway.api_key(), config=cfg)
+                      config=cfg)
     typer.echo(f"{record.served}: {record.status}" + (f" ({record.reason})" if record.reason else ""))
     if record.status != "done":
         raise typer.Exit(3)
@@ -394,7 +395,8 @@ def rollback(
     from serving.admin import GatewayAdmin
 
     cfg = _serving_config(config)
-    admin = GatewayAdmin(gateway_url or _gateway_url(cfg), cfg.gateway.api_key())
+    admin = GatewayAdmin(gateway_url or _gateway_url(cfg), cfg.gateway.admin_key(),
+                         f"charforge rollback ({os.environ.get('USER', 'unknown user')})")
     for name in route or list(admin.routes()):
         typer.echo(f"{name}: {admin.rollback(name)}")
 

@@ -29,12 +29,13 @@ from tasks.deploy import (canary_step, exclusive_rollout, finish_rollout, gatewa
 
 
 @flow(name="deploy")
-def deploy(adapter: str, gateway_url: str, api_key: str | None = None, config: ServingConfig | None = None) -> Rollout:
-    """Roll `adapter` (models:/<name>/<version> or @alias) out through the gateway at `gateway_url`."""
+def deploy(adapter: str, gateway_url: str, config: ServingConfig | None = None) -> Rollout:
+    """Roll `adapter` (models:/<name>/<version> or @alias) out through the gateway at `gateway_url`; the admin key
+    comes from the environment (`gateway.admin_key_env`), never from a parameter."""
     cfg = config or ServingConfig()
     require_runtime_lora(cfg, adapter)
     version = resolve_version(adapter)
-    gw = gateway_admin(gateway_url, api_key)
+    gw = gateway_admin(gateway_url, cfg, f"deploy {adapter}")
     with exclusive_rollout(version.name):
         plan = prepare_rollout(version, gw, cfg)
         retire_old_versions(gw, plan)

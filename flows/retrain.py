@@ -125,5 +125,5 @@ def deploy_champion(parent: str, chain: ChainParameters, decision: ChainDecision
     gw = reach_gateway(chain.serving, gateway_url, chain.start_fleet)
     record = already_serving(gw, decision) or deploy_flow(
         adapter=f"models:/{decision.registered_model}/{decision.version}", gateway_url=gw.url,
-        api_key=chain.serving.gateway.api_key(), config=chain.serving)
+        config=chain.serving)
     return record_deployment(parent, gw, chain.serving, decision, record)

@@ -21,6 +21,10 @@ class GatewayRefused(Refused):
     """The gateway answered an admin call with an error (e.g. a version no healthy replica has loaded)."""
 
 
+class RouteChanged(GatewayRefused):
+    """A compare-and-set write found the route changed since it was read (an operator's rollback, another writer)."""
+
+
 @dataclass(frozen=True)
 class ReplicaState:
     name: str
@@ -35,6 +39,13 @@ class RouteState:
     weights: dict[str, float]
     system_prompt: str | None = None
     previous: dict[str, float] | None = None
+    generation: int = 0
+    changed_by: str | None = None
+
+    @classmethod
+    def of(cls, raw: dict) -> "RouteState":
+        return cls(raw["weights"], raw.get("system_prompt"), raw.get("previous"), raw.get("generation", 0),
+                   raw.get("changed_by"))
 
 
 # (version, "ok" | "errors" | "le=<bound>") -> value summed over routes: requests by outcome and latency buckets
@@ -49,9 +60,11 @@ def gateway_healthy(url: str, timeout: float = 3) -> bool:
 
 
 class GatewayAdmin:
-    def __init__(self, url: str, api_key: str | None) -> None:
+    """A client of the admin API; `api_key` is the gateway's admin key, `actor` names the caller in its audit log."""
+
+    def __init__(self, url: str, api_key: str | None, actor: str = "charforge") -> None:
         self.url = url.rstrip("/")
-        self.headers = bearer(api_key)
+        self.headers = {**bearer(api_key), "x-charforge-actor": actor}
 
     def call(self, method: str, path: str, retry_s: float = 60, **kw) -> httpx.Response:
         """One admin call; a gateway that is restarting (connection refused) is waited for up to `retry_s` — its
@@ -59,14 +72,20 @@ class GatewayAdmin:
         deadline = time.monotonic() + retry_s
         while True:
             try:
-                r = httpx.request(method, f"{self.url}{path}", headers=self.headers, timeout=30, **kw)
+                r = httpx.request(method, f"{self.url}{path}", **{"headers": self.headers, "timeout": 30, **kw})
                 break
             except httpx.ConnectError as exc:
                 if time.monotonic() > deadline:
                     raise GatewayUnavailable(f"gateway {self.url} unreachable for {retry_s:.0f} s: {exc}") from None
                 time.sleep(1)
         if r.status_code >= 400:
-            raise GatewayRefused(f"gateway {method} {path}: {r.status_code} {r.text}")
+            try:
+                error = r.json()["error"]
+                kind, message = error.get("type"), error.get("message")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                kind, message = None, r.text
+            raise (RouteChanged if kind == "route_changed" else GatewayRefused)(
+                f"gateway {method} {path}: {r.status_code} {message}")
         return r
 
     def replicas(self) -> list[ReplicaState]:
@@ -74,17 +93,33 @@ class GatewayAdmin:
                 for r in self.call("GET", "/admin/replicas").json()]
 
     def routes(self) -> dict[str, RouteState]:
-        return {name: RouteState(r["weights"], r.get("system_prompt"), r.get("previous"))
-                for name, r in self.call("GET", "/admin/routes").json().items()}
+        return {name: RouteState.of(r) for name, r in self.call("GET", "/admin/routes").json().items()}
 
     def set_weights(self, route: str, weights: dict[str, float], system_prompt: str | None = None,
-                    previous: dict[str, float] | None = None) -> None:
-        self.call("PUT", f"/admin/routes/{route}", json={"weights": weights, "system_prompt": system_prompt,
-                                                          "previous": previous})
+                    previous: dict[str, float] | None = None, expected_generation: int | None = None,
+                    actor: str | None = None) -> RouteState:
+        """Set weights; with `expected_generation`, only if the route is still at it (`RouteChanged` otherwise);
+        `actor` signs this change instead of the client's own name."""
+        return RouteState.of(self.call("PUT", f"/admin/routes/{route}", json={
+            "weights": weights, "system_prompt": system_prompt, "previous": previous,
+            "expected_generation": expected_generation},
+            headers={**self.headers, **({"x-charforge-actor": actor} if actor else {})}).json())
 
     def rollback(self, route: str) -> dict[str, float]:
         """Flip a route back to its previous weights; returns the weights now in force."""
         return self.call("POST", f"/admin/routes/{route}/rollback", retry_s=0).json()["weights"]
+
+    def probe(self, route: str, version: str, prompt: str, max_tokens: int, timeout: float = 120) -> int | str:
+        """One probe request through the gateway, pinned to `version` (admin-only header; counted apart from user
+        traffic). Returns the HTTP status, or the name of the connection error."""
+        try:
+            r = httpx.post(f"{self.url}/v1/chat/completions", timeout=timeout,
+                           headers={**self.headers, "x-charforge-probe": version},
+                           json={"model": route, "max_tokens": max_tokens, "temperature": 0,
+                                 "messages": [{"role": "user", "content": prompt}]})
+        except httpx.HTTPError as exc:
+            return type(exc).__name__
+        return r.status_code
 
     def serves_only(self, route: str, served: str) -> bool:
         """Whether `route` sends all its traffic to `served` already."""
@@ -95,14 +130,15 @@ class GatewayAdmin:
         return [r.url for r in self.replicas() if r.healthy and served in r.loaded]
 
     def metrics(self) -> MetricsSnapshot:
-        """Request counts by outcome and latency histogram buckets per version, summed over routes, read with the
-        Prometheus client's own parser."""
+        """Request counts by outcome and latency histogram buckets per version, summed over routes and over user
+        and probe traffic, read with the Prometheus client's own parser."""
         out: MetricsSnapshot = {}
         for family in text_string_to_metric_families(self.call("GET", "/metrics").text):
-            for sample in family.samples:
-                if sample.name == "gateway_requests_total":
-                    kind = "ok" if sample.labels["status"].startswith("2") else "errors"
-                elif sample.name == "gateway_request_seconds_bucket":
+            for sample in family.samples:  # user traffic and the rollout's probes alike
+                if sample.name in ("gateway_requests_total", "gateway_probe_requests_total"):
+                    kind = "ok" if sample.labels["status"].isdigit() and sample.labels["status"].startswith("2") \
+                        else "errors"  # 4xx/5xx, `empty` replies and streams `cut` midway
+                elif sample.name in ("gateway_request_seconds_bucket", "gateway_probe_request_seconds_bucket"):
                     kind = f"le={sample.labels['le']}"
                 else:
                     continue

@@ -174,11 +174,11 @@ class FleetStatus:
     routes: dict[str, RouteState]
 
 
-def status(cfg: ServingConfig, api_key: str | None) -> FleetStatus:
+def status(cfg: ServingConfig, admin_key: str | None) -> FleetStatus:
     """What is running: supervisor pid, gateway health, replicas (with loaded adapters) and routes."""
     record = read_record()
     url = record.get("url", gateway_url(cfg))
     answering = healthy(url)
-    admin = GatewayAdmin(url, api_key)
+    admin = GatewayAdmin(url, admin_key, "charforge serve status")
     return FleetStatus(record.get("supervisor"), alive(record.get("supervisor")), url, answering,
                        admin.replicas() if answering else [], admin.routes() if answering else {})

@@ -34,7 +34,8 @@ def ready_replicas(pod_list: dict, port: int) -> dict[str, str]:
         meta, status = pod.get("metadata", {}), pod.get("status", {})
         ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions", []))
         if status.get("phase") == "Running" and ready and status.get("podIP") and not meta.get("deletionTimestamp"):
-            found[meta["name"]] = f"http://{status['podIP']}:{port}"
+            ip = status["podIP"]
+            found[meta["name"]] = f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}"  # IPv6 in brackets
     return dict(sorted(found.items()))
 
 

@@ -11,10 +11,10 @@ The routing table is a JSON file written atomically, so a restarted gateway come
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import json
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -25,10 +25,13 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from charforge.http import bearer
 from charforge.io import write_json_atomic
+from charforge.keys import KeyRing, presented_key
 from serving.fleet import replica_headers
-from serving.routing import Replica, Strategy, assign_version, choose_replica
+from serving.routing import Replica, Strategy, assign_version, choose_replica, eligible
+
+log = logging.getLogger(__name__)
+audit_log = logging.getLogger("charforge.gateway.audit")
 
 
 @dataclass
@@ -38,6 +41,13 @@ class Route:
     weights: dict[str, float]
     system_prompt: str | None = None
     previous: dict[str, float] | None = None  # the weights before the last change: what a rollback restores
+    generation: int = 0  # +1 on every change: a writer that read generation N may write only while it is still N
+    changed_by: str | None = None  # who made the last change (the admin caller's actor and key fingerprint)
+    changed_at: float | None = None
+
+
+class RouteChanged(Exception):
+    """A compare-and-set of a route found a newer generation than the writer read."""
 
 
 @dataclass
@@ -52,61 +62,120 @@ class RouteTable:
         raw = json.loads(path.read_text())
         return cls(path, {name: Route(**r) for name, r in raw.get("routes", {}).items()})
 
-    def save(self) -> None:
+    def save(self, routes: dict[str, Route] | None = None) -> None:
         # atomic: a crash leaves the old table or the new one
-        write_json_atomic(self.path, {"routes": {n: r.__dict__ for n, r in self.routes.items()}})
+        write_json_atomic(self.path, {"routes": {n: r.__dict__ for n, r in (routes or self.routes).items()}})
 
     def set_weights(self, name: str, weights: dict[str, float], system_prompt: str | None = None,
-                    previous: dict[str, float] | None = None) -> Route:
+                    previous: dict[str, float] | None = None, expected_generation: int | None = None,
+                    who: str | None = None) -> Route:
         """New weights; `previous` is what a rollback restores (default: the weights being replaced; a rollout
-        passes the weights from before its first step, so rolling back mid-canary returns to the old version)."""
+        passes the weights from before its first step, so rolling back mid-canary returns to the old version).
+        With `expected_generation`, the change is made only if the route is still at that generation (a rollout
+        never overwrites an operator's rollback). The file is written before memory changes: a failed write
+        serves nothing that would vanish on restart."""
         if not any(w > 0 for w in weights.values()):
             raise ValueError(f"route {name!r}: at least one version needs a positive weight")
         old = self.routes.get(name)
+        generation = old.generation if old else 0
+        if expected_generation is not None and expected_generation != generation:
+            raise RouteChanged(f"route {name!r} is at generation {generation}, not {expected_generation}: changed by "
+                               f"{old.changed_by if old else 'nobody'} at "
+                               f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(old.changed_at or 0)) if old else '-'}")
         if previous is None:
             previous = dict(old.weights) if old else None
         route = Route(weights=dict(weights), system_prompt=system_prompt if system_prompt is not None else
-                      (old.system_prompt if old else None), previous=previous)
-        self.routes[name] = route
-        self.save()
+                      (old.system_prompt if old else None), previous=previous, generation=generation + 1,
+                      changed_by=who, changed_at=time.time())
+        routes = {**self.routes, name: route}
+        self.save(routes)
+        self.routes = routes
         return route
 
 
-# The replica refused the connection, or dropped it before any response byte reached the client (a killed replica):
-# the request had no effect the client saw, so another replica can take it. Timeouts are not retried (the work may
-# still be running), and a stream that already sent chunks is never restarted.
-RETRYABLE = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError)
+# The replica refused the connection, or dropped it before any response byte reached the client (a killed replica),
+# or did not accept it in time: the request had no effect the client saw, so another replica can take it. Other
+# timeouts are not retried (the work may still be running: 504), and a stream that already sent chunks is never
+# restarted (it ends with an error event).
+RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError)
+PROBE_HEADER = "x-charforge-probe"  # admin only: route this request to the named version, count it as a probe
+ACTOR_HEADER = "x-charforge-actor"  # admin callers say who they are (a rollout, `charforge rollback`), for the audit
 
 
 class Metrics:
+    """User traffic in `gateway_requests_total` & co.; a rollout's probe requests in `gateway_probe_*` (the canary
+    gate reads both; user dashboards see only users). Outcomes: the HTTP status, `empty` (200 with no reply text),
+    `cut` (a stream broken midway), `504` (the replica timed out). Overload 503s never reached a replica: they are
+    counted in `gateway_rejected_total` only."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         labels = ["route", "version"]
         self.requests = Counter("gateway_requests_total", "Requests by outcome", [*labels, "status"],
                                 registry=self.registry)
         self.latency = Histogram("gateway_request_seconds", "End-to-end latency", labels, registry=self.registry,
-                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64))
+                                 buckets=LATENCY_BUCKETS)
         self.ttft = Histogram("gateway_time_to_first_token_seconds", "Time to the first streamed chunk", labels,
                               registry=self.registry, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16))
         self.tokens = Counter("gateway_completion_tokens_total", "Completion tokens (non-streaming usage)", labels,
                               registry=self.registry)
+        self.probe_requests = Counter("gateway_probe_requests_total", "Rollout probe requests by outcome",
+                                      [*labels, "status"], registry=self.registry)
+        self.probe_latency = Histogram("gateway_probe_request_seconds", "Rollout probe latency", labels,
+                                       registry=self.registry, buckets=LATENCY_BUCKETS)
         self.outstanding = Gauge("gateway_outstanding_requests", "In-flight requests per replica", ["replica"],
                                  registry=self.registry)
         self.retries = Counter("gateway_connect_retries_total", "Requests retried on another replica", ["replica"],
                                registry=self.registry)
+        self.rejected = Counter("gateway_rejected_total", "Requests refused before any replica saw them",
+                                ["reason"], registry=self.registry)
+
+    def observe(self, route: str, version: str, status: str, elapsed: float, probe: bool) -> None:
+        requests, latency = (self.probe_requests, self.probe_latency) if probe else (self.requests, self.latency)
+        requests.labels(route, version, status).inc()
+        latency.labels(route, version).observe(elapsed)
+
+
+LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
+
+
+def empty_reply(payload: dict) -> bool:
+    """A 200 whose every choice has no text (and no tool call): a broken adapter, counted as an error."""
+    choices = payload.get("choices") if isinstance(payload, dict) else None
+    if not choices:
+        return False
+
+    def text(choice: dict) -> str:
+        message = choice.get("message") or {}
+        return (message.get("content") or "") if "message" in choice else (choice.get("text") or "")
+    return all(not text(c).strip() and not (c.get("message") or {}).get("tool_calls") for c in choices)
+
+
+def sse_error(message: str, code: int = 502) -> bytes:
+    """An OpenAI-style error event: the openai client raises it instead of ending the stream as if complete."""
+    return f"data: {json.dumps({'error': {'message': message, 'type': 'upstream_error', 'code': code}})}\n\n".encode()
 
 
 class Gateway:
     def __init__(self, replica_urls: list[str], table: RouteTable, strategy: Strategy = "least_outstanding",
-                 api_key: str | None = None, health_interval_s: float = 1.0, connect_retries: int = 2,
-                 request_timeout_s: float = 300, discover=None) -> None:
+                 api_key: KeyRing | str | list[str] | None = None, health_interval_s: float = 1.0,
+                 connect_retries: int = 2, request_timeout_s: float = 300, discover=None,
+                 admin_key: KeyRing | str | list[str] | None = None, max_request_bytes: int = 1_048_576,
+                 max_inflight_per_replica: int = 32, retry_after_s: int = 1) -> None:
         self.replicas = {f"replica-{i}": Replica(f"replica-{i}", url.rstrip("/"), healthy=False)
                          for i, url in enumerate(replica_urls)}
         self.discover = discover  # () -> {name: url}, e.g. ready pods by label (serving/discovery_k8s.py)
-        self.table, self.strategy, self.api_key = table, strategy, api_key
+        self.table, self.strategy = table, strategy
+        self.keys, self.admin_keys = KeyRing.of(api_key), KeyRing.of(admin_key)
         self.health_interval_s, self.connect_retries = health_interval_s, connect_retries
-        self.counter = itertools.count()
+        self.request_timeout_s = request_timeout_s
+        self.max_request_bytes, self.max_inflight = max_request_bytes, max_inflight_per_replica
+        self.retry_after_s = retry_after_s
+        # two counters: one request advances each once (a shared one advanced twice per request, so with two
+        # replicas round robin always picked the same one)
+        self.version_counter, self.replica_counter = itertools.count(), itertools.count()
         self.metrics = Metrics()
+        self.audit_path = table.path.with_name("audit.jsonl")
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(request_timeout_s, connect=2.0),
                                         headers=replica_headers(),  # the replicas' key, never the client's
                                         limits=httpx.Limits(max_connections=512, max_keepalive_connections=128))
@@ -119,19 +188,24 @@ class Gateway:
                          else Replica(name, url.rstrip("/"), healthy=False) for name, url in urls.items()}
 
     async def refresh(self) -> None:
-        """Poll every replica's /health and /v1/models: healthy + the names it serves right now."""
+        """Poll every replica's /health and /v1/models: healthy + the names it serves right now. Any answer a
+        replica gives, or an address that cannot be used, makes it unhealthy; nothing here raises."""
         if self.discover is not None:
             try:
                 self.set_replicas(await asyncio.to_thread(self.discover))
             except Exception as exc:  # the API server is unreachable or refuses: keep the last known replicas
-                logging.getLogger(__name__).warning("fleet discovery failed: %s", exc)
+                log.warning("fleet discovery failed: %s", exc)
+
         async def one(replica: Replica) -> Replica:
             try:
                 health = await self.client.get(f"{replica.url}/health", timeout=2)
                 models = await self.client.get(f"{replica.url}/v1/models", timeout=2)
                 names = frozenset(m["id"] for m in models.json()["data"])
                 return replace(replica, healthy=health.status_code == 200, loaded=names)
-            except (httpx.HTTPError, ValueError, KeyError):
+            except Exception as exc:  # refused, timed out, `{"data": null}`, a malformed URL...
+                if replica.healthy:
+                    log.warning("replica %s (%s) is out of rotation: %s: %s", replica.name, replica.url,
+                                type(exc).__name__, exc)
                 return replace(replica, healthy=False)
         updated = await asyncio.gather(*(one(r) for r in self.replicas.values()))
         for r in updated:
@@ -141,8 +215,17 @@ class Gateway:
 
     async def poll_forever(self) -> None:
         while True:
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # never let the poller die: health would freeze
+                log.exception("replica health poll failed; polling again")
             await asyncio.sleep(self.health_interval_s)
+
+    def ensure_poller(self) -> None:
+        """Restart the health poller if it ever ended (it should not; if it did, health would freeze)."""
+        if self._poller is not None and self._poller.done() and not self._poller.cancelled():
+            log.error("the replica health poller stopped (%s); restarting it", self._poller.exception())
+            self._poller = asyncio.create_task(self.poll_forever())
 
     def mark_unhealthy(self, name: str) -> None:
         if name in self.replicas:  # discovery may have dropped it meanwhile
@@ -155,71 +238,172 @@ class Gateway:
         self.replicas[name] = replace(r, outstanding=max(0, r.outstanding + delta))
         self.metrics.outstanding.labels(name).set(self.replicas[name].outstanding)
 
-    # ---- requests ------------------------------------------------------------------------------------------------
-    def check_key(self, request: Request) -> None:
-        if self.api_key and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
-                                                    bearer(self.api_key)["authorization"].encode()):
+    # ---- credentials ---------------------------------------------------------------------------------------------
+    def check_key(self, request: Request) -> str:
+        """Inference calls: an inference key or an admin key (no key configured: open). Returns who called."""
+        presented = presented_key(request.headers.get("authorization"))
+        admin = self.admin_keys.match(presented)
+        if admin:
+            return f"admin {admin}"
+        if not self.keys:
+            return "anonymous"
+        found = self.keys.match(presented)
+        if found is None:
             raise HTTPException(401, detail="missing or wrong API key: send Authorization: Bearer <key>")
+        return f"key {found}"
 
-    def resolve(self, body: dict, request: Request) -> tuple[str, str, dict]:
+    def check_admin(self, request: Request) -> str:
+        """Admin calls: only an admin key. The inference key is refused (403); with an inference key and no admin
+        key configured the admin API is closed. Returns who called, for the audit log."""
+        presented = presented_key(request.headers.get("authorization"))
+        actor = "".join(ch for ch in request.headers.get(ACTOR_HEADER, "")[:120] if ch.isprintable()) or "unnamed"
+        if self.admin_keys:
+            found = self.admin_keys.match(presented)
+            if found:
+                return f"{actor} [{found}]"
+            if self.keys.match(presented):
+                raise HTTPException(403, detail="this is an inference key: it may chat but not change routes; admin "
+                                                "calls need the admin key (gateway.admin_key_env)")
+            raise HTTPException(401, detail="missing or wrong admin key: send Authorization: Bearer <admin key>")
+        if self.keys:
+            raise HTTPException(403, detail="the admin API is closed: this gateway has an inference key but no admin "
+                                            "key; set the variable gateway.admin_key_env names "
+                                            "(CHARFORGE_GATEWAY_ADMIN_KEY by default)")
+        return f"{actor} [open gateway]"
+
+    def audit(self, who: str, action: str, route: str, before: Route | None, after: Route) -> None:
+        """One line per admin change, in the log and appended (fsync'd) to audit.jsonl beside routes.json."""
+        line = json.dumps({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "who": who, "action": action,
+                           "route": route, "before": before.weights if before else None, "after": after.weights,
+                           "generation": after.generation}, sort_keys=True)
+        audit_log.info(line)
+        self.audit_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.audit_path, "a") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    # ---- requests ------------------------------------------------------------------------------------------------
+    async def read_json(self, request: Request) -> dict:
+        """The body as a JSON object, read up to `max_request_bytes` (413 past it, before it is all read)."""
+        limit = self.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            self.metrics.rejected.labels("too_large").inc()
+            raise HTTPException(413, detail=f"request body is {int(declared)} bytes; this gateway accepts at most "
+                                            f"{limit} (gateway.max_request_bytes)")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                self.metrics.rejected.labels("too_large").inc()
+                raise HTTPException(413, detail=f"request body is over {limit} bytes, the most this gateway accepts "
+                                                f"(gateway.max_request_bytes)")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks) or b"null")
+        except ValueError:
+            raise HTTPException(400, detail="request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise HTTPException(400, detail="request body must be a JSON object")
+        return body
+
+    def resolve(self, body: dict, request: Request, probe: str | None = None) -> tuple[str, str, dict]:
         """(route name, served model name, body to send upstream)."""
         name = body.get("model")
+        if not isinstance(name, str):
+            raise HTTPException(400, detail=f"'model' must be a route name (a string), not {json.dumps(name)[:80]}")
+        messages = body.get("messages")
+        if messages is not None and not (isinstance(messages, list) and all(isinstance(m, dict) for m in messages)):
+            raise HTTPException(400, detail="'messages' must be a list of objects with a role and a content")
         route = self.table.routes.get(name)
         if route is None:
             known = ", ".join(sorted(self.table.routes)) or "none yet (deploy an adapter first)"
             raise HTTPException(404, detail=f"model {name!r} is not served here; available: {known}")
-        user = body.get("user") or request.headers.get("x-session-id")
-        version = assign_version(route.weights, user, next(self.counter))
+        if probe is not None:
+            if probe not in route.weights:
+                raise HTTPException(400, detail=f"probe version {probe!r} is not on route {name!r} "
+                                                f"({', '.join(sorted(route.weights))})")
+            version = probe
+        else:
+            user = body.get("user") or request.headers.get("x-session-id")
+            version = assign_version(route.weights, user if isinstance(user, str) else None,
+                                     next(self.version_counter))
         upstream = {**body, "model": version}
-        if route.system_prompt and "messages" in body and not any(m.get("role") == "system" for m in body["messages"]):
-            upstream["messages"] = [{"role": "system", "content": route.system_prompt}, *body["messages"]]
+        if route.system_prompt and messages is not None and not any(m.get("role") == "system" for m in messages):
+            upstream["messages"] = [{"role": "system", "content": route.system_prompt}, *messages]
         return name, version, upstream
 
+    def pick(self, version: str, user: str | None, tried: frozenset[str] = frozenset()) -> Replica | None:
+        """The replica for one attempt: eligible, not tried yet, below its in-flight bound."""
+        return choose_replica(list(self.replicas.values()), version, self.strategy,
+                              counter=next(self.replica_counter), user=user, exclude=tried,
+                              max_outstanding=self.max_inflight)
+
     async def forward(self, path: str, request: Request) -> Response:
-        self.check_key(request)
-        try:
-            body = await request.json()
-        except ValueError:
-            raise HTTPException(400, detail="request body is not JSON") from None
-        route, version, upstream = self.resolve(body, request)
+        self.ensure_poller()
+        probe = request.headers.get(PROBE_HEADER)
+        if probe is not None:
+            self.check_admin(request)
+        else:
+            self.check_key(request)
+        body = await self.read_json(request)
+        route, version, upstream = self.resolve(body, request, probe)
         tried: set[str] = set()
         started = time.perf_counter()
         for _ in range(self.connect_retries + 1):
-            replica = choose_replica(list(self.replicas.values()), version, self.strategy,
-                                     counter=next(self.counter), user=upstream.get("user"),
-                                     exclude=frozenset(tried))
+            replica = self.pick(version, upstream.get("user"), frozenset(tried))
             if replica is None:
                 break
             tried.add(replica.name)
             try:
-                return await self._send(replica, path, upstream, route, version, started)
-            except RETRYABLE:
+                return await self._send(replica, path, upstream, route, version, started, probe is not None)
+            except RETRYABLE as exc:
+                log.warning("%s %s: %s; trying another replica", replica.name, path, type(exc).__name__)
                 self.mark_unhealthy(replica.name)
                 self.metrics.retries.labels(replica.name).inc()
-        self.metrics.requests.labels(route, version, "503").inc()
+            except httpx.TimeoutException:
+                self.metrics.observe(route, version, "504", time.perf_counter() - started, probe is not None)
+                raise HTTPException(504, detail=f"{replica.name} did not answer within {self.request_timeout_s:g} s "
+                                                f"(gateway.request_timeout_s)") from None
+        if any(r.name not in tried for r in eligible(list(self.replicas.values()), version)):
+            self.metrics.rejected.labels("overloaded").inc()
+            raise HTTPException(503, detail=f"every replica serving {version!r} has {self.max_inflight} requests in "
+                                            f"flight (gateway.max_inflight_per_replica); retry after "
+                                            f"{self.retry_after_s} s", headers={"Retry-After": str(self.retry_after_s)})
+        self.metrics.observe(route, version, "503", time.perf_counter() - started, probe is not None)
         raise HTTPException(503, detail=f"no healthy replica serves {version!r} right now")
 
     async def _send(self, replica: Replica, path: str, body: dict, route: str, version: str,
-                    started: float) -> Response:
+                    started: float, probe: bool) -> Response:
         url = f"{replica.url}{path}"
         headers = {"x-charforge-version": version, "x-charforge-replica": replica.name}
         self._track(replica.name, +1)
         if body.get("stream"):
-            upstream = await self.client.send(self.client.build_request("POST", url, json=body), stream=True)
+            try:
+                upstream = await self.client.send(self.client.build_request("POST", url, json=body), stream=True)
+            except BaseException:  # nothing was relayed: take the in-flight count back here, not in relay()
+                self._track(replica.name, -1)
+                raise
 
             async def relay():
-                first = True
+                first, status = True, str(upstream.status_code)
                 try:
                     async for chunk in upstream.aiter_raw():
                         if first:
-                            self.metrics.ttft.labels(route, version).observe(time.perf_counter() - started)
+                            if not probe:
+                                self.metrics.ttft.labels(route, version).observe(time.perf_counter() - started)
                             first = False
                         yield chunk
+                except httpx.HTTPError as exc:  # the replica broke off midway: say so, in the stream
+                    status = "cut"
+                    log.warning("%s: stream of %s cut midway: %s", replica.name, version, type(exc).__name__)
+                    yield sse_error(f"the stream from {replica.name} broke off midway ({type(exc).__name__}); "
+                                    f"the reply is incomplete")
                 finally:
                     await upstream.aclose()
                     self._track(replica.name, -1)
-                    self.metrics.requests.labels(route, version, str(upstream.status_code)).inc()
-                    self.metrics.latency.labels(route, version).observe(time.perf_counter() - started)
+                    self.metrics.observe(route, version, status, time.perf_counter() - started, probe)
 
             return StreamingResponse(relay(), status_code=upstream.status_code, headers=headers,
                                      media_type=upstream.headers.get("content-type", "text/event-stream"))
@@ -228,15 +412,31 @@ class Gateway:
         finally:
             self._track(replica.name, -1)
         elapsed = time.perf_counter() - started
-        self.metrics.requests.labels(route, version, str(response.status_code)).inc()
-        self.metrics.latency.labels(route, version).observe(elapsed)
-        self.metrics.ttft.labels(route, version).observe(elapsed)
+        status = str(response.status_code)
         try:
             payload = response.json()
-            self.metrics.tokens.labels(route, version).inc(payload.get("usage", {}).get("completion_tokens", 0))
         except ValueError:
+            self.metrics.observe(route, version, status, elapsed, probe)
             return Response(response.content, status_code=response.status_code, headers=headers)
+        if response.status_code == 200 and empty_reply(payload):
+            status = "empty"
+        self.metrics.observe(route, version, status, elapsed, probe)
+        if not probe:
+            self.metrics.ttft.labels(route, version).observe(elapsed)
+            if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
+                self.metrics.tokens.labels(route, version).inc(payload["usage"].get("completion_tokens") or 0)
         return JSONResponse(payload, status_code=response.status_code, headers=headers)
+
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error", 500: "server_error",
+               503: "service_unavailable", 504: "timeout"}
+
+
+def openai_error(status: int, message: str, kind: str | None = None, headers: dict | None = None) -> JSONResponse:
+    """An error in OpenAI's shape, so OpenAI clients show the message."""
+    return JSONResponse({"error": {"message": message, "type": kind or ERROR_TYPES.get(status, "error"),
+                                   "param": None, "code": status}}, status_code=status, headers=headers)
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -251,12 +451,15 @@ def create_app(gateway: Gateway) -> FastAPI:
     app = FastAPI(title="charforge gateway", lifespan=lifespan)
 
     @app.exception_handler(HTTPException)
-    async def openai_error(_: Request, exc: HTTPException) -> JSONResponse:
-        """Errors in the OpenAI shape, so OpenAI clients show the message."""
-        kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                 409: "conflict_error", 503: "service_unavailable"}
-        return JSONResponse({"error": {"message": exc.detail, "type": kinds.get(exc.status_code, "error"),
-                                       "param": None, "code": exc.status_code}}, status_code=exc.status_code)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        kind = "route_changed" if exc.status_code == 409 and str(exc.detail).startswith("route ") else None
+        return openai_error(exc.status_code, str(exc.detail), kind, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return openai_error(500, f"internal error in the gateway ({type(exc).__name__}: {exc}); its log has the "
+                                 f"traceback")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -283,40 +486,53 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/admin/replicas")
     async def replicas(request: Request) -> list[dict]:
-        gateway.check_key(request)
+        gateway.check_admin(request)
         await gateway.refresh()
         return [{"name": r.name, "url": r.url, "healthy": r.healthy, "outstanding": r.outstanding,
                  "loaded": sorted(r.loaded)} for r in gateway.replicas.values()]
 
     @app.get("/admin/routes")
     async def routes(request: Request) -> dict:
-        gateway.check_key(request)
+        gateway.check_admin(request)
         return {name: r.__dict__ for name, r in gateway.table.routes.items()}
+
+    def change(who: str, action: str, name: str, weights: dict, **kw) -> dict:
+        before = gateway.table.routes.get(name)
+        try:
+            route = gateway.table.set_weights(name, weights, who=who, **kw)
+        except RouteChanged as exc:
+            raise HTTPException(409, detail=str(exc)) from None
+        except ValueError as exc:
+            raise HTTPException(400, detail=str(exc)) from None
+        gateway.audit(who, action, name, before, route)
+        return route.__dict__
 
     @app.put("/admin/routes/{name}")
     async def set_route(name: str, request: Request) -> dict:
-        """Set a stable name's weights; every weighted version must be loaded on at least one healthy replica."""
-        gateway.check_key(request)
-        body = await request.json()
-        weights = {k: float(v) for k, v in body["weights"].items()}
+        """Set a stable name's weights; every weighted version must be loaded on at least one healthy replica.
+        `expected_generation`: change it only if nobody changed it since (409 otherwise)."""
+        who = gateway.check_admin(request)
+        body = await gateway.read_json(request)
+        try:
+            weights = {str(k): float(v) for k, v in body["weights"].items()}
+        except (KeyError, AttributeError, TypeError, ValueError):
+            raise HTTPException(400, detail='body must hold "weights": {"<served name>": <percent>, ...}') from None
         await gateway.refresh()
         missing = [v for v, w in weights.items() if w > 0 and not any(
             r.healthy and v in r.loaded for r in gateway.replicas.values())]
         if missing:
             raise HTTPException(409, detail=f"not loaded on any healthy replica: {', '.join(missing)}")
-        try:
-            route = gateway.table.set_weights(name, weights, body.get("system_prompt"), body.get("previous"))
-        except ValueError as exc:
-            raise HTTPException(400, detail=str(exc)) from None
-        return route.__dict__
+        return change(who, "set_weights", name, weights, system_prompt=body.get("system_prompt"),
+                      previous=body.get("previous"), expected_generation=body.get("expected_generation"))
 
     @app.post("/admin/routes/{name}/rollback")
     async def rollback(name: str, request: Request) -> dict:
         """Restore the weights before the last change (one file write; takes effect on the next request)."""
-        gateway.check_key(request)
+        who = gateway.check_admin(request)
+        body = await gateway.read_json(request) if int(request.headers.get("content-length") or 0) else {}
         route = gateway.table.routes.get(name)
         if route is None or not route.previous:
-            raise HTTPException(409, detail=f"route {name!r} has no previous weights to roll back to")
-        return gateway.table.set_weights(name, route.previous).__dict__
+            raise HTTPException(409, detail=f"{name!r} has no previous weights to roll back to")
+        return change(who, "rollback", name, route.previous, expected_generation=body.get("expected_generation"))
 
     return app

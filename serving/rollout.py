@@ -6,7 +6,10 @@
 3. `stage_on_replica`: load without traffic, prove the replica lists *this* folder and answers differently than the
    base;
 4. `canary_step`: set the new version's weight on every route, hold, judge the gateway's per-version error rate
-   and p95 latency; a failing gate restores the previous weights at once (`roll_back`).
+   and p95 latency; a failing gate restores the previous weights at once (`roll_back`). A step with too few
+   requests is never waved through: the rollout sends probe requests (`send_probes`), and rolls back without
+   evidence. Every route write is a compare-and-set on the route's generation: a route changed under the rollout
+   (an operator's `charforge rollback`) stops it where the operator left it (`RouteChangedUnderRollout`, exit 3).
 
 The record under `<state>/serving/rollouts/<family>.json` says where a crashed rollout stopped; a re-run resumes
 with the same rollback target. `rollout_lock` refuses a second concurrent rollout of a family.
@@ -30,7 +33,8 @@ from charforge.io import write_json_atomic
 from charforge.results import Rollout
 from charforge.schemas.serving import ServingConfig
 from charforge.settings import DATA_DIR
-from serving.admin import GatewayAdmin, MetricsSnapshot
+from charforge.schemas.serving import RolloutSettings
+from serving.admin import GatewayAdmin, MetricsSnapshot, RouteChanged
 from serving.fleet import DesiredState, load_adapter, replica_headers, served_roots
 from serving.routing import Gate, WindowStats, classify_load, gate_decision
 from serving import store
@@ -40,6 +44,10 @@ Log = Callable[[str], None]
 
 class RolloutRefused(Refused):
     """The rollout must not go on: a bad artifact, a replica serving something else, another rollout running."""
+
+
+class RouteChangedUnderRollout(RolloutRefused):
+    """Someone else (an operator's rollback, another tool) changed a route while this rollout ran: it stops."""
 
 
 class NoReplicaToStage(Unavailable):
@@ -121,15 +129,17 @@ def prepare(name: str, version: str, source: str, adapter_sha: str, gw: GatewayA
     routes = route_names(cfg, name.removeprefix(family_prefix))
     current = gw.routes()
     previous = {r: current[r].weights for r in routes if r in current}
+    generations = {r: current[r].generation for r in routes if r in current}
     unfinished = read_record(record_path)
     if unfinished is not None and unfinished.status in ("staging", "canary"):
         previous = unfinished.previous
+        generations = {**generations, **unfinished.generations}  # a route changed since the crash stops the resume
         log(f"resuming after an unfinished rollout of {unfinished.served} (step {unfinished.step}); rollback target "
             f"stays {previous}")
     plan = RolloutPlan(name, str(version), f"{name}-v{version}", folder, routes, previous, record_path,
                        state / "desired.json", state / "adapters", base_name)
     save_record(record_path, Rollout(version=plan.version, served=plan.served, folder=str(folder), previous=previous,
-                                     status="staging", started=time.time()))
+                                     generations=generations, status="staging", started=time.time()))
     return plan
 
 
@@ -228,24 +238,84 @@ def window(before: MetricsSnapshot, after: MetricsSnapshot, version: str) -> Win
     return WindowStats(int(requests), int(delta("errors")), p95)
 
 
+def actor(plan: RolloutPlan) -> str:
+    """How this rollout signs its route changes (the gateway's audit log and each route's `changed_by`)."""
+    return f"rollout of {plan.served}"
+
+
+def write_routes(gw: GatewayAdmin, plan: RolloutPlan, record: Rollout, weights: dict[str, dict[str, float]],
+                 previous: bool = True) -> dict[str, int]:
+    """Compare-and-set every route to `weights`: each only if it is still at the generation this rollout last
+    wrote (or read, before its first write). Returns the new generations. A route someone else changed raises
+    `RouteChanged` before anything is written (checked up front, and again by each write)."""
+    generations = dict(record.generations)
+    current = gw.routes()
+    for route in weights:
+        now = current.get(route)
+        mine = now is not None and (now.changed_by or "").startswith(actor(plan))
+        if now is not None and now.generation != generations.get(route, 0) and not mine:
+            raise RouteChanged(f"route {route!r} is at generation {now.generation}, not "
+                               f"{generations.get(route, 0)}: changed by {now.changed_by or 'unknown'}")
+        if mine:  # written by this rollout before a crash that lost the record: ours to go on from
+            generations[route] = now.generation
+    for route, w in weights.items():
+        state = gw.set_weights(route, w, plan.routes[route], plan.previous.get(route) if previous else None,
+                               expected_generation=generations.get(route, 0), actor=actor(plan))
+        generations[route] = state.generation
+    return generations
+
+
+def stopped(plan: RolloutPlan, record: Rollout, exc: RouteChanged) -> RouteChangedUnderRollout:
+    """Record that a route changed under the rollout; the error the deploy flow ends with."""
+    why = f"a route changed under this rollout, which stops and leaves every route as it is now: {exc}"
+    save_record(plan.record_path, record.model_copy(update={"status": "stopped", "reason": why,
+                                                             "finished": time.time()}))
+    return RouteChangedUnderRollout(why)
+
+
 def roll_back(gw: GatewayAdmin, plan: RolloutPlan, record: Rollout, why: str) -> Rollout:
-    """Restore every route's weights from before the rollout (the previous version is still loaded)."""
-    for route, weights in plan.previous.items():
-        gw.set_weights(route, weights, plan.routes[route])
-    return save_record(plan.record_path, record.model_copy(update={"status": "rolled_back", "reason": why}))
+    """Restore every route's weights from before the rollout (the previous version is still loaded), unless
+    someone changed a route meanwhile (then nothing is written: they decided)."""
+    try:
+        generations = write_routes(gw, plan, record, dict(plan.previous), previous=False)
+    except RouteChanged as exc:
+        raise stopped(plan, record, exc) from None
+    return save_record(plan.record_path, record.model_copy(update={"status": "rolled_back", "reason": why,
+                                                                    "generations": generations}))
 
 
-def canary_step(gw: GatewayAdmin, plan: RolloutPlan, record: Rollout, pct: float, gate: Gate, hold_s: float,
-                log: Log) -> Rollout:
-    """Move every route to `pct` percent of the new version and judge the step on the gateway's metrics (held up
-    to three times while too few requests arrive). Returns the record: `canary` to go on, `done` when there was
-    nothing to canary against or 100% was reached, `rolled_back` when the gate said so."""
+def probe_route(plan: RolloutPlan) -> str:
+    """The route probes are sent on: a character's (with its system prompt) if the family has one."""
+    return next((r for r, prompt in plan.routes.items() if prompt), next(iter(plan.routes)))
+
+
+def send_probes(gw: GatewayAdmin, plan: RolloutPlan, wanted: dict[str, int], settings: RolloutSettings,
+                log: Log) -> dict[str, list]:
+    """Probe requests through the gateway, pinned to each version, `wanted[version]` of them: the step is judged
+    on them as on user traffic (the gateway counts them apart from users). Returns each version's statuses."""
+    route, sent = probe_route(plan), {}
+    for version, n in wanted.items():
+        sent[version] = [gw.probe(route, version, settings.probe_prompts[i % len(settings.probe_prompts)],
+                                  settings.probe_max_tokens) for i in range(max(0, n))]
+    log("probes on " + ", ".join(f"{v}: {len(s)} sent, {sum(1 for x in s if x == 200)} answered 200"
+                                 for v, s in sent.items()))
+    return sent
+
+
+def canary_step(gw: GatewayAdmin, plan: RolloutPlan, record: Rollout, pct: float, gate: Gate,
+                settings: RolloutSettings, log: Log) -> Rollout:
+    """Move every route to `pct` percent of the new version and judge the step on the gateway's metrics. Returns
+    the record: `canary` to go on, `done` when there was nothing to canary against or 100% was reached,
+    `rolled_back` when the gate said so or there was no evidence; raises `RouteChangedUnderRollout` when a route
+    changed under the rollout."""
     before = gw.metrics()
-    for route, prompt in plan.routes.items():
-        gw.set_weights(route, plan.weights_at(route, pct), prompt, plan.previous.get(route))
+    try:
+        generations = write_routes(gw, plan, record, {route: plan.weights_at(route, pct) for route in plan.routes})
+    except RouteChanged as exc:
+        raise stopped(plan, record, exc) from None
     first_version = not plan.old_versions
-    record = save_record(plan.record_path, record.model_copy(update={"step": 100 if first_version else pct,
-                                                                      "status": "canary"}))
+    record = save_record(plan.record_path, record.model_copy(update={
+        "step": 100 if first_version else pct, "status": "canary", "generations": generations}))
     if first_version:
         log(f"{plan.served}: 100% of traffic (no earlier version on {', '.join(plan.routes)}: nothing to canary "
             "against)")
@@ -254,13 +324,23 @@ def canary_step(gw: GatewayAdmin, plan: RolloutPlan, record: Rollout, pct: float
     if pct >= 100:
         return finish(plan, record)
     old = next(iter(plan.old_versions.values()))
-    for _ in range(3):
-        time.sleep(hold_s)
+    holds = 1 if settings.probes else 3
+    for _ in range(holds):
+        time.sleep(settings.hold_s)
         after = gw.metrics()
-        verdict, why = gate_decision(window(before, after, plan.served), window(before, after, old), gate)
-        log(f"gate at {pct:g}%: {verdict} ({why})")
+        new_w, old_w = window(before, after, plan.served), window(before, after, old)
+        verdict, why = gate_decision(new_w, old_w, gate)
         if verdict != "wait":
             break
+    if verdict == "wait" and settings.probes:
+        log(f"gate at {pct:g}%: {why}; probing")
+        send_probes(gw, plan, {plan.served: gate.min_requests - new_w.requests,
+                               old: gate.min_requests - old_w.requests}, settings, log)
+        after = gw.metrics()
+        verdict, why = gate_decision(window(before, after, plan.served), window(before, after, old), gate)
+    if verdict == "wait":
+        verdict, why = "rollback", f"no evidence to judge the step on: {why}"
+    log(f"gate at {pct:g}%: {verdict} ({why})")
     return roll_back(gw, plan, record, why) if verdict == "rollback" else record
 
 

@@ -29,14 +29,17 @@ def eligible(replicas: list[Replica], model: str) -> list[Replica]:
 
 
 def choose_replica(replicas: list[Replica], model: str, strategy: Strategy, counter: int = 0,
-                   user: str | None = None, exclude: frozenset[str] = frozenset()) -> Replica | None:
+                   user: str | None = None, exclude: frozenset[str] = frozenset(),
+                   max_outstanding: int | None = None) -> Replica | None:
     """The replica for one request, or None when no healthy replica serves `model`.
 
     round_robin: the `counter`-th eligible replica; least_outstanding: fewest in-flight requests (ties by name);
     consistent_hash: rendezvous hashing of the user id, so a user stays on one replica while the set is stable and
-    only the users of a removed replica move. `exclude` holds replicas already tried for this request.
+    only the users of a removed replica move. `exclude` holds replicas already tried for this request; replicas
+    with `max_outstanding` requests in flight are full (None when every eligible one is).
     """
-    pool = [r for r in eligible(replicas, model) if r.name not in exclude]
+    pool = [r for r in eligible(replicas, model) if r.name not in exclude
+            and (max_outstanding is None or r.outstanding < max_outstanding)]
     if not pool:
         return None
     pool.sort(key=lambda r: r.name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from charforge.errors import InputError
+from charforge.keys import KeyRing
 from charforge.schemas.serving import ServingConfig
 from charforge.settings import platform
 from serving import daemon, store
@@ -44,5 +45,7 @@ def gateway(cfg: ServingConfig, urls: list[str], discover: Callable | None = Non
     """The gateway with the routing table under the state directory and the config's key and policies."""
     g = cfg.gateway
     return Gateway([] if discover else urls, RouteTable.load(platform().state / "serving" / "routes.json"),
-                   g.strategy, g.api_key(), g.health_interval_s, g.connect_retries, g.request_timeout_s,
-                   discover=discover)
+                   g.strategy, KeyRing.from_env(g.api_key_env), g.health_interval_s, g.connect_retries,
+                   g.request_timeout_s, discover=discover, admin_key=KeyRing.from_env(g.admin_key_env),
+                   max_request_bytes=g.max_request_bytes, max_inflight_per_replica=g.max_inflight_per_replica,
+                   retry_after_s=g.retry_after_s)

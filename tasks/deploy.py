@@ -36,8 +36,10 @@ def exclusive_rollout(family: str) -> Iterator[None]:
         yield
 
 
-def gateway_admin(url: str, api_key: str | None) -> GatewayAdmin:
-    return GatewayAdmin(url, api_key)
+def gateway_admin(url: str, cfg: ServingConfig, actor: str = "deploy flow") -> GatewayAdmin:
+    """The admin client, with the admin key read here from the environment (`gateway.admin_key_env`): a secret
+    never travels as a flow parameter, where Prefect would store it and show it in its UI."""
+    return GatewayAdmin(url, cfg.gateway.admin_key(), actor)
 
 
 @task(name="list-replicas", cache_policy=NONE, **TRANSIENT_RETRIES)
@@ -96,7 +98,7 @@ def canary_step(gw: GatewayAdmin, plan: rollout.RolloutPlan, record: Rollout, pc
                 cfg: ServingConfig) -> Rollout:
     """`pct` percent of every route on the new version, held and judged; rolled back at once if the gate fails."""
     logger = get_run_logger()
-    outcome = rollout.canary_step(gw, plan, record, pct, Gate(**cfg.rollout.gate.model_dump()), cfg.rollout.hold_s,
+    outcome = rollout.canary_step(gw, plan, record, pct, Gate(**cfg.rollout.gate.model_dump()), cfg.rollout,
                                   logger.info)
     if outcome.status == "rolled_back":
         logger.warning(f"rolled back {plan.served}: {outcome.reason}")

@@ -38,6 +38,7 @@ from charforge.evaluation.harness import read_samples
 
 pytestmark = pytest.mark.slow
 KEY = "chain-key"
+ADMIN_KEY = "chain-admin-key"
 NAME = "charforge-chain-test"
 
 
@@ -68,7 +69,8 @@ def small_parameters(root: Path, gateway_url: str) -> dict:
         {"metric": "character_reply_likelihood/bits_per_byte", "vs_base": {"max_regression": 1.0},
          "vs_champion": {"max_regression": 1.0}}])
     serving = ServingConfig(rollout={"steps": [50, 100], "hold_s": 2, "routes": ["characters"]},
-                            gateway={"api_key_env": "CHAIN_TEST_GATEWAY_KEY"})
+                            gateway={"api_key_env": "CHAIN_TEST_GATEWAY_KEY",
+                                     "admin_key_env": "CHAIN_TEST_GATEWAY_ADMIN_KEY"})
     return {"curate": {"workers": 0}, "train": train.model_dump(mode="json"),
             "evaluate": evaluate.model_dump(mode="json"), "promotion": policy.model_dump(mode="json"),
             "serving": serving.model_dump(mode="json"), "inputs": [str(root / "raw")],
@@ -86,6 +88,7 @@ def chain_env(tmp_path_factory, base_model_dir):
         mp.setenv("CHARFORGE_STATE_DIR", str(root / "state"))
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("CHAIN_TEST_GATEWAY_KEY", KEY)
+        mp.setenv("CHAIN_TEST_GATEWAY_ADMIN_KEY", ADMIN_KEY)
         yield root
 
 
@@ -99,7 +102,8 @@ def gateway(chain_env, base_model_dir):
     fleet = LocalFleet(base_model_dir, "smollm2-135m-instruct", [free_port()], state / "logs",
                        state / "desired.json", max_cpu_loras=4)
     fleet.start()
-    gw = Gateway(fleet.urls, RouteTable(state / "routes.json"), api_key=KEY, health_interval_s=0.5)
+    gw = Gateway(fleet.urls, RouteTable(state / "routes.json"), api_key=KEY, admin_key=ADMIN_KEY,
+                 health_interval_s=0.5)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(gw), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

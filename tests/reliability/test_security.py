@@ -53,23 +53,68 @@ def test_a_gateway_reachable_from_other_machines_refuses_to_start_without_a_key(
     assert not (tmp_path / "state" / "serving").exists()  # nothing started
 
 
+ADMIN_CALLS = [("get", "/admin/routes"), ("get", "/admin/replicas"), ("put", "/admin/routes/nell_bramwick"),
+               ("post", "/admin/routes/nell_bramwick/rollback")]
+
+
+def call(client, method: str, path: str, headers: dict):
+    return getattr(client, method)(path, headers=headers, **({"json": {"weights": {"x": 100}}} if method != "get"
+                                                            else {}))
+
+
 def test_gateway_admin_and_api_routes_require_the_key(tmp_path):
     from serving.gateway import Gateway, RouteTable, create_app
 
     table = RouteTable(tmp_path / "routes.json")
     table.set_weights("nell_bramwick", {"charforge-lora-v1": 100})
-    client = TestClient(create_app(Gateway([], table, api_key="gw-key")))  # no lifespan: no replica polling
-    calls = [("get", "/admin/routes"), ("get", "/admin/replicas"), ("put", "/admin/routes/nell_bramwick"),
-             ("post", "/admin/routes/nell_bramwick/rollback"), ("get", "/v1/models"),
-             ("post", "/v1/chat/completions")]
-    for method, path in calls:
-        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "gw-key"}):
-            response = getattr(client, method)(path, headers=headers,
-                                               **({"json": {"weights": {"x": 100}}} if method != "get" else {}))
+    client = TestClient(create_app(Gateway([], table, api_key="gw-key", admin_key="admin-key")))  # no lifespan
+    for method, path in [*ADMIN_CALLS, ("get", "/v1/models"), ("post", "/v1/chat/completions")]:
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "admin-key"}):
+            response = call(client, method, path, headers)
             assert response.status_code == 401, (method, path, headers, response.text)
-    assert client.get("/admin/routes", headers={"authorization": "Bearer gw-key"}).status_code == 200
+    for method, path in ADMIN_CALLS:  # the key any chatting app holds does not move traffic
+        response = call(client, method, path, {"authorization": "Bearer gw-key"})
+        assert response.status_code == 403, (method, path, response.text)
+        assert response.json()["error"]["message"] == ("this is an inference key: it may chat but not change routes; "
+                                                       "admin calls need the admin key (gateway.admin_key_env)")
+    probe = client.post("/v1/chat/completions", headers={"authorization": "Bearer gw-key",
+                                                         "x-charforge-probe": "charforge-lora-v1"},
+                        json={"model": "nell_bramwick", "messages": []})
+    assert probe.status_code == 403  # only a rollout (admin key) may send probes, which user metrics leave out
+    assert client.get("/admin/routes", headers={"authorization": "Bearer admin-key"}).status_code == 200
+    assert client.get("/v1/models", headers={"authorization": "Bearer admin-key"}).status_code == 200
     assert json.loads((tmp_path / "routes.json").read_text())["routes"]["nell_bramwick"]["weights"] == {
-        "charforge-lora-v1": 100}  # no unauthenticated call changed the table
+        "charforge-lora-v1": 100}  # no refused call changed the table
+    assert not (tmp_path / "audit.jsonl").exists()
+
+    closed = TestClient(create_app(Gateway([], table, api_key="gw-key")))  # an inference key and no admin key
+    response = closed.get("/admin/routes", headers={"authorization": "Bearer gw-key"})
+    assert response.status_code == 403 and response.json()["error"]["message"].startswith(
+        "the admin API is closed: this gateway has an inference key but no admin key")
+
+
+def test_keys_rotate_without_a_restart(tmp_path, monkeypatch):
+    """CHARFORGE_GATEWAY_API_KEY_FILE: one key per line, re-read when it changes (a mounted Kubernetes Secret is
+    updated in place): old and new keys both work during the rotation, then only the new one."""
+    from charforge.keys import KeyRing
+    from serving.gateway import Gateway, RouteTable, create_app
+
+    keys = tmp_path / "keys"
+    keys.write_text("old-key\n")
+    monkeypatch.delenv("CHARFORGE_GATEWAY_API_KEY", raising=False)
+    monkeypatch.setenv("CHARFORGE_GATEWAY_API_KEY_FILE", str(keys))
+    client = TestClient(create_app(Gateway([], RouteTable(tmp_path / "routes.json"),
+                                           api_key=KeyRing.from_env("CHARFORGE_GATEWAY_API_KEY"))))
+
+    def status(key: str) -> int:
+        return client.get("/v1/models", headers={"authorization": f"Bearer {key}"}).status_code
+    assert (status("old-key"), status("new-key")) == (200, 401)
+    keys.write_text("new-key\nold-key\n")  # rotation: both valid
+    assert (status("old-key"), status("new-key")) == (200, 200)
+    keys.write_text("new-key\n")  # clients moved: the old key is gone
+    assert (status("old-key"), status("new-key")) == (401, 200)
+    monkeypatch.setenv("CHARFORGE_GATEWAY_API_KEY", "a-key,b-key")  # or comma-separated in the variable itself
+    assert KeyRing.from_env("CHARFORGE_GATEWAY_API_KEY").keys() == ("a-key", "b-key")
 
 
 # --- names and paths -----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from serving.gateway import Gateway, RouteTable, create_app
 
 pytestmark = pytest.mark.slow
 KEY = "test-key"
+ADMIN_KEY = "test-admin-key"
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def gateway(vllm_base, smollm2_adapter, tmp_path):
                       json={"lora_name": "charforge-test-v1", "lora_path": str(smollm2_adapter)}, timeout=120)
     assert load.status_code in (200, 400), load.text  # 400: already loaded by an earlier test in this session
     table = RouteTable(tmp_path / "routes.json")
-    gw = Gateway([vllm_base.url], table, api_key=KEY, health_interval_s=0.5)
+    gw = Gateway([vllm_base.url], table, api_key=KEY, admin_key=ADMIN_KEY, health_interval_s=0.5)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(gw), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -40,7 +41,7 @@ def gateway(vllm_base, smollm2_adapter, tmp_path):
 
 
 def admin(url: str, method: str, path: str, **kw) -> httpx.Response:
-    return httpx.request(method, f"{url}{path}", headers={"authorization": f"Bearer {KEY}"}, timeout=30, **kw)
+    return httpx.request(method, f"{url}{path}", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=30, **kw)
 
 
 def test_openai_client_chats_with_a_character_through_the_gateway(gateway, tmp_path):

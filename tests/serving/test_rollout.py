@@ -34,6 +34,8 @@ from tests.conftest import build_adapter
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 KEY = "rollout-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
+ADMIN_KEY = "rollout-admin-key"
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 REPLICA_KEY = "replica-key"
 REPLICA_AUTH = {"authorization": f"Bearer {REPLICA_KEY}"}
 
@@ -68,6 +70,7 @@ def stack(tmp_path_factory, base_model_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CHARFORGE_STATE_DIR", str(root / "state"))
         mp.setenv("CHARFORGE_GATEWAY_API_KEY", KEY)
+        mp.setenv("CHARFORGE_GATEWAY_ADMIN_KEY", ADMIN_KEY)
         mp.setenv("CHARFORGE_REPLICA_API_KEY", REPLICA_KEY)  # replicas refuse /v1 calls without it
         uri = f"sqlite:///{root / 'mlflow.db'}"
         mp.setenv("MLFLOW_TRACKING_URI", uri)
@@ -98,7 +101,7 @@ def register(base_model_dir, tmp_path, label: str, seed: int, family: str, rank:
 
 
 def replicas(url: str) -> list[dict]:
-    return httpx.get(f"{url}/admin/replicas", headers=AUTH, timeout=30).json()
+    return httpx.get(f"{url}/admin/replicas", headers=ADMIN, timeout=30).json()
 
 
 class Load:
@@ -141,16 +144,16 @@ def test_rollout_under_load_then_instant_rollback(stack, cfg, base_model_dir, tm
     url, _ = stack
     v1 = register(base_model_dir, tmp_path, "v1", seed=1, family="rollout")
     v2 = register(base_model_dir, tmp_path, "v2", seed=2, family="rollout")
-    first = deploy(adapter=v1, gateway_url=url, api_key=KEY, config=cfg)
+    first = deploy(adapter=v1, gateway_url=url, config=cfg)
     assert first.status == "done" and set(first.replicas.values()) == {"staged"}
 
     with Load(url) as load:
         time.sleep(2)
-        record = deploy(adapter=v2, gateway_url=url, api_key=KEY, config=cfg)
+        record = deploy(adapter=v2, gateway_url=url, config=cfg)
         switched = time.monotonic()
         time.sleep(4)
         started_mono = time.monotonic()
-        back = httpx.post(f"{url}/admin/routes/nell/rollback", headers=AUTH)  # what `charforge rollback` sends
+        back = httpx.post(f"{url}/admin/routes/nell/rollback", headers=ADMIN)  # what `charforge rollback` sends
         rollback_s = time.monotonic() - started_mono
         rolled = time.monotonic()
         time.sleep(4)
@@ -178,14 +181,14 @@ def test_bad_adapters_are_refused_before_any_replica_loads_them(stack, cfg, base
     url, _ = stack
     too_big = register(base_model_dir, tmp_path, "rank32", seed=3, family="bad", rank=32)
     with pytest.raises(ArtifactError, match="not servable by this fleet: .*rank 32"):
-        deploy(adapter=too_big, gateway_url=url, api_key=KEY, config=cfg)
+        deploy(adapter=too_big, gateway_url=url, config=cfg)
     tampered = register(base_model_dir, tmp_path, "tampered", seed=4, family="bad")
     from charforge import registry
 
     name, number = tampered.removeprefix("models:/").split("/")
     registry.client().set_model_version_tag(name, number, "adapter_sha256", "0" * 64)
     with pytest.raises(ArtifactError, match="is not the registry's 000000000000"):
-        deploy(adapter=tampered, gateway_url=url, api_key=KEY, config=cfg)
+        deploy(adapter=tampered, gateway_url=url, config=cfg)
     for replica in replicas(url):
         assert replica["healthy"] and not any(n.startswith("charforge-bad") for n in replica["loaded"])
 
@@ -198,13 +201,13 @@ def test_replica_killed_mid_rollout(stack, cfg, base_model_dir, tmp_path, prefec
     v2 = register(base_model_dir, tmp_path, "k2", seed=6, family="faults")
     cfg.rollout.routes = ["faults"]
     cfg.rollout.hold_s = 8
-    assert deploy(adapter=v1, gateway_url=url, api_key=KEY, config=cfg).status == "done"
+    assert deploy(adapter=v1, gateway_url=url, config=cfg).status == "done"
     record_file = Path(os.environ["CHARFORGE_STATE_DIR"]) / "serving" / "rollouts" / "charforge-faults.json"
     outcome: dict = {}
 
     def run_v2() -> None:
         try:
-            outcome["record"] = deploy(adapter=v2, gateway_url=url, api_key=KEY, config=cfg)
+            outcome["record"] = deploy(adapter=v2, gateway_url=url, config=cfg)
         except Exception as exc:  # reported by the asserts below
             outcome["error"] = exc
 
@@ -215,7 +218,7 @@ def test_replica_killed_mid_rollout(stack, cfg, base_model_dir, tmp_path, prefec
         while json.loads(record_file.read_text()).get("status") != "canary":
             time.sleep(0.2)
         with pytest.raises(RolloutRefused, match="another rollout of charforge-faults is running"):
-            deploy(adapter=v2, gateway_url=url, api_key=KEY, config=cfg)
+            deploy(adapter=v2, gateway_url=url, config=cfg)
         victim = daemon.read_record()["replicas"][1]
         os.killpg(victim, signal.SIGKILL)  # the replica and its engine process
         killed = time.monotonic()
@@ -273,7 +276,7 @@ def start_gateway(replica_urls: list[str], routes: Path, port: int):
 
     from serving.gateway import Gateway, RouteTable, create_app
 
-    gw = Gateway(replica_urls, RouteTable.load(routes), api_key=KEY, health_interval_s=0.5)
+    gw = Gateway(replica_urls, RouteTable.load(routes), api_key=KEY, admin_key=ADMIN_KEY, health_interval_s=0.5)
     server = uvicorn.Server(uvicorn.Config(create_app(gw), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -293,11 +296,11 @@ def test_gateway_restarted_mid_rollout(stack, cfg, base_model_dir, tmp_path, pre
     v1 = register(base_model_dir, tmp_path, "g1", seed=7, family="gwrestart")
     v2 = register(base_model_dir, tmp_path, "g2", seed=8, family="gwrestart")
     cfg.rollout.routes, cfg.rollout.hold_s, cfg.rollout.gate.min_requests = ["gwrestart"], 6, 1
-    assert deploy(adapter=v1, gateway_url=gw_url, api_key=KEY, config=cfg).status == "done"
+    assert deploy(adapter=v1, gateway_url=gw_url, config=cfg).status == "done"
     record_file = Path(os.environ["CHARFORGE_STATE_DIR"]) / "serving" / "rollouts" / "charforge-gwrestart.json"
     outcome: dict = {}
     rollout = threading.Thread(target=lambda: outcome.update(
-        record=deploy(adapter=v2, gateway_url=gw_url, api_key=KEY, config=cfg)))
+        record=deploy(adapter=v2, gateway_url=gw_url, config=cfg)))
     rollout.start()
     while json.loads(record_file.read_text()).get("status") != "canary":
         time.sleep(0.2)
@@ -314,7 +317,7 @@ def test_gateway_restarted_mid_rollout(stack, cfg, base_model_dir, tmp_path, pre
             assert r.status_code == 200, r.text
         rollout.join(timeout=300)
         assert outcome["record"].status == "done", outcome
-        live = httpx.get(f"{gw_url}/admin/routes", headers=AUTH).json()["gwrestart"]
+        live = httpx.get(f"{gw_url}/admin/routes", headers=ADMIN).json()["gwrestart"]
         assert live["weights"] == {"charforge-gwrestart-v2": 100.0}
         assert live["previous"] == {"charforge-gwrestart-v1": 100.0}
     finally:

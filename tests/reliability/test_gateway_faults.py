@@ -1,0 +1,352 @@
+"""The gateway's guards where replicas misbehave or clients push: phantom in-flight requests, streams cut midway,
+timeouts, connect timeouts, oversized bodies, overload, a poller fed bad answers, unexpected errors, route
+compare-and-set and the admin audit trail.
+
+The misbehaving replicas are fakes (`FakeReplica`): no real vLLM drops a connection, cuts a stream or hangs on
+demand. Every case of the real fleet (rollouts, rollbacks, kills under load) is in tests/serving/test_rollout.py and
+bench/load.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from starlette.requests import Request
+
+from charforge.vllm_server import free_port
+from serving.discovery_k8s import ready_replicas
+from serving.gateway import Gateway, RouteChanged, RouteTable, create_app
+
+pytestmark = pytest.mark.reliability
+KEY, ADMIN_KEY = "app-key", "admin-key"
+AUTH, ADMIN = {"authorization": f"Bearer {KEY}"}, {"authorization": f"Bearer {ADMIN_KEY}"}
+VERSION = "charforge-lora-v1"
+CHAT = {"model": "nell", "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]}
+REPLY = {"id": "fake", "object": "chat.completion", "model": VERSION, "usage": {"completion_tokens": 2},
+         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Good day."}, "finish_reason": "stop"}]}
+
+
+class FakeReplica:
+    """A fake vLLM replica: /health and /v1/models answer as vLLM does (or `models` overrides the list); a POST does
+    what `mode` says: ok, drop (close without answering), cut (a stream that breaks after its first event), slow
+    (answer after `delay` s), empty (a 200 with no reply text)."""
+
+    def __init__(self, mode: str = "ok", delay: float = 0.0) -> None:
+        self.mode, self.delay, self.models, self.posts = mode, delay, {"data": [{"id": VERSION}]}, 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def send_json(self, payload, status: int = 200) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self.send_json({} if self.path == "/health" else fake.models)
+
+            def do_POST(self) -> None:
+                fake.posts += 1
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                if fake.mode == "drop":
+                    self.close_connection = True
+                    return
+                if fake.mode == "slow":
+                    time.sleep(fake.delay)
+                if fake.mode == "cut" or body.get("stream"):
+                    event = b'data: {"choices": [{"index": 0, "delta": {"content": "Good"}}]}\n\n'
+                    self.send_response(200)
+                    self.send_header("content-type", "text/event-stream")
+                    self.send_header("content-length", str(10 * len(event)))  # promises more than it sends
+                    self.end_headers()
+                    self.wfile.write(event)
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                empty = {**REPLY, "choices": [{**REPLY["choices"][0], "message": {"role": "assistant",
+                                                                                   "content": ""}}]}
+                self.send_json(empty if fake.mode == "empty" else REPLY)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@contextmanager
+def running(gw: Gateway):
+    """The gateway app on a free port, in this process (so the test can read its state)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(gw), host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def gateway(tmp_path, urls: list[str], **kw) -> Gateway:
+    table = RouteTable(tmp_path / "routes.json")
+    table.set_weights("nell", {VERSION: 100})
+    return Gateway(urls, table, api_key=KEY, admin_key=ADMIN_KEY, **{"health_interval_s": 0.2, **kw})
+
+
+def metric(url: str, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def wait_healthy(gw: Gateway, n: int = 1) -> None:
+    deadline = time.monotonic() + 10
+    while sum(r.healthy for r in gw.replicas.values()) < n:
+        assert time.monotonic() < deadline, gw.replicas
+        time.sleep(0.05)
+
+
+# --- routing ---------------------------------------------------------------------------------------------------------
+
+def test_round_robin_alternates_between_two_replicas(tmp_path):
+    """10 requests, two replicas: 5 each. (Before: the one counter advanced twice per request, so all 10 went to
+    replica-1.) The same over the real fleet, with locust: bench/load.py."""
+    gw = gateway(tmp_path, ["http://127.0.0.1:1", "http://127.0.0.1:2"], strategy="round_robin")
+    for name in gw.replicas:
+        gw.replicas[name] = replace(gw.replicas[name], healthy=True, loaded=frozenset({VERSION}))
+    request = Request({"type": "http", "headers": []})
+    picked = []
+    for _ in range(10):
+        _, version, _ = gw.resolve(dict(CHAT), request)
+        picked.append(gw.pick(version, None).name)
+    assert picked.count("replica-0") == picked.count("replica-1") == 5, picked
+
+
+# --- replicas that misbehave -----------------------------------------------------------------------------------------
+
+def test_a_replica_that_drops_connections_leaves_no_phantom_in_flight_request(tmp_path):
+    bad = FakeReplica("drop")
+    gw = gateway(tmp_path, [bad.url], connect_retries=0)
+    with running(gw) as url:
+        wait_healthy(gw)
+        for stream in (True, False):
+            r = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, json={**CHAT, "stream": stream}, timeout=30)
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["message"] == f"no healthy replica serves {VERSION!r} right now"
+            wait_healthy(gw)  # the poller puts it back: /health still answers
+        assert gw.replicas["replica-0"].outstanding == 0  # before: 1 after the streamed request, forever
+        assert metric(url, "gateway_outstanding_requests", replica="replica-0") == 0
+    bad.close()
+
+
+def test_a_stream_cut_midway_ends_with_an_error_event_and_counts_as_an_error(tmp_path):
+    cut = FakeReplica("cut")
+    gw = gateway(tmp_path, [cut.url])
+    with running(gw) as url:
+        wait_healthy(gw)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        received = []
+        with pytest.raises(openai.APIError, match="broke off midway"):
+            for chunk in client.chat.completions.create(model="nell", messages=CHAT["messages"], stream=True):
+                received.append(chunk.choices[0].delta.content)
+        assert received == ["Good"]  # what arrived before the cut still reached the client
+        assert metric(url, "gateway_requests_total", status="cut") == 1
+        assert gw.replicas["replica-0"].outstanding == 0
+    cut.close()
+
+
+def test_a_replica_timeout_is_a_504_counted_as_an_error(tmp_path):
+    slow = FakeReplica("slow", delay=3)
+    gw = gateway(tmp_path, [slow.url], request_timeout_s=0.5)
+    with running(gw) as url:
+        wait_healthy(gw)
+        r = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, json=CHAT, timeout=30)
+        assert r.status_code == 504
+        assert r.json()["error"] == {"message": "replica-0 did not answer within 0.5 s (gateway.request_timeout_s)",
+                                     "type": "timeout", "param": None, "code": 504}
+        assert metric(url, "gateway_requests_total", status="504") == 1
+        assert slow.posts == 1  # not retried: the replica may still be working on it
+    slow.close()
+
+
+def test_a_connect_timeout_fails_over_to_another_replica(tmp_path):
+    """replica-0 accepts no connection (its listen backlog is full: the SYN is dropped, as from a frozen host);
+    the request goes to replica-1. Before: httpx.ConnectTimeout was not retried and the client got a 500."""
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    filler = socket.create_connection(blackhole.getsockname(), timeout=2)
+    good = FakeReplica("ok")
+    gw = gateway(tmp_path, [f"http://127.0.0.1:{blackhole.getsockname()[1]}", good.url], strategy="round_robin",
+                 health_interval_s=3600)
+    with running(gw) as url:
+        for name in gw.replicas:  # as if both had answered their last health poll
+            gw.replicas[name] = replace(gw.replicas[name], healthy=True, loaded=frozenset({VERSION}))
+        r = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, json=CHAT, timeout=30)
+        assert r.status_code == 200 and r.headers["x-charforge-replica"] == "replica-1", r.text
+        assert metric(url, "gateway_connect_retries_total", replica="replica-0") == 1
+        assert not gw.replicas["replica-0"].healthy
+    filler.close()
+    blackhole.close()
+    good.close()
+
+
+def test_the_poller_survives_a_null_model_list_and_an_ipv6_pod_address(tmp_path):
+    fake = FakeReplica("ok")
+    fake.models = {"data": None}  # before: a TypeError that ended the poller, and health froze
+    gw = gateway(tmp_path, [fake.url, "http://fd00::5:8000"])  # the URL discovery built for an IPv6 pod before
+    with running(gw) as url:
+        time.sleep(0.6)
+        assert not any(r.healthy for r in gw.replicas.values())
+        assert not gw._poller.done()
+        fake.models = {"data": [{"id": VERSION}]}
+        wait_healthy(gw)
+        assert httpx.post(f"{url}/v1/chat/completions", headers=AUTH, json=CHAT, timeout=30).status_code == 200
+    fake.close()
+    pods = {"items": [{"metadata": {"name": "vllm-0"}, "status": {
+        "phase": "Running", "podIP": "fd00::5", "conditions": [{"type": "Ready", "status": "True"}]}}]}
+    assert ready_replicas(pods, 8000) == {"vllm-0": "http://[fd00::5]:8000"}
+
+
+def test_an_empty_reply_is_counted_as_an_error(tmp_path):
+    fake = FakeReplica("empty")
+    gw = gateway(tmp_path, [fake.url])
+    with running(gw) as url:
+        wait_healthy(gw)
+        r = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, json=CHAT, timeout=30)
+        assert r.status_code == 200  # the client gets what the replica said
+        assert metric(url, "gateway_requests_total", status="empty") == 1
+    fake.close()
+
+
+# --- clients that push -----------------------------------------------------------------------------------------------
+
+def test_bodies_over_the_limit_get_413_before_any_replica_sees_them(tmp_path):
+    fake = FakeReplica("ok")
+    gw = gateway(tmp_path, [fake.url], max_request_bytes=65536)
+    with running(gw) as url:
+        wait_healthy(gw)
+        big = {**CHAT, "messages": [{"role": "user", "content": "x" * 10_000_000}]}  # 10 MB
+        r = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, json=big, timeout=60)
+        assert r.status_code == 413
+        assert r.json()["error"]["message"] == ("request body is 10000073 bytes; this gateway accepts at most 65536 "
+                                                "(gateway.max_request_bytes)")
+
+        def chunks():  # no Content-Length: the gateway counts as it reads and stops
+            yield b'{"model": "nell", "messages": [{"role": "user", "content": "'
+            for _ in range(100):
+                yield b"x" * 10_000
+            yield b'"}]}'
+        r = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, content=chunks(), timeout=60)
+        assert r.status_code == 413 and "over 65536 bytes" in r.json()["error"]["message"]
+        assert fake.posts == 0
+        assert metric(url, "gateway_rejected_total", reason="too_large") == 2
+    fake.close()
+
+
+def test_overload_answers_503_with_retry_after_instead_of_queueing(tmp_path):
+    slow = FakeReplica("slow", delay=1.5)
+    gw = gateway(tmp_path, [slow.url], max_inflight_per_replica=2, retry_after_s=3)
+    with running(gw) as url:
+        wait_healthy(gw)
+
+        async def burst():
+            async with httpx.AsyncClient(headers=AUTH, timeout=30) as client:
+                return await asyncio.gather(*(client.post(f"{url}/v1/chat/completions", json=CHAT)
+                                              for _ in range(5)))
+        answers = asyncio.run(burst())
+        statuses = sorted(r.status_code for r in answers)
+        assert statuses == [200, 200, 503, 503, 503], statuses
+        refused = next(r for r in answers if r.status_code == 503)
+        assert refused.headers["retry-after"] == "3"
+        assert refused.json()["error"]["message"] == (
+            f"every replica serving {VERSION!r} has 2 requests in flight (gateway.max_inflight_per_replica); retry "
+            "after 3 s")
+        assert slow.posts == 2 and metric(url, "gateway_rejected_total", reason="overloaded") == 3
+        assert metric(url, "gateway_requests_total", status="503") == 0  # never reached a replica: not a canary error
+        assert gw.replicas["replica-0"].outstanding == 0
+    slow.close()
+
+
+def test_bad_json_and_bad_fields_are_400_in_openai_shape(tmp_path):
+    gw = gateway(tmp_path, [])
+    with running(gw) as url:
+        for body, message in [(b"{not json", "request body is not JSON"),
+                              (b"[1, 2]", "request body must be a JSON object"),
+                              (b'{"model": ["nell"]}', """'model' must be a route name (a string), not ["nell"]"""),
+                              (b'{"model": "nell", "messages": "hi"}',
+                               "'messages' must be a list of objects with a role and a content")]:
+            r = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, content=body, timeout=10)
+            assert (r.status_code, r.json()["error"]["message"]) == (400, message)
+
+
+def test_an_unexpected_error_answers_500_in_openai_shape(tmp_path):
+    """A routing table edited by hand so that no version has weight: an internal error, still in OpenAI's shape
+    (before: a plain-text 'Internal Server Error')."""
+    (tmp_path / "routes.json").write_text(json.dumps({"routes": {"nell": {"weights": {VERSION: 0}}}}))
+    gw = Gateway([], RouteTable.load(tmp_path / "routes.json"), api_key=KEY)
+    with running(gw) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, json=CHAT, timeout=10)
+        assert r.status_code == 500
+        assert r.json()["error"]["type"] == "server_error"
+        assert r.json()["error"]["message"].startswith("internal error in the gateway (ValueError: no version has a "
+                                                       "positive weight)")
+
+
+# --- route changes ---------------------------------------------------------------------------------------------------
+
+def test_route_changes_are_compare_and_set_and_audited(tmp_path):
+    fake = FakeReplica("ok")
+    gw = gateway(tmp_path, [fake.url])
+    with running(gw) as url:
+        wait_healthy(gw)
+        read = httpx.get(f"{url}/admin/routes", headers=ADMIN).json()["nell"]
+        assert read["generation"] == 1
+        operator = httpx.post(f"{url}/admin/routes/nell/rollback", timeout=10,
+                              headers={**ADMIN, "x-charforge-actor": "charforge rollback (alice)"})
+        assert operator.status_code == 409  # nothing to roll back to yet
+        first = httpx.put(f"{url}/admin/routes/nell", headers={**ADMIN, "x-charforge-actor": "rollout of v2"},
+                          json={"weights": {VERSION: 100}, "expected_generation": 1}, timeout=10)
+        assert first.status_code == 200 and first.json()["generation"] == 2
+        stale = httpx.put(f"{url}/admin/routes/nell", headers=ADMIN,
+                          json={"weights": {VERSION: 100}, "expected_generation": 1}, timeout=10)
+        assert stale.status_code == 409 and stale.json()["error"]["type"] == "route_changed"
+        assert stale.json()["error"]["message"].startswith("route 'nell' is at generation 2, not 1: changed by "
+                                                           f"rollout of v2 [sha256:")
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(a["action"], a["route"], a["generation"]) for a in lines] == [("set_weights", "nell", 2)]
+    assert lines[0]["who"].startswith("rollout of v2 [sha256:") and ADMIN_KEY not in lines[0]["who"]
+    assert lines[0]["before"] == lines[0]["after"] == {VERSION: 100}
+    table = RouteTable.load(tmp_path / "routes.json")
+    with pytest.raises(RouteChanged, match="at generation 2, not 0"):
+        table.set_weights("nell", {VERSION: 50, "other": 50}, expected_generation=0)
+    assert RouteTable.load(tmp_path / "routes.json").routes["nell"].weights == {VERSION: 100}
+    fake.close()
