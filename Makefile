@@ -6,7 +6,7 @@ SERVE_VENV := .venv-serve
 PIP_FLAGS := -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast ui clean-state postgres lock
+.PHONY: setup demo test test-fast ui clean-state postgres lock bench-load
 
 # Both environments install from the locks in requirements/ (exact versions, --no-deps: no resolver, the set the
 # suite passed with); `make lock` re-resolves them from pyproject.toml and requirements-serve.txt.
@@ -68,3 +68,14 @@ test-fast: setup
 
 ui: setup
 	$(VENV)/bin/charforge ui
+
+# The gateway and canary under load, faults and no traffic (bench/load.py). locust gets its own venv: its gevent
+# monkey-patching and pins stay out of the pipeline environment.
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install $(PIP_FLAGS) "locust==2.47.0"
+	touch $@
+
+bench-load: setup $(BENCH_VENV)/.installed
+	$(VENV)/bin/python bench/load.py $(BENCH_ARGS)

@@ -243,21 +243,29 @@ def actor(plan: RolloutPlan) -> str:
     return f"rollout of {plan.served}"
 
 
+def require_unchanged(gw: GatewayAdmin, plan: RolloutPlan, generations: dict[str, int],
+                      routes: list[str]) -> dict[str, int]:
+    """Raise `RouteChanged` if someone else changed one of `routes` since this rollout's last write (or read);
+    returns the generations to write against (a change this rollout made just before a crash is its own)."""
+    generations, current = dict(generations), gw.routes()
+    for route in routes:
+        now = current.get(route)
+        if now is None or now.generation == generations.get(route, 0):
+            continue
+        if (now.changed_by or "").startswith(actor(plan)):  # written by this rollout before a crash lost the record
+            generations[route] = now.generation
+            continue
+        raise RouteChanged(f"route {route!r} is at generation {now.generation}, not {generations.get(route, 0)}: "
+                           f"changed by {now.changed_by or 'unknown'}")
+    return generations
+
+
 def write_routes(gw: GatewayAdmin, plan: RolloutPlan, record: Rollout, weights: dict[str, dict[str, float]],
                  previous: bool = True) -> dict[str, int]:
     """Compare-and-set every route to `weights`: each only if it is still at the generation this rollout last
     wrote (or read, before its first write). Returns the new generations. A route someone else changed raises
     `RouteChanged` before anything is written (checked up front, and again by each write)."""
-    generations = dict(record.generations)
-    current = gw.routes()
-    for route in weights:
-        now = current.get(route)
-        mine = now is not None and (now.changed_by or "").startswith(actor(plan))
-        if now is not None and now.generation != generations.get(route, 0) and not mine:
-            raise RouteChanged(f"route {route!r} is at generation {now.generation}, not "
-                               f"{generations.get(route, 0)}: changed by {now.changed_by or 'unknown'}")
-        if mine:  # written by this rollout before a crash that lost the record: ours to go on from
-            generations[route] = now.generation
+    generations = require_unchanged(gw, plan, record.generations, list(weights))
     for route, w in weights.items():
         state = gw.set_weights(route, w, plan.routes[route], plan.previous.get(route) if previous else None,
                                expected_generation=generations.get(route, 0), actor=actor(plan))
@@ -267,7 +275,8 @@ def write_routes(gw: GatewayAdmin, plan: RolloutPlan, record: Rollout, weights: 
 
 def stopped(plan: RolloutPlan, record: Rollout, exc: RouteChanged) -> RouteChangedUnderRollout:
     """Record that a route changed under the rollout; the error the deploy flow ends with."""
-    why = f"a route changed under this rollout, which stops and leaves every route as it is now: {exc}"
+    why = (f"a route changed under this rollout, which stops and leaves every route as it is now: {exc}. Run "
+           f"`charforge deploy` again to roll {plan.served} out anew")
     save_record(plan.record_path, record.model_copy(update={"status": "stopped", "reason": why,
                                                              "finished": time.time()}))
     return RouteChangedUnderRollout(why)
@@ -327,6 +336,10 @@ def canary_step(gw: GatewayAdmin, plan: RolloutPlan, record: Rollout, pct: float
     holds = 1 if settings.probes else 3
     for _ in range(holds):
         time.sleep(settings.hold_s)
+        try:  # an operator who rolled back during the hold has decided: no probe, no judgement, no write
+            require_unchanged(gw, plan, generations, list(plan.routes))
+        except RouteChanged as exc:
+            raise stopped(plan, record, exc) from None
         after = gw.metrics()
         new_w, old_w = window(before, after, plan.served), window(before, after, old)
         verdict, why = gate_decision(new_w, old_w, gate)

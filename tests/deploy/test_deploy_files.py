@@ -28,7 +28,7 @@ COMPOSE = DEPLOY / "compose" / "compose.yaml"
 K8S = DEPLOY / "k8s"
 K8S_VERSION = "1.33.0"  # the oldest Kubernetes these manifests are meant for; its schemas ship with the validator
 TEST_SECRETS = {"POSTGRES_PASSWORD": "pw-from-env", "CHARFORGE_GATEWAY_API_KEY": "key-from-env",
-                "CHARFORGE_REPLICA_API_KEY": "replica-key-from-env"}
+                "CHARFORGE_GATEWAY_ADMIN_KEY": "admin-key-from-env", "CHARFORGE_REPLICA_API_KEY": "replica-key-from-env"}
 SECRET_NAME = re.compile(r"PASSWORD|API_KEY|TOKEN|SECRET", re.I)
 
 
@@ -103,6 +103,10 @@ def test_compose_file_is_valid_for_docker_compose(compose):
         store = next(v for v in vllm["volumes"] if v["source"] == "adapters")
         assert store["read_only"]
     worker = services["prefect-worker"]
+    assert worker["environment"]["CHARFORGE_GATEWAY_ADMIN_KEY"] == TEST_SECRETS["CHARFORGE_GATEWAY_ADMIN_KEY"]
+    assert "CHARFORGE_GATEWAY_API_KEY" not in worker["environment"]  # deployments need the admin key only
+    assert services["gateway"]["environment"]["CHARFORGE_GATEWAY_ADMIN_KEY"] == TEST_SECRETS[
+        "CHARFORGE_GATEWAY_ADMIN_KEY"]
     for client in (services["gateway"], worker):  # the replicas' key reaches whoever calls their /v1 routes
         assert client["environment"]["CHARFORGE_REPLICA_API_KEY"] == TEST_SECRETS["CHARFORGE_REPLICA_API_KEY"]
     gpus.update(worker["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"])
@@ -120,7 +124,8 @@ def test_compose_file_is_valid_for_docker_compose(compose):
 
 
 def test_compose_refuses_to_start_without_the_secrets():
-    out = compose_config("-q", env={"CHARFORGE_GATEWAY_API_KEY": "k", "CHARFORGE_REPLICA_API_KEY": "r"})
+    out = compose_config("-q", env={"CHARFORGE_GATEWAY_API_KEY": "k", "CHARFORGE_GATEWAY_ADMIN_KEY": "a",
+                                    "CHARFORGE_REPLICA_API_KEY": "r"})
     assert out.returncode != 0 and "required variable POSTGRES_PASSWORD is missing a value" in out.stderr
 
 

@@ -3,6 +3,7 @@ rollout and instant rollback, bad artifacts refused, a replica killed mid-rollou
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -90,9 +91,11 @@ def cfg(stack) -> ServingConfig:
     return ServingConfig(**yaml.safe_load(stack[1].read_text()))
 
 
-def register(base_model_dir, tmp_path, label: str, seed: int, family: str, rank: int = 8) -> str:
+def register(base_model_dir, tmp_path, label: str, seed: int, family: str, rank: int = 8,
+             diverged: bool = False) -> str:
     # noise 0.1: visibly different from the base on the smoke prompt (the deployment checks that)
-    adapter = build_adapter(base_model_dir, tmp_path / label, seed=seed, rank=rank, train_config=family, noise=0.1)
+    adapter = build_adapter(base_model_dir, tmp_path / label, seed=seed, rank=rank, train_config=family, noise=0.1,
+                            diverged=diverged)
     use_experiment("evaluate")
     with mlflow.start_run() as run:
         pass
@@ -172,8 +175,82 @@ def test_rollout_under_load_then_instant_rollback(stack, cfg, base_model_dir, tm
     assert after_rollback and set(after_rollback) == {"charforge-rollout-v1"}
     during = Counter(v for t, _, v, _ in load.results if t < switched)
     assert during["charforge-rollout-v1"] and during["charforge-rollout-v2"]  # the canary really split traffic
+    stored = json.dumps(asyncio.run(flow_run_parameters()))  # as Prefect's API gives them back (and its UI shows)
+    assert '"adapter": "models:/charforge-rollout/2"' in stored
+    assert KEY not in stored and ADMIN_KEY not in stored and REPLICA_KEY not in stored
     print(f"\nrollout v1 -> v2 and rollback under load: {len(load.results)} requests, 0 failed; "
           f"rollback {rollback_s * 1000:.0f} ms")
+
+
+async def flow_run_parameters() -> list[dict]:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return [run.parameters for run in await client.read_flow_runs()]
+
+
+def metric(url: str, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+               for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_a_nightly_rollout_without_traffic_is_judged_by_probes(stack, cfg, base_model_dir, tmp_path,
+                                                               prefect_harness):
+    """02:00, no user traffic: every canary step is judged on the rollout's own probe requests (before: three
+    empty holds, then 100% unjudged). A broken candidate (lora_B all NaN, as a diverged run leaves it: served, every
+    reply empty) is rolled back; a sound one reaches 100%. Probes never show in user metrics."""
+    url, _ = stack
+    v1 = register(base_model_dir, tmp_path, "n1", seed=11, family="nightly")
+    broken = register(base_model_dir, tmp_path, "n2", seed=12, family="nightly", diverged=True)
+    v3 = register(base_model_dir, tmp_path, "n3", seed=13, family="nightly")
+    cfg.rollout.routes, cfg.rollout.hold_s = ["nightly"], 1
+    assert deploy(adapter=v1, config=cfg, gateway_url=url).status == "done"
+
+    refused = deploy(adapter=broken, config=cfg, gateway_url=url)
+    assert refused.status == "rolled_back", refused
+    assert refused.reason == "error rate 100.0% > 1.0%", refused.reason  # empty replies count as errors
+    routes = httpx.get(f"{url}/admin/routes", headers=ADMIN).json()
+    assert routes["nightly"]["weights"] == {"charforge-nightly-v1": 100.0}
+    assert metric(url, "gateway_probe_requests_total", version="charforge-nightly-v2", status="empty") >= 2
+
+    sound = deploy(adapter=v3, config=cfg, gateway_url=url)
+    assert sound.status == "done" and sound.step == 100, sound
+    assert metric(url, "gateway_probe_requests_total", version="charforge-nightly-v3", status="200") >= 2
+    assert metric(url, "gateway_requests_total", route="nightly") == 0  # user metrics saw no probe
+
+
+def test_an_operator_rollback_mid_canary_stops_the_rollout(stack, base_model_dir, tmp_path, prefect_api):
+    """`charforge rollback` while `charforge deploy` holds its canary step: the rollout finds the route changed,
+    stops with the gate-refusal exit code and says who changed it; the route stays where the operator left it.
+    (Before: the next canary step silently undid the rollback.)"""
+    url, config = stack
+    v1 = register(base_model_dir, tmp_path, "o1", seed=21, family="operator")
+    v2 = register(base_model_dir, tmp_path, "o2", seed=22, family="operator")
+    raw = yaml.safe_load(config.read_text())
+    raw["rollout"].update(routes=["operator"], hold_s=15)
+    (tmp_path / "serving.yaml").write_text(yaml.safe_dump(raw))
+    deploy_v = ["deploy", "--config", str(tmp_path / "serving.yaml"), "--adapter"]
+    first = charforge(*deploy_v, v1)
+    assert first.returncode == 0, first.stderr
+    record_file = Path(os.environ["CHARFORGE_STATE_DIR"]) / "serving" / "rollouts" / "charforge-operator.json"
+    rollout = subprocess.Popen([sys.executable, "-m", "cli", *deploy_v, v2], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while json.loads(record_file.read_text()).get("status") != "canary":
+        assert time.monotonic() < deadline and rollout.poll() is None, rollout.communicate()
+        time.sleep(0.2)
+    back = charforge("rollback", "operator", "--config", str(tmp_path / "serving.yaml"), timeout=60)
+    assert back.returncode == 0 and "operator: {'charforge-operator-v1': 100.0}" in back.stdout, back.stderr
+    out, err = rollout.communicate(timeout=300)
+    assert rollout.returncode == 3, (out, err)
+    assert "error: a route changed under this rollout, which stops and leaves every route as it is now: route " \
+           "'operator' is at generation 3, not 2: changed by charforge rollback (" in err, err
+    assert json.loads(record_file.read_text())["status"] == "stopped"
+    live = httpx.get(f"{url}/admin/routes", headers=ADMIN).json()["operator"]
+    assert live["weights"] == {"charforge-operator-v1": 100.0} and live["changed_by"].startswith("charforge rollback")
 
 
 def test_bad_adapters_are_refused_before_any_replica_loads_them(stack, cfg, base_model_dir, tmp_path,

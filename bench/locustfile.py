@@ -1,0 +1,82 @@
+"""The chat load bench/load.py drives through the gateway, as locust users (run by `locust --headless`).
+
+Each locust user is one chat user with its own `user` id, sending chat completions back to back, a share of them
+streamed. Every request is recorded with its send time, status, Retry-After, the replica and version the gateway
+answered from, and, for streams, whether the stream ended cleanly or broke off (an error event, or no `[DONE]`).
+The run stops after LOAD_REQUESTS requests in all; the records go to LOAD_OUT (JSON) when locust quits.
+
+Environment: LOAD_REQUESTS, LOAD_OUT, LOAD_MODEL (the route), LOAD_KEY (the inference key), LOAD_STREAM_SHARE,
+LOAD_MAX_TOKENS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+import uuid
+
+import gevent
+from locust import HttpUser, constant, events, task
+from locust.exception import StopUser
+
+REQUESTS = int(os.environ.get("LOAD_REQUESTS", "100"))
+OUT = os.environ.get("LOAD_OUT", "load.json")
+MODEL = os.environ.get("LOAD_MODEL", "bench")
+HEADERS = {"authorization": f"Bearer {os.environ['LOAD_KEY']}"} if os.environ.get("LOAD_KEY") else {}
+STREAM_SHARE = float(os.environ.get("LOAD_STREAM_SHARE", "0.5"))
+MAX_TOKENS = int(os.environ.get("LOAD_MAX_TOKENS", "8"))
+TURNS = ["Good morning! How are you today?", "Tell me about the place where you live.",
+         "What did you do yesterday?", "What is your favourite meal?", "Who is your oldest friend?"]
+
+records: list[dict] = []
+sent = 0
+
+
+class ChatUser(HttpUser):
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        self.user_id = f"user-{uuid.uuid4().hex[:8]}"
+
+    @task
+    def chat(self) -> None:
+        global sent
+        if sent >= REQUESTS:
+            raise StopUser()
+        sent += 1
+        stream = random.random() < STREAM_SHARE
+        record = {"t": time.time(), "user": self.user_id, "stream": stream}
+        body = {"model": MODEL, "max_tokens": MAX_TOKENS, "user": self.user_id, "stream": stream,
+                "messages": [{"role": "user", "content": random.choice(TURNS)}]}
+        try:
+            with self.client.post("/v1/chat/completions", json=body, headers=HEADERS, stream=stream,
+                                  catch_response=True, name="stream" if stream else "chat") as r:
+                record.update(status=r.status_code, replica=r.headers.get("x-charforge-replica"),
+                              version=r.headers.get("x-charforge-version"), retry_after=r.headers.get("retry-after"))
+                if stream and r.status_code == 200:
+                    lines = [line for line in r.iter_lines(decode_unicode=True) if line]
+                    record["cut"] = any('"error"' in line for line in lines) or "data: [DONE]" not in lines
+                if r.status_code == 200 and not record.get("cut"):
+                    r.success()
+                else:
+                    r.failure(f"{r.status_code}{' cut' if record.get('cut') else ''}")
+        except Exception as exc:  # a broken connection is a result here, not a crash of the bench
+            record.update(status=type(exc).__name__, cut=stream)
+        records.append(record)
+
+
+@events.test_start.add_listener
+def stop_when_done(environment, **_) -> None:
+    def watch() -> None:
+        while len(records) < REQUESTS:
+            gevent.sleep(0.2)
+        environment.runner.quit()
+    gevent.spawn(watch)
+
+
+@events.quitting.add_listener
+def save(environment, **_) -> None:
+    with open(OUT, "w") as handle:
+        json.dump(records, handle)
