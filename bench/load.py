@@ -13,7 +13,8 @@ directory with its own MLflow store and keys), so a running demo is not touched.
    (`charforge deploy`); an operator's `charforge rollback` mid-canary of v3 (the rollout must stop with exit 3 and
    leave the route where the operator left it); a SIGKILL of replica-1 mid-canary of v3 (the supervisor restarts it).
    Per phase: requests sent / succeeded / 503 with Retry-After / streams cut / failed.
-3. Nightly: no traffic at all; a broken candidate (every reply empty) is judged on probes and rolled back.
+3. Nightly: no traffic at all; a diverged candidate (NaN weights) is refused before any replica loads it, and a
+   sound one is judged on the rollout's probes at every step.
 4. Overload: 48 users against a gateway bounded at 2 in flight per replica: answers by status, and the gateway's RSS
    at the start and the end.
 5. Overhead, with vLLM's own client (`vllm.benchmarks.serve`, random prompts, fixed output length): the gateway in
@@ -222,15 +223,24 @@ def under_load(work: Path, url: str, config: Path, versions: dict[str, str], use
         print(f"- {name}: {tally(records)}; {outcome}", flush=True)
 
 
-def nightly(url: str, config: Path, broken: str) -> None:
-    print("\n## 3. Nightly rollout with no traffic, a broken candidate (every reply empty)")
+def nightly(url: str, config: Path, sound: str, diverged: str) -> None:
+    print("\n## 3. Nightly rollouts with no traffic: a diverged candidate (NaN weights), then a sound one")
     started = time.monotonic()
-    done = charforge("deploy", "--config", str(config), "--adapter", broken, check=False)
+    refused = charforge("deploy", "--config", str(config), "--adapter", diverged, check=False)
+    error = next((line for line in refused.stderr.splitlines() if line.startswith("error:")), refused.stderr[-200:])
+    print(f"- diverged: exit {refused.returncode} in {time.monotonic() - started:.0f} s: {error[:220]}", flush=True)
+    started = time.monotonic()
+    done = charforge("deploy", "--config", str(config), "--adapter", sound, check=False)
+    gates = [line.split(" - ", 1)[-1] for line in (done.stdout + done.stderr).splitlines()
+             if "gate at" in line or "probes on" in line]
     probes = sum(s.value for f in metrics_families(url) for s in f.samples
                  if s.name == "gateway_probe_requests_total" and s.labels["version"] == "charforge-bench-v4")
-    print(f"- deploy exit {done.returncode} in {time.monotonic() - started:.0f} s: "
-          f"{done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr.strip()[-200:]}; "
-          f"probe requests to the candidate: {probes:.0f}; routes {routes(url)['bench']}", flush=True)
+    users = sum(s.value for f in metrics_families(url) for s in f.samples
+                if s.name == "gateway_requests_total" and s.labels["version"] == "charforge-bench-v4")
+    print(f"- sound: exit {done.returncode} in {time.monotonic() - started:.0f} s; probe requests to it {probes:.0f}, "
+          f"user requests {users:.0f}; routes {routes(url)['bench']}", flush=True)
+    for line in dict.fromkeys(gates):
+        print(f"    {line}")
 
 
 def metrics_families(url: str):
@@ -337,8 +347,8 @@ def main() -> None:
     url = up.stdout.strip().splitlines()[-1].split()[1]
     print(f"fleet up in {time.monotonic() - started:.0f} s at {url}", flush=True)
     try:
-        versions = {f"v{i}": register(base_dir, work, f"v{i}", seed=i) for i in (1, 2, 3)}
-        versions["v4"] = register(base_dir, work, "v4", seed=4, diverged=True)  # lora_B NaN: every reply empty
+        versions = {f"v{i}": register(base_dir, work, f"v{i}", seed=i) for i in (1, 2, 3, 4)}
+        versions["v5"] = register(base_dir, work, "v5", seed=5, diverged=True)  # lora_B NaN: refused before loading
         charforge("deploy", "--config", str(config), "--adapter", versions["v1"])
         replicas = [r["url"] for r in httpx.get(f"{url}/admin/replicas", headers=ADMIN, timeout=30).json()]
         routes_file = Path(os.environ["CHARFORGE_STATE_DIR"]) / "serving" / "routes.json"
@@ -347,7 +357,7 @@ def main() -> None:
         if "load" in args.only:
             under_load(work, url, config, versions, args.users, args.requests)
         if "nightly" in args.only:
-            nightly(url, config, versions["v4"])
+            nightly(url, config, versions["v4"], versions["v5"])
         if "overload" in args.only:
             overload(work, replicas, cfg, routes_file, args.requests)
         if "overhead" in args.only:

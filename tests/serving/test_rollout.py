@@ -200,26 +200,44 @@ def metric(url: str, name: str, **labels) -> float:
 def test_a_nightly_rollout_without_traffic_is_judged_by_probes(stack, cfg, base_model_dir, tmp_path,
                                                                prefect_harness):
     """02:00, no user traffic: every canary step is judged on the rollout's own probe requests (before: three
-    empty holds, then 100% unjudged). A broken candidate (lora_B all NaN, as a diverged run leaves it: served, every
-    reply empty) is rolled back; a sound one reaches 100%. Probes never show in user metrics."""
+    empty holds, then 100% unjudged). A candidate that fails while serving (here every replica loses it during the
+    canary hold, as after restarts that did not restore it: its probes answer 503) is rolled back; a sound one
+    reaches 100%. Probes never show in user metrics. A diverged candidate (NaN weights) never reaches a replica."""
     url, _ = stack
     v1 = register(base_model_dir, tmp_path, "n1", seed=11, family="nightly")
-    broken = register(base_model_dir, tmp_path, "n2", seed=12, family="nightly", diverged=True)
+    v2 = register(base_model_dir, tmp_path, "n2", seed=12, family="nightly")
     v3 = register(base_model_dir, tmp_path, "n3", seed=13, family="nightly")
-    cfg.rollout.routes, cfg.rollout.hold_s = ["nightly"], 1
+    diverged = register(base_model_dir, tmp_path, "n4", seed=14, family="nightly", diverged=True)
+    cfg.rollout.routes, cfg.rollout.hold_s = ["nightly"], 4
     assert deploy(adapter=v1, config=cfg, gateway_url=url).status == "done"
 
-    refused = deploy(adapter=broken, config=cfg, gateway_url=url)
+    with pytest.raises(ArtifactError, match=r"NaN/inf values in \d+ of its tensors .*the training run diverged"):
+        deploy(adapter=diverged, config=cfg, gateway_url=url)  # one request through it empties a whole replica
+
+    record_file = Path(os.environ["CHARFORGE_STATE_DIR"]) / "serving" / "rollouts" / "charforge-nightly.json"
+    outcome: dict = {}
+    rollout = threading.Thread(target=lambda: outcome.update(record=deploy(adapter=v2, config=cfg, gateway_url=url)))
+    rollout.start()
+    while json.loads(record_file.read_text()).get("status") != "canary":
+        time.sleep(0.1)
+    for replica in replicas(url):  # the candidate vanishes from the fleet during the hold
+        r = httpx.post(f"{replica['url']}/v1/unload_lora_adapter", json={"lora_name": "charforge-nightly-v2"},
+                       headers=REPLICA_AUTH, timeout=30)
+        assert r.status_code == 200, r.text
+    rollout.join(timeout=300)
+    refused = outcome["record"]
     assert refused.status == "rolled_back", refused
-    assert refused.reason == "error rate 100.0% > 1.0%", refused.reason  # empty replies count as errors
+    assert refused.reason == "error rate 100.0% > 1.0%", refused.reason
     routes = httpx.get(f"{url}/admin/routes", headers=ADMIN).json()
     assert routes["nightly"]["weights"] == {"charforge-nightly-v1": 100.0}
-    assert metric(url, "gateway_probe_requests_total", version="charforge-nightly-v2", status="empty") >= 2
+    assert metric(url, "gateway_probe_requests_total", version="charforge-nightly-v2", status="503") >= 2
 
     sound = deploy(adapter=v3, config=cfg, gateway_url=url)
     assert sound.status == "done" and sound.step == 100, sound
     assert metric(url, "gateway_probe_requests_total", version="charforge-nightly-v3", status="200") >= 2
     assert metric(url, "gateway_requests_total", route="nightly") == 0  # user metrics saw no probe
+    for replica in replicas(url):
+        assert "charforge-nightly-v4" not in replica["loaded"]
 
 
 def test_an_operator_rollback_mid_canary_stops_the_rollout(stack, base_model_dir, tmp_path, prefect_api):
@@ -249,6 +267,10 @@ def test_an_operator_rollback_mid_canary_stops_the_rollout(stack, base_model_dir
     assert "error: a route changed under this rollout, which stops and leaves every route as it is now: route " \
            "'operator' is at generation 3, not 2: changed by charforge rollback (" in err, err
     assert json.loads(record_file.read_text())["status"] == "stopped"
+    logs = out + err + back.stdout + back.stderr + first.stdout + first.stderr
+    logs += "".join(f.read_text(errors="replace") for f in (Path(os.environ["CHARFORGE_STATE_DIR"]) / "serving").rglob(
+        "*.log")) + (Path(os.environ["CHARFORGE_STATE_DIR"]) / "serving" / "audit.jsonl").read_text()
+    assert KEY not in logs and ADMIN_KEY not in logs  # the audit trail names keys by fingerprint only
     live = httpx.get(f"{url}/admin/routes", headers=ADMIN).json()["operator"]
     assert live["weights"] == {"charforge-operator-v1": 100.0} and live["changed_by"].startswith("charforge rollback")
 

