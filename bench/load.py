@@ -65,9 +65,10 @@ def deploy_async(config: Path, adapter: str) -> subprocess.Popen:
 
 
 def locust(url: str, users: int, requests: int, out: Path, max_tokens: int = 8, route: str = "bench",
-           run_time: str = "15m") -> subprocess.Popen:
+           run_time: str = "30m", until: Path | None = None) -> subprocess.Popen:
+    """`requests` chats from `users` locust users; with `until`, also not ending before that file exists."""
     env = {**os.environ, "LOAD_REQUESTS": str(requests), "LOAD_OUT": str(out), "LOAD_MODEL": route, "LOAD_KEY": KEY,
-           "LOAD_MAX_TOKENS": str(max_tokens), "LOAD_STREAM_SHARE": "0.5"}
+           "LOAD_MAX_TOKENS": str(max_tokens), "LOAD_STREAM_SHARE": "0.5", "LOAD_UNTIL": str(until or "")}
     return subprocess.Popen([str(LOCUST), "-f", str(REPO / "bench" / "locustfile.py"), "--headless", "-u",
                              str(users), "-r", str(users), "--host", url, "--run-time", run_time, "--only-summary",
                              "--loglevel", "ERROR"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -145,10 +146,17 @@ class Gateway:
 
 
 def sample_outstanding(url: str, stop: threading.Event, samples: list) -> None:
-    with httpx.Client(headers=ADMIN, timeout=5) as client:
+    """In-flight requests per replica every 50 ms, from the gateway's `gateway_outstanding_requests` gauge
+    (/metrics costs the gateway nothing; /admin/replicas would poll every replica on each call)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with httpx.Client(timeout=5) as client:
         while not stop.is_set():
             try:
-                samples.append([r["outstanding"] for r in client.get(f"{url}/admin/replicas").json()])
+                gauge = {s.labels["replica"]: s.value
+                         for f in text_string_to_metric_families(client.get(f"{url}/metrics").text)
+                         for s in f.samples if s.name == "gateway_outstanding_requests"}
+                samples.append([gauge.get("replica-0", 0.0), gauge.get("replica-1", 0.0)])
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
@@ -193,32 +201,40 @@ def under_load(work: Path, url: str, config: Path, versions: dict[str, str], use
     print(f"\n## 2. Rollout, operator rollback and replica SIGKILL under load ({users} users, {requests} requests "
           f"per phase)")
     phases = {}
-    out = work / "phase-rollout.json"
-    load = locust(url, users, requests, out)
-    time.sleep(3)
-    rollout = deploy_async(config, versions["v2"])
-    rollout.communicate(timeout=1200)
-    phases["rollout v1 -> v2"] = (finish(load, out), f"deploy exit {rollout.returncode}, routes {routes(url)['bench']}")
 
-    out = work / "phase-operator.json"
-    load = locust(url, users, requests, out)
-    rollout = deploy_async(config, versions["v3"])
-    wait_status(record, "canary", rollout)
-    back = charforge("rollback", "bench", "--config", str(config))
-    _, err = rollout.communicate(timeout=1200)
-    phases["operator rollback mid-canary"] = (finish(load, out), (
-        f"deploy exit {rollout.returncode} ({err.strip().splitlines()[-1][:160] if err.strip() else ''}); "
-        f"rollback said {back.stdout.strip()}; routes {routes(url)['bench']}"))
+    def phase(name: str, fault=None, adapter: str = "v3") -> None:
+        """Load from before the deploy until it exits (and at least `requests` chats); `fault` runs once the
+        rollout is in its canary. Returns the load's records and what the deploy said."""
+        out, until = work / f"phase-{len(phases)}.json", work / f"phase-{len(phases)}.done"
+        load = locust(url, users, requests, out, until=until)
+        time.sleep(3)
+        started = time.time()
+        rollout = deploy_async(config, versions[adapter])
+        said = fault(rollout) if fault else ""
+        _, err = rollout.communicate(timeout=1200)
+        ended = time.time()
+        until.touch()
+        records = finish(load, out)
+        during = sum(1 for r in records if started <= r["t"] <= ended)
+        last = err.strip().splitlines()[-1][:160] if rollout.returncode and err.strip() else ""
+        phases[name] = (records, f"{during} sent while the deploy ran ({ended - started:.0f} s); deploy exit "
+                                 f"{rollout.returncode}{f' ({last})' if last else ''}{said}; routes "
+                                 f"{routes(url)['bench']}")
 
-    out = work / "phase-kill.json"
-    load = locust(url, users, requests, out)
-    rollout = deploy_async(config, versions["v3"])
-    wait_status(record, "canary", rollout)
-    victim = daemon.read_record()["replicas"][1]
-    os.killpg(victim, signal.SIGKILL)
-    rollout.communicate(timeout=1200)
-    phases["replica-1 SIGKILL mid-canary"] = (finish(load, out), f"deploy exit {rollout.returncode}, routes "
-                                                                  f"{routes(url)['bench']}")
+    def operator(rollout: subprocess.Popen) -> str:
+        wait_status(record, "canary", rollout)
+        back = charforge("rollback", "bench", "--config", str(config))
+        return f"; rollback said {back.stdout.strip()}"
+
+    def kill(rollout: subprocess.Popen) -> str:
+        wait_status(record, "canary", rollout)
+        victim = daemon.read_record()["replicas"][1]
+        os.killpg(victim, signal.SIGKILL)
+        return f"; SIGKILL to replica-1 (pid {victim})"
+
+    phase("rollout v1 -> v2", adapter="v2")
+    phase("operator rollback mid-canary", operator)
+    phase("replica-1 SIGKILL mid-canary", kill)
     for name, (records, outcome) in phases.items():
         print(f"- {name}: {tally(records)}; {outcome}", flush=True)
 
@@ -259,7 +275,7 @@ def overload(work: Path, replicas: list[str], cfg: dict, routes_file: Path, requ
     print(f"- {tally(records)}; gateway RSS {before:.0f} MiB at start, {after:.0f} MiB at the end", flush=True)
 
 
-def vllm_bench(url: str, model: str, tokenizer: Path, streams: int, prompts: int, out: Path) -> dict:
+def vllm_bench(url: str, model: str, tokenizer: Path, streams: int, prompts: int, out: Path, key: str) -> dict:
     code = ("import sys; from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
             "from vllm.benchmarks.serve import add_cli_args, main\n"
             "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
@@ -269,7 +285,7 @@ def vllm_bench(url: str, model: str, tokenizer: Path, streams: int, prompts: int
                     "--random-output-len", "16", "--ignore-eos", "--num-prompts", str(prompts),
                     "--max-concurrency", str(streams), "--disable-tqdm", "--save-result", "--result-dir",
                     str(out.parent), "--result-filename", out.name, "--seed", "0"],
-                   env={**os.environ, "OPENAI_API_KEY": KEY}, check=True, capture_output=True, text=True,
+                   env={**os.environ, "OPENAI_API_KEY": key}, check=True, capture_output=True, text=True,
                    timeout=1200)
     return json.loads(out.read_text())
 
@@ -283,8 +299,9 @@ def overhead(work: Path, replica: str, cfg: dict, base_dir: Path, base_name: str
         prompts = 8 if streams == 1 else 32
         ratios, added = [], []
         for i in range(repeats):
-            direct = vllm_bench(replica, base_name, base_dir, streams, prompts, work / f"d{streams}-{i}.json")
-            through = vllm_bench(gw.url, "base", base_dir, streams, prompts, work / f"g{streams}-{i}.json")
+            direct = vllm_bench(replica, base_name, base_dir, streams, prompts, work / f"d{streams}-{i}.json",
+                                REPLICA_KEY)  # the replica's own key, as the gateway sends it
+            through = vllm_bench(gw.url, "base", base_dir, streams, prompts, work / f"g{streams}-{i}.json", KEY)
             ratios.append(through["output_throughput"] / direct["output_throughput"])
             added.append((through["median_ttft_ms"] - direct["median_ttft_ms"]))
         print(f"- {streams} stream(s): throughput gateway/direct {statistics.median(ratios):.3f}x "

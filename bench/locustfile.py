@@ -3,10 +3,11 @@
 Each locust user is one chat user with its own `user` id, sending chat completions back to back, a share of them
 streamed. Every request is recorded with its send time, status, Retry-After, the replica and version the gateway
 answered from, and, for streams, whether the stream ended cleanly or broke off (an error event, or no `[DONE]`).
-The run stops after LOAD_REQUESTS requests in all; the records go to LOAD_OUT (JSON) when locust quits.
+The run stops after LOAD_REQUESTS requests in all and, if LOAD_UNTIL names a file, not before that file exists (the
+load then covers a whole rollout however long it takes); the records go to LOAD_OUT (JSON) when locust quits.
 
-Environment: LOAD_REQUESTS, LOAD_OUT, LOAD_MODEL (the route), LOAD_KEY (the inference key), LOAD_STREAM_SHARE,
-LOAD_MAX_TOKENS.
+Environment: LOAD_REQUESTS, LOAD_UNTIL, LOAD_OUT, LOAD_MODEL (the route), LOAD_KEY (the inference key),
+LOAD_STREAM_SHARE, LOAD_MAX_TOKENS.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from locust import HttpUser, constant, events, task
 from locust.exception import StopUser
 
 REQUESTS = int(os.environ.get("LOAD_REQUESTS", "100"))
+UNTIL = os.environ.get("LOAD_UNTIL")
 OUT = os.environ.get("LOAD_OUT", "load.json")
 MODEL = os.environ.get("LOAD_MODEL", "bench")
 HEADERS = {"authorization": f"Bearer {os.environ['LOAD_KEY']}"} if os.environ.get("LOAD_KEY") else {}
@@ -34,6 +36,10 @@ records: list[dict] = []
 sent = 0
 
 
+def done(count: int) -> bool:
+    return count >= REQUESTS and (not UNTIL or os.path.exists(UNTIL))
+
+
 class ChatUser(HttpUser):
     wait_time = constant(0)
 
@@ -43,7 +49,7 @@ class ChatUser(HttpUser):
     @task
     def chat(self) -> None:
         global sent
-        if sent >= REQUESTS:
+        if done(sent):
             raise StopUser()
         sent += 1
         stream = random.random() < STREAM_SHARE
@@ -70,7 +76,7 @@ class ChatUser(HttpUser):
 @events.test_start.add_listener
 def stop_when_done(environment, **_) -> None:
     def watch() -> None:
-        while len(records) < REQUESTS:
+        while not done(len(records)) or len(records) < sent:
             gevent.sleep(0.2)
         environment.runner.quit()
     gevent.spawn(watch)

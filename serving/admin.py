@@ -129,16 +129,20 @@ class GatewayAdmin:
     def replicas_serving(self, served: str) -> list[str]:
         return [r.url for r in self.replicas() if r.healthy and served in r.loaded]
 
-    def metrics(self) -> MetricsSnapshot:
+    def metrics(self, probes_only: bool = False) -> MetricsSnapshot:
         """Request counts by outcome and latency histogram buckets per version, summed over routes and over user
-        and probe traffic, read with the Prometheus client's own parser."""
+        and probe traffic (or the probes' alone), read with the Prometheus client's own parser."""
         out: MetricsSnapshot = {}
+        counts = ("gateway_probe_requests_total",) if probes_only else ("gateway_requests_total",
+                                                                        "gateway_probe_requests_total")
+        buckets = ("gateway_probe_request_seconds_bucket",) if probes_only else ("gateway_request_seconds_bucket",
+                                                                                "gateway_probe_request_seconds_bucket")
         for family in text_string_to_metric_families(self.call("GET", "/metrics").text):
-            for sample in family.samples:  # user traffic and the rollout's probes alike
-                if sample.name in ("gateway_requests_total", "gateway_probe_requests_total"):
+            for sample in family.samples:
+                if sample.name in counts:
                     kind = "ok" if sample.labels["status"].isdigit() and sample.labels["status"].startswith("2") \
                         else "errors"  # 4xx/5xx, `empty` replies and streams `cut` midway
-                elif sample.name in ("gateway_request_seconds_bucket", "gateway_probe_request_seconds_bucket"):
+                elif sample.name in buckets:
                     kind = f"le={sample.labels['le']}"
                 else:
                     continue

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from charforge.io import write_json_atomic
@@ -156,6 +157,60 @@ def sse_error(message: str, code: int = 502) -> bytes:
     return f"data: {json.dumps({'error': {'message': message, 'type': 'upstream_error', 'code': code}})}\n\n".encode()
 
 
+class StreamOutcome:
+    """What a relayed stream turned out to be, read from its SSE events as they pass: `cut` (broke midway),
+    `upstream_error` (an error event from the replica), `empty` (a 200 whose deltas carried no text or tool call),
+    or the upstream status."""
+
+    def __init__(self, status: str) -> None:
+        self.upstream_status, self.cut, self.error, self.text, self.closed = status, False, False, False, False
+        self._pending = b""
+
+    def read(self, chunk: bytes) -> None:
+        lines = (self._pending + chunk).split(b"\n")
+        self._pending = lines.pop()[-65536:]  # a partial line waits for the next chunk (bounded)
+        for line in lines:
+            if not line.startswith(b"data:") or (self.text and b'"error"' not in line):
+                continue  # once text arrived, only an error event can change the outcome
+            try:
+                event = json.loads(line[5:])
+            except ValueError:  # `data: [DONE]`
+                continue
+            if not isinstance(event, dict):
+                continue
+            if event.get("error"):
+                self.error = True
+            for choice in event.get("choices") or []:
+                delta = choice.get("delta") or {}
+                if (delta.get("content") or choice.get("text") or delta.get("tool_calls")
+                        or delta.get("reasoning_content")):
+                    self.text = True
+
+    def status(self) -> str:
+        if self.cut:
+            return "cut"
+        if self.error:
+            return "upstream_error"
+        if self.upstream_status == "200" and not self.text:
+            return "empty"
+        return self.upstream_status
+
+
+class RelayResponse(StreamingResponse):
+    """A relayed stream whose bookkeeping (in-flight count, metrics, upstream close) runs even when the client went
+    away before the first byte, where the body generator never starts and its `finally` never runs."""
+
+    def __init__(self, content, on_close, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.on_close()
+
+
 class Gateway:
     def __init__(self, replica_urls: list[str], table: RouteTable, strategy: Strategy = "least_outstanding",
                  api_key: KeyRing | str | list[str] | None = None, health_interval_s: float = 1.0,
@@ -284,8 +339,9 @@ class Gateway:
             os.fsync(handle.fileno())
 
     # ---- requests ------------------------------------------------------------------------------------------------
-    async def read_json(self, request: Request) -> dict:
-        """The body as a JSON object, read up to `max_request_bytes` (413 past it, before it is all read)."""
+    async def read_json(self, request: Request, optional: bool = False) -> dict:
+        """The body as a JSON object, read up to `max_request_bytes` (413 past it, before it is all read);
+        `optional`: no body at all (or chunked with no bytes) is `{}`."""
         limit = self.max_request_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -300,6 +356,8 @@ class Gateway:
                 raise HTTPException(413, detail=f"request body is over {limit} bytes, the most this gateway accepts "
                                                 f"(gateway.max_request_bytes)")
             chunks.append(chunk)
+        if optional and not any(chunks):
+            return {}
         try:
             body = json.loads(b"".join(chunks) or b"null")
         except ValueError:
@@ -351,9 +409,11 @@ class Gateway:
         route, version, upstream = self.resolve(body, request, probe)
         tried: set[str] = set()
         started = time.perf_counter()
+        full = False  # the attempts ended because every eligible replica left was at its in-flight bound
         for _ in range(self.connect_retries + 1):
             replica = self.pick(version, upstream.get("user"), frozenset(tried))
             if replica is None:
+                full = any(r.name not in tried for r in eligible(list(self.replicas.values()), version))
                 break
             tried.add(replica.name)
             try:
@@ -366,12 +426,15 @@ class Gateway:
                 self.metrics.observe(route, version, "504", time.perf_counter() - started, probe is not None)
                 raise HTTPException(504, detail=f"{replica.name} did not answer within {self.request_timeout_s:g} s "
                                                 f"(gateway.request_timeout_s)") from None
-        if any(r.name not in tried for r in eligible(list(self.replicas.values()), version)):
+        if full and not tried:  # refused before any replica saw it: overload, not an error of the version
             self.metrics.rejected.labels("overloaded").inc()
             raise HTTPException(503, detail=f"every replica serving {version!r} has {self.max_inflight} requests in "
                                             f"flight (gateway.max_inflight_per_replica); retry after "
                                             f"{self.retry_after_s} s", headers={"Retry-After": str(self.retry_after_s)})
         self.metrics.observe(route, version, "503", time.perf_counter() - started, probe is not None)
+        if tried:
+            raise HTTPException(503, detail=f"{version!r}: no replica could be reached ({len(tried)} tried: "
+                                            f"{', '.join(sorted(tried))}); retry later")
         raise HTTPException(503, detail=f"no healthy replica serves {version!r} right now")
 
     async def _send(self, replica: Replica, path: str, body: dict, route: str, version: str,
@@ -385,28 +448,36 @@ class Gateway:
             except BaseException:  # nothing was relayed: take the in-flight count back here, not in relay()
                 self._track(replica.name, -1)
                 raise
+            outcome = StreamOutcome(str(upstream.status_code))
+
+            async def close() -> None:  # once, whether the relay ran to its end, broke, or never started
+                if outcome.closed:
+                    return
+                outcome.closed = True
+                self._track(replica.name, -1)
+                self.metrics.observe(route, version, outcome.status(), time.perf_counter() - started, probe)
+                await upstream.aclose()
 
             async def relay():
-                first, status = True, str(upstream.status_code)
+                first = True
                 try:
                     async for chunk in upstream.aiter_raw():
                         if first:
                             if not probe:
                                 self.metrics.ttft.labels(route, version).observe(time.perf_counter() - started)
                             first = False
+                        outcome.read(chunk)
                         yield chunk
                 except httpx.HTTPError as exc:  # the replica broke off midway: say so, in the stream
-                    status = "cut"
+                    outcome.cut = True
                     log.warning("%s: stream of %s cut midway: %s", replica.name, version, type(exc).__name__)
                     yield sse_error(f"the stream from {replica.name} broke off midway ({type(exc).__name__}); "
                                     f"the reply is incomplete")
                 finally:
-                    await upstream.aclose()
-                    self._track(replica.name, -1)
-                    self.metrics.observe(route, version, status, time.perf_counter() - started, probe)
+                    await close()
 
-            return StreamingResponse(relay(), status_code=upstream.status_code, headers=headers,
-                                     media_type=upstream.headers.get("content-type", "text/event-stream"))
+            return RelayResponse(relay(), close, status_code=upstream.status_code, headers=headers,
+                                 media_type=upstream.headers.get("content-type", "text/event-stream"))
         try:
             response = await self.client.post(url, json=body)
         finally:
@@ -429,7 +500,7 @@ class Gateway:
 
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error", 500: "server_error",
+               404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 500: "server_error",
                503: "service_unavailable", 504: "timeout"}
 
 
@@ -437,6 +508,26 @@ def openai_error(status: int, message: str, kind: str | None = None, headers: di
     """An error in OpenAI's shape, so OpenAI clients show the message."""
     return JSONResponse({"error": {"message": message, "type": kind or ERROR_TYPES.get(status, "error"),
                                    "param": None, "code": status}}, status_code=status, headers=headers)
+
+
+def optional_field(body: dict, key: str, kind: type):
+    """`body[key]` if it is absent, null or a `kind` (a bool is not an int here); 400 naming the key otherwise."""
+    value = body.get(key)
+    if value is None or (isinstance(value, kind) and not isinstance(value, bool)):
+        return value
+    raise HTTPException(400, detail=f"{key!r} must be {'an integer' if kind is int else 'a string'} or null, not "
+                                    f"{json.dumps(value)[:80]}")
+
+
+def previous_weights(value) -> dict[str, float] | None:
+    """The `previous` weights of a PUT: null or {"<served name>": <percent>, ...}; 400 otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, dict) and all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                       for w in value.values()):
+        return {str(k): float(w) for k, w in value.items()}
+    raise HTTPException(400, detail=f"'previous' must be null or {{\"<served name>\": <percent>, ...}}, not "
+                                    f"{json.dumps(value)[:80]}")
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -450,8 +541,8 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     app = FastAPI(title="charforge gateway", lifespan=lifespan)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and the router's own (404, 405) alike
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "route_changed" if exc.status_code == 409 and str(exc.detail).startswith("route ") else None
         return openai_error(exc.status_code, str(exc.detail), kind, exc.headers)
 
@@ -522,17 +613,19 @@ def create_app(gateway: Gateway) -> FastAPI:
             r.healthy and v in r.loaded for r in gateway.replicas.values())]
         if missing:
             raise HTTPException(409, detail=f"not loaded on any healthy replica: {', '.join(missing)}")
-        return change(who, "set_weights", name, weights, system_prompt=body.get("system_prompt"),
-                      previous=body.get("previous"), expected_generation=body.get("expected_generation"))
+        return change(who, "set_weights", name, weights, system_prompt=optional_field(body, "system_prompt", str),
+                      previous=previous_weights(body.get("previous")),
+                      expected_generation=optional_field(body, "expected_generation", int))
 
     @app.post("/admin/routes/{name}/rollback")
     async def rollback(name: str, request: Request) -> dict:
         """Restore the weights before the last change (one file write; takes effect on the next request)."""
         who = gateway.check_admin(request)
-        body = await gateway.read_json(request) if int(request.headers.get("content-length") or 0) else {}
+        body = await gateway.read_json(request, optional=True)
+        expected = optional_field(body, "expected_generation", int)
         route = gateway.table.routes.get(name)
         if route is None or not route.previous:
             raise HTTPException(409, detail=f"{name!r} has no previous weights to roll back to")
-        return change(who, "rollback", name, route.previous, expected_generation=body.get("expected_generation"))
+        return change(who, "rollback", name, route.previous, expected_generation=expected)
 
     return app

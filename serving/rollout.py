@@ -243,6 +243,11 @@ def actor(plan: RolloutPlan) -> str:
     return f"rollout of {plan.served}"
 
 
+def own_change(plan: RolloutPlan, changed_by: str | None) -> bool:
+    """Whether a route's last change was this rollout's (`changed_by` is "<actor> [<key fingerprint>]")."""
+    return (changed_by or "").split(" [", 1)[0] == actor(plan)
+
+
 def require_unchanged(gw: GatewayAdmin, plan: RolloutPlan, generations: dict[str, int],
                       routes: list[str]) -> dict[str, int]:
     """Raise `RouteChanged` if someone else changed one of `routes` since this rollout's last write (or read);
@@ -252,7 +257,7 @@ def require_unchanged(gw: GatewayAdmin, plan: RolloutPlan, generations: dict[str
         now = current.get(route)
         if now is None or now.generation == generations.get(route, 0):
             continue
-        if (now.changed_by or "").startswith(actor(plan)):  # written by this rollout before a crash lost the record
+        if own_change(plan, now.changed_by):  # written by this rollout before a crash lost the record
             generations[route] = now.generation
             continue
         raise RouteChanged(f"route {route!r} is at generation {now.generation}, not {generations.get(route, 0)}: "
@@ -283,14 +288,29 @@ def stopped(plan: RolloutPlan, record: Rollout, exc: RouteChanged) -> RouteChang
 
 
 def roll_back(gw: GatewayAdmin, plan: RolloutPlan, record: Rollout, why: str) -> Rollout:
-    """Restore every route's weights from before the rollout (the previous version is still loaded), unless
-    someone changed a route meanwhile (then nothing is written: they decided)."""
-    try:
-        generations = write_routes(gw, plan, record, dict(plan.previous), previous=False)
-    except RouteChanged as exc:
-        raise stopped(plan, record, exc) from None
-    return save_record(plan.record_path, record.model_copy(update={"status": "rolled_back", "reason": why,
-                                                                    "generations": generations}))
+    """Restore every route's weights from before the rollout (the previous version is still loaded). Each route is
+    its own compare-and-set: a route someone changed meanwhile is left as they set it (they decided), every other
+    route is restored all the same, so a failed gate never leaves the bad version serving anywhere it wrote. Raises
+    `RouteChangedUnderRollout` (after restoring the rest) if a route was skipped."""
+    generations, current, skipped = dict(record.generations), gw.routes(), []
+    for route, weights in plan.previous.items():
+        now = current.get(route)
+        if now is not None and now.generation != generations.get(route, 0) and not own_change(plan, now.changed_by):
+            skipped.append(f"route {route!r} is at generation {now.generation}, not {generations.get(route, 0)}: "
+                           f"changed by {now.changed_by or 'unknown'}")
+            continue
+        expected = now.generation if now is not None else 0
+        try:
+            generations[route] = gw.set_weights(route, weights, plan.routes[route], None,
+                                                expected_generation=expected, actor=actor(plan)).generation
+        except RouteChanged as exc:  # changed between the read and the write
+            skipped.append(str(exc))
+    record = save_record(plan.record_path, record.model_copy(update={"status": "rolled_back", "reason": why,
+                                                                      "generations": generations}))
+    if skipped:
+        raise stopped(plan, record, RouteChanged(f"{'; '.join(skipped)} (the gate said roll back: {why}; every "
+                                                 f"other route was restored)"))
+    return record
 
 
 def probe_route(plan: RolloutPlan) -> str:
@@ -298,14 +318,16 @@ def probe_route(plan: RolloutPlan) -> str:
     return next((r for r, prompt in plan.routes.items() if prompt), next(iter(plan.routes)))
 
 
-def send_probes(gw: GatewayAdmin, plan: RolloutPlan, wanted: dict[str, int], settings: RolloutSettings,
+def send_probes(gw: GatewayAdmin, plan: RolloutPlan, versions: list[str], n: int, settings: RolloutSettings,
                 log: Log) -> dict[str, list]:
-    """Probe requests through the gateway, pinned to each version, `wanted[version]` of them: the step is judged
-    on them as on user traffic (the gateway counts them apart from users). Returns each version's statuses."""
-    route, sent = probe_route(plan), {}
-    for version, n in wanted.items():
-        sent[version] = [gw.probe(route, version, settings.probe_prompts[i % len(settings.probe_prompts)],
-                                  settings.probe_max_tokens) for i in range(max(0, n))]
+    """`n` probe requests through the gateway to each of `versions`, pinned by the admin-only probe header and
+    interleaved (the same prompt to each version in turn, so both see the same load). The gateway counts them apart
+    from users. Returns each version's statuses."""
+    route, sent = probe_route(plan), {v: [] for v in versions}
+    for i in range(max(0, n)):
+        for version in versions:
+            sent[version].append(gw.probe(route, version, settings.probe_prompts[i % len(settings.probe_prompts)],
+                                          settings.probe_max_tokens))
     log("probes on " + ", ".join(f"{v}: {len(s)} sent, {sum(1 for x in s if x == 200)} answered 200"
                                  for v, s in sent.items()))
     return sent
@@ -346,11 +368,16 @@ def canary_step(gw: GatewayAdmin, plan: RolloutPlan, record: Rollout, pct: float
         if verdict != "wait":
             break
     if verdict == "wait" and settings.probes:
+        # Errors count over users and probes together; latency compares the probes alone, which both versions got
+        # alike (user requests on the old version may be longer or more concurrent than 16-token probes).
         log(f"gate at {pct:g}%: {why}; probing")
-        send_probes(gw, plan, {plan.served: gate.min_requests - new_w.requests,
-                               old: gate.min_requests - old_w.requests}, settings, log)
-        after = gw.metrics()
-        verdict, why = gate_decision(window(before, after, plan.served), window(before, after, old), gate)
+        probes_before = gw.metrics(probes_only=True)
+        send_probes(gw, plan, [plan.served, old], gate.min_requests - new_w.requests, settings, log)
+        after, probes_after = gw.metrics(), gw.metrics(probes_only=True)
+        new_w, old_w = window(before, after, plan.served), window(before, after, old)
+        new_p, old_p = window(probes_before, probes_after, plan.served), window(probes_before, probes_after, old)
+        verdict, why = gate_decision(WindowStats(new_w.requests, new_w.errors, new_p.p95_latency_s),
+                                     WindowStats(old_w.requests, old_w.errors, old_p.p95_latency_s), gate)
     if verdict == "wait":
         verdict, why = "rollback", f"no evidence to judge the step on: {why}"
     log(f"gate at {pct:g}%: {verdict} ({why})")

@@ -40,7 +40,8 @@ REPLY = {"id": "fake", "object": "chat.completion", "model": VERSION, "usage": {
 class FakeReplica:
     """A fake vLLM replica: /health and /v1/models answer as vLLM does (or `models` overrides the list); a POST does
     what `mode` says: ok, drop (close without answering), cut (a stream that breaks after its first event), slow
-    (answer after `delay` s), empty (a 200 with no reply text)."""
+    (answer after `delay` s), empty (a 200 with no reply text; streamed: deltas without content, then [DONE]),
+    error_event (streamed: an error event, then [DONE], as vLLM ends a stream whose generation failed)."""
 
     def __init__(self, mode: str = "ok", delay: float = 0.0) -> None:
         self.mode, self.delay, self.models, self.posts = mode, delay, {"data": [{"id": VERSION}]}, 0
@@ -71,6 +72,21 @@ class FakeReplica:
                     return
                 if fake.mode == "slow":
                     time.sleep(fake.delay)
+                if body.get("stream") and fake.mode in ("empty", "error_event"):
+                    first = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+                    last = ({"error": {"message": "generation failed", "type": "BadRequestError", "code": 400}}
+                            if fake.mode == "error_event" else
+                            {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                    data = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in (first, last)) + b"data: [DONE]\n\n"
+                    self.send_response(200)
+                    self.send_header("content-type", "text/event-stream")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[:7])  # split mid-line: the gateway reads events across chunks
+                    self.wfile.flush()
+                    time.sleep(0.05)
+                    self.wfile.write(data[7:])
+                    return
                 if fake.mode == "cut" or body.get("stream"):
                     event = b'data: {"choices": [{"index": 0, "delta": {"content": "Good"}}]}\n\n'
                     self.send_response(200)
@@ -160,7 +176,8 @@ def test_a_replica_that_drops_connections_leaves_no_phantom_in_flight_request(tm
         for stream in (True, False):
             r = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, json={**CHAT, "stream": stream}, timeout=30)
             assert r.status_code == 503, r.text
-            assert r.json()["error"]["message"] == f"no healthy replica serves {VERSION!r} right now"
+            assert r.json()["error"]["message"] == (f"{VERSION!r}: no replica could be reached (1 tried: replica-0); "
+                                                    "retry later")
             wait_healthy(gw)  # the poller puts it back: /health still answers
         assert gw.replicas["replica-0"].outstanding == 0  # before: 1 after the streamed request, forever
         assert metric(url, "gateway_outstanding_requests", replica="replica-0") == 0
@@ -247,6 +264,42 @@ def test_an_empty_reply_is_counted_as_an_error(tmp_path):
     fake.close()
 
 
+def test_streams_with_no_text_or_an_error_event_count_as_errors(tmp_path):
+    """A streamed 200 is not a success by its status alone: deltas that never carry text (the NaN adapter's
+    replies) count as `empty`, an error event from the replica as `upstream_error`; the canary gate sees both."""
+    for mode, status in (("empty", "empty"), ("error_event", "upstream_error")):
+        fake = FakeReplica(mode)
+        gw = gateway(tmp_path / mode, [fake.url])
+        with running(gw) as url:
+            wait_healthy(gw)
+            with httpx.stream("POST", f"{url}/v1/chat/completions", headers=AUTH, json={**CHAT, "stream": True},
+                              timeout=30) as r:
+                assert r.status_code == 200 and r.read().endswith(b"data: [DONE]\n\n")  # relayed unchanged
+            assert metric(url, "gateway_requests_total", status=status) == 1
+            assert metric(url, "gateway_requests_total", status="200") == 0
+            assert gw.replicas["replica-0"].outstanding == 0
+        fake.close()
+
+
+def test_attempts_that_all_failed_are_a_counted_503_not_overload(tmp_path):
+    """connect_retries 0, round robin, replica-0 refuses connections: the request's one attempt failed while
+    replica-1 was never tried. That is an error of the version (counted; the canary gate sees it), not a full fleet
+    (before: 503 'every replica ... has 32 requests in flight' with Retry-After, counted as overload only)."""
+    good = FakeReplica("ok")
+    gw = gateway(tmp_path, [f"http://127.0.0.1:{free_port()}", good.url], strategy="round_robin", connect_retries=0,
+                 health_interval_s=3600)
+    with running(gw) as url:
+        for name in gw.replicas:  # as if both had answered their last health poll
+            gw.replicas[name] = replace(gw.replicas[name], healthy=True, loaded=frozenset({VERSION}))
+        r = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, json=CHAT, timeout=30)
+        assert r.status_code == 503 and "retry-after" not in r.headers
+        assert r.json()["error"]["message"] == (f"{VERSION!r}: no replica could be reached (1 tried: replica-0); "
+                                                "retry later")
+        assert metric(url, "gateway_requests_total", status="503") == 1
+        assert metric(url, "gateway_rejected_total", reason="overloaded") == 0
+    good.close()
+
+
 # --- clients that push -----------------------------------------------------------------------------------------------
 
 def test_bodies_over_the_limit_get_413_before_any_replica_sees_them(tmp_path):
@@ -306,6 +359,12 @@ def test_bad_json_and_bad_fields_are_400_in_openai_shape(tmp_path):
                                "'messages' must be a list of objects with a role and a content")]:
             r = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, content=body, timeout=10)
             assert (r.status_code, r.json()["error"]["message"]) == (400, message)
+        # the router's own 404 and 405 too (before: {"detail": "Not Found"}, which OpenAI clients cannot show)
+        r = httpx.post(f"{url}/v1/embeddings", headers=AUTH, json={"model": "nell", "input": "x"}, timeout=10)
+        assert (r.status_code, r.json()["error"]) == (404, {"message": "Not Found", "type": "not_found_error",
+                                                            "param": None, "code": 404})
+        r = httpx.get(f"{url}/v1/chat/completions", headers=AUTH, timeout=10)
+        assert (r.status_code, r.json()["error"]["message"]) == (405, "Method Not Allowed")
 
 
 def test_an_unexpected_error_answers_500_in_openai_shape(tmp_path):
@@ -341,6 +400,19 @@ def test_route_changes_are_compare_and_set_and_audited(tmp_path):
         assert stale.status_code == 409 and stale.json()["error"]["type"] == "route_changed"
         assert stale.json()["error"]["message"].startswith("route 'nell' is at generation 2, not 1: changed by "
                                                            f"rollout of v2 [sha256:")
+        for bad, message in [({"weights": {VERSION: 100}, "expected_generation": "2"},
+                              '\'expected_generation\' must be an integer or null, not "2"'),
+                             ({"weights": {VERSION: 100}, "previous": ["x"]},
+                              """'previous' must be null or {"<served name>": <percent>, ...}, not ["x"]"""),
+                             ({"weights": {VERSION: 100}, "system_prompt": 5},
+                              "'system_prompt' must be a string or null, not 5")]:
+            r = httpx.put(f"{url}/admin/routes/nell", headers=ADMIN, json=bad, timeout=10)
+            assert (r.status_code, r.json()["error"]["message"]) == (400, message)
+
+        def chunked():  # no Content-Length: the compare-and-set still applies (before: the body was ignored)
+            yield b'{"expected_generation": 1}'
+        r = httpx.post(f"{url}/admin/routes/nell/rollback", headers=ADMIN, content=chunked(), timeout=10)
+        assert r.status_code == 409 and r.json()["error"]["type"] == "route_changed"
     lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert [(a["action"], a["route"], a["generation"]) for a in lines] == [("set_weights", "nell", 2)]
     assert lines[0]["who"].startswith("rollout of v2 [sha256:") and ADMIN_KEY not in lines[0]["who"]
@@ -349,4 +421,39 @@ def test_route_changes_are_compare_and_set_and_audited(tmp_path):
     with pytest.raises(RouteChanged, match="at generation 2, not 0"):
         table.set_weights("nell", {VERSION: 50, "other": 50}, expected_generation=0)
     assert RouteTable.load(tmp_path / "routes.json").routes["nell"].weights == {VERSION: 100}
+    fake.close()
+
+
+def test_a_failed_gate_restores_every_route_but_the_one_an_operator_changed(tmp_path):
+    """A canary at 25% on two routes; during the hold an operator sets `nell` by hand; then the gate says roll
+    back. The rollout restores `charforge` (before: it wrote nothing once one route had changed, and the failing
+    version kept 25% of `charforge`), leaves `nell` as the operator set it, and stops saying who changed it."""
+    from charforge.results import Rollout
+    from serving.admin import GatewayAdmin
+    from serving.rollout import RolloutPlan, RouteChangedUnderRollout, roll_back, write_routes
+
+    fake = FakeReplica("ok")
+    fake.models = {"data": [{"id": VERSION}, {"id": "charforge-lora-v2"}]}
+    table = RouteTable(tmp_path / "routes.json")
+    for route in ("nell", "charforge"):
+        table.set_weights(route, {VERSION: 100})
+    gw = Gateway([fake.url], table, api_key=KEY, admin_key=ADMIN_KEY, health_interval_s=0.2)
+    with running(gw) as url:
+        wait_healthy(gw)
+        plan = RolloutPlan("charforge-lora", "2", "charforge-lora-v2", tmp_path, {"nell": None, "charforge": None},
+                           {"nell": {VERSION: 100.0}, "charforge": {VERSION: 100.0}}, tmp_path / "rollout.json",
+                           tmp_path / "desired.json", tmp_path, "base")
+        admin = GatewayAdmin(url, ADMIN_KEY, "rollout")
+        record = Rollout(served=plan.served, status="canary", generations={"nell": 1, "charforge": 1})
+        generations = write_routes(admin, plan, record, {r: plan.weights_at(r, 25) for r in plan.routes})
+        record = record.model_copy(update={"generations": generations})
+        GatewayAdmin(url, ADMIN_KEY, "alice").set_weights("nell", {"charforge-lora-v2": 100})  # she decided
+        with pytest.raises(RouteChangedUnderRollout, match=r"route 'nell' is at generation 3, not 2: changed by "
+                                                           r"alice \[sha256:\w+\] \(the gate said roll back: error "
+                                                           r"rate 30.0% > 1.0%; every other route was restored\)"):
+            roll_back(admin, plan, record, "error rate 30.0% > 1.0%")
+        now = admin.routes()
+        assert now["charforge"].weights == {VERSION: 100.0} and now["charforge"].generation == 3
+        assert now["nell"].weights == {"charforge-lora-v2": 100.0} and now["nell"].changed_by.startswith("alice")
+        assert json.loads((tmp_path / "rollout.json").read_text())["status"] == "stopped"
     fake.close()

@@ -115,6 +115,26 @@ def test_keys_rotate_without_a_restart(tmp_path, monkeypatch):
     assert (status("old-key"), status("new-key")) == (401, 200)
     monkeypatch.setenv("CHARFORGE_GATEWAY_API_KEY", "a-key,b-key")  # or comma-separated in the variable itself
     assert KeyRing.from_env("CHARFORGE_GATEWAY_API_KEY").keys() == ("a-key", "b-key")
+    keys.write_text("")  # a Secret emptied while the gateway runs: every key is refused, the API does not open
+    assert (status("old-key"), status("new-key"), status("")) == (401, 401, 401)
+
+
+def test_a_configured_key_that_holds_no_key_stops_the_gateway_from_starting(tmp_path):
+    """A typo in a Secret's mount path, or a variable set to blanks, must not open the gateway: it refuses to start
+    and names the variable."""
+    cfg = tmp_path / "serving.yaml"
+    cfg.write_text("gateway:\n  port: 1\n")  # never bound: the keys are read first
+    missing = tmp_path / "no-such-dir" / "admin-key"
+    cases = [({"CHARFORGE_GATEWAY_API_KEY": " , "},
+              "error: $CHARFORGE_GATEWAY_API_KEY is set but holds no key (' , '): set it to the key (or "
+              "comma-separated keys), or unset it"),
+             ({"CHARFORGE_GATEWAY_API_KEY": "k", "CHARFORGE_GATEWAY_ADMIN_KEY_FILE": str(missing)},
+              f"error: $CHARFORGE_GATEWAY_ADMIN_KEY_FILE names {missing}, which is missing or holds no key: write "
+              f"one key per line there, or unset $CHARFORGE_GATEWAY_ADMIN_KEY_FILE")]
+    for env, message in cases:
+        result = charforge("gateway", "--config", str(cfg), env={"CHARFORGE_STATE_DIR": str(tmp_path / "state"),
+                                                                 **env})
+        assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (2, message), result.stderr
 
 
 # --- names and paths -----------------------------------------------------------------------------------------------
