@@ -41,15 +41,28 @@ HINTS = {"adapter": "pass a training run's adapter folder (.state/training/<run>
                        "models:/<name>/<version> of a registered quantized model"}
 
 
+def resolve_alias(ref: str) -> str:
+    """`models:/name@alias` as the version it points at now (`models:/name/7`); any other reference unchanged.
+    An alias that does not exist is left as it is: the download names it in its error."""
+    if not ref.startswith("models:/") or "@" not in ref:
+        return ref
+    name, alias = ref.removeprefix("models:/").split("@", 1)
+    try:
+        return f"models:/{name}/{client().get_model_version_by_alias(name, alias).version}"
+    except MlflowException:
+        return ref
+
+
 def fetch_verified(ref: str, downloads: Path, kind: str = "adapter") -> Path:
     """A local folder, or an MLflow model URI (`models:/name/version`, `models:/name@alias`) downloaded once into
     `downloads`; either way safetensors only, and its sha256 manifest must verify before anything loads it."""
     if ref.startswith(("models:/", "runs:/")):
-        target = downloads / ref.split(":/", 1)[1].replace("/", "-").replace("@", "-at-")
+        resolved = resolve_alias(ref)  # cached by the version the alias points at now, never by the alias name
+        target = downloads / resolved.split(":/", 1)[1].replace("/", "-")
         if not (target / "charforge-manifest.json").is_file():
             try:
                 mlflow.set_tracking_uri(platform().tracking_uri)
-                mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(target))
+                mlflow.artifacts.download_artifacts(artifact_uri=resolved, dst_path=str(target))
             except Exception as exc:  # MLflow raises several types for a missing model/version/alias
                 raise InputError(redact_credentials(
                     f"{ref}: cannot fetch from the MLflow registry at {platform().tracking_uri} "

@@ -3,7 +3,9 @@
 `up` starts `charforge serve run` in its own session (it survives the shell that started it), records its pid in
 `<state>/serving/serve.json`, and returns once the gateway answers `/health` (every replica started and its live
 adapters restored). `run` writes the replica pids there too, so `down` can stop replicas even if the supervisor was
-killed with SIGKILL. `down` sends SIGTERM (the supervisor stops its replicas), waits, then kills what is left.
+killed with SIGKILL. `down` sends SIGTERM (the supervisor stops its replicas), waits, then kills what is left. Each
+pid is recorded with its process's start time and the boot id: after a reboot or a crash, a pid the kernel gave to
+another process is not ours, and `down` never signals it.
 """
 
 from __future__ import annotations
@@ -55,6 +57,29 @@ def alive(pid: int | None) -> bool:
         return True
 
 
+def identity(pid: int | None) -> str | None:
+    """Which process `pid` is: this boot's id and the process's start time (Linux /proc), so that a pid the kernel
+    handed to another process after a reboot or a crash is not taken for ours. None where /proc cannot say."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19]  # field 22: starttime
+    except (OSError, IndexError):
+        return None
+    return f"{boot}:{started}"
+
+
+def ours(record: dict, pid: int | None) -> bool:
+    """`pid` is alive and is the process the record was written for (its start time matches)."""
+    if not alive(pid):
+        return False
+    recorded = record.get("identity", {}).get(str(pid))
+    return recorded is None or recorded == identity(pid)
+
+
+def identities(*pids: int) -> dict[str, str]:
+    return {str(pid): ident for pid in pids if (ident := identity(pid)) is not None}
+
+
 def read_record() -> dict:
     path = record_path()
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -67,7 +92,8 @@ def write_record(record: dict) -> None:
 def note_replicas(fleet) -> None:
     """Called by `serve run` once its replicas are up, and after each restart: the pids `down` must stop."""
     pids = [s.process.pid for s in fleet.servers if s.process is not None]
-    write_record({**read_record(), "supervisor": os.getpid(), "replicas": pids})
+    write_record({**read_record(), "supervisor": os.getpid(), "replicas": pids,
+                  "identity": identities(os.getpid(), *pids)})
 
 
 def healthy(url: str) -> bool:
@@ -100,7 +126,7 @@ def up(config_path: Path, cfg: ServingConfig, timeout: float = 900,
     """Start the fleet + gateway detached (or find it running); return the gateway URL once it is healthy."""
     url = gateway_url(cfg)
     record = read_record()
-    if alive(record.get("supervisor")):
+    if ours(record, record.get("supervisor")):
         if healthy(record.get("url", url)):
             progress(f"already running (pid {record['supervisor']})")
             return record.get("url", url)
@@ -108,7 +134,7 @@ def up(config_path: Path, cfg: ServingConfig, timeout: float = 900,
         raise InputError(f"something else answers on {url}; stop it or change gateway.port in {config_path}")
     log = state_dir() / "logs" / "serve.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    if not alive(record.get("supervisor")):
+    if not ours(record, record.get("supervisor")):
         require_free_ports(cfg, config_path)
         with open(log, "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "run", "--config",
@@ -116,14 +142,14 @@ def up(config_path: Path, cfg: ServingConfig, timeout: float = 900,
                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
         write_record({"supervisor": proc.pid, "url": url, "config": str(Path(config_path).resolve()),
-                      "log": str(log), "started": time.time(), "replicas": []})
+                      "log": str(log), "started": time.time(), "replicas": [], "identity": identities(proc.pid)})
         pid = proc.pid
     else:
         pid, proc = record["supervisor"], None
     started = time.monotonic()
     next_note = started + 15
     while time.monotonic() - started < timeout:
-        if proc is not None and proc.poll() is not None or proc is None and not alive(pid):
+        if proc is not None and proc.poll() is not None or proc is None and not ours(record, pid):
             tail = log.read_text(errors="replace")[-1500:]
             raise Unavailable(f"the fleet exited while starting; last lines of {log}:\n{tail}")
         if healthy(url):
@@ -147,15 +173,15 @@ def up_from_config(cfg: ServingConfig, progress: Callable[[str], None] = print) 
 def down(grace: float = 60) -> list[int]:
     """Stop the supervisor (it stops its replicas), then anything of ours still alive. Returns the pids stopped."""
     record = read_record()
-    pids = [p for p in [record.get("supervisor"), *record.get("replicas", [])] if alive(p)]
+    pids = [p for p in [record.get("supervisor"), *record.get("replicas", [])] if ours(record, p)]
     sup = record.get("supervisor")
-    if alive(sup):
+    if ours(record, sup):
         os.kill(sup, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while alive(sup) and time.monotonic() < deadline:
+        while ours(record, sup) and time.monotonic() < deadline:
             time.sleep(0.5)
     for pid in [sup, *record.get("replicas", [])]:
-        if alive(pid):  # the supervisor was killed hard, or did not finish in time
+        if ours(record, pid):  # the supervisor was killed hard, or did not finish in time (never a stranger)
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -180,5 +206,5 @@ def status(cfg: ServingConfig, admin_key: str | None) -> FleetStatus:
     url = record.get("url", gateway_url(cfg))
     answering = healthy(url)
     admin = GatewayAdmin(url, admin_key, "charforge serve status")
-    return FleetStatus(record.get("supervisor"), alive(record.get("supervisor")), url, answering,
+    return FleetStatus(record.get("supervisor"), ours(record, record.get("supervisor")), url, answering,
                        admin.replicas() if answering else [], admin.routes() if answering else {})

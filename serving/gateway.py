@@ -58,14 +58,40 @@ class RouteTable:
 
     @classmethod
     def load(cls, path: Path) -> "RouteTable":
-        if not path.is_file():
+        """The table from `path`; if that file is unreadable (cut short, edited into invalid JSON), from the copy
+        kept beside it (`routes.json.bak`), with the bad file moved aside and an error logged. A gateway never
+        crash-loops on its own table; with neither file usable it starts with no routes and says so."""
+        if not path.is_file() and not cls.backup(path).is_file():
             return cls(path)
-        raw = json.loads(path.read_text())
-        return cls(path, {name: Route(**r) for name, r in raw.get("routes", {}).items()})
+        for source in (path, cls.backup(path)):
+            try:
+                raw = json.loads(source.read_text())
+                table = cls(path, {name: Route(**r) for name, r in raw.get("routes", {}).items()})
+            except (OSError, ValueError, TypeError, AttributeError) as exc:
+                if source.is_file():
+                    log.error("routing table %s is unusable (%s: %s)", source, type(exc).__name__, exc)
+                continue
+            if source != path:
+                if path.is_file():
+                    aside = path.with_name(f"{path.name}.unusable-{time.strftime('%Y%m%dT%H%M%S')}")
+                    path.replace(aside)
+                    log.error("serving the routes of %s; the unusable table is kept as %s", source, aside)
+                table.save()
+            return table
+        log.error("no usable routing table at %s or %s: starting with no routes (deploy again, or restore the "
+                  "file)", path, cls.backup(path))
+        return cls(path)
+
+    @staticmethod
+    def backup(path: Path) -> Path:
+        return path.with_name(f"{path.name}.bak")
 
     def save(self, routes: dict[str, Route] | None = None) -> None:
-        # atomic: a crash leaves the old table or the new one
-        write_json_atomic(self.path, {"routes": {n: r.__dict__ for n, r in (routes or self.routes).items()}})
+        # atomic and fsync'd: a crash leaves the old table or the new one; the copy is what a damaged file falls
+        # back to
+        data = {"routes": {n: r.__dict__ for n, r in (routes or self.routes).items()}}
+        write_json_atomic(self.path, data)
+        write_json_atomic(self.backup(self.path), data)
 
     def set_weights(self, name: str, weights: dict[str, float], system_prompt: str | None = None,
                     previous: dict[str, float] | None = None, expected_generation: int | None = None,

@@ -18,7 +18,7 @@ from charforge.tracking import use_experiment
 from charforge.registry import register_candidate
 from flows.promote import promote
 from charforge import registry
-from charforge.errors import Refused
+from charforge.errors import InputError, Refused
 
 CHARFORGE = str(Path(sys.executable).parent / "charforge")
 PROBES = [f"p{i}" for i in range(30)]
@@ -201,3 +201,21 @@ def test_cli_errors_name_the_bad_input(registry_env, tmp_path):
     assert code == 2 and [line for line in message.splitlines() if line.startswith("error: ")] == [
         f"error: {uri} passes the policy and needs a reviewer's approval: it waits for a reviewer only when the "
         "flow runs against a Prefect server (PREFECT_API_URL); here pass --approve or --reject with --comment"]
+
+
+def test_an_alias_download_follows_the_alias_when_it_moves(registry_env):
+    """`fleet.checkpoint: models:/name@champion` and evaluation fetch by alias: the download is kept under the version
+    the alias resolved to, so after the alias moves the next fetch gets the new version (before: cached under
+    `name-at-champion` and never refreshed, so the old champion was served forever)."""
+    tmp_path, _, client = registry_env
+    register(tmp_path, "one", 0.8, 0.0)
+    register(tmp_path, "two", 0.8, 0.0)
+    downloads = tmp_path / "downloads"
+    client.set_registered_model_alias(NAME, "champion", "1")
+    first = registry.fetch_verified(f"models:/{NAME}@champion", downloads)
+    assert (first / "adapter_model.safetensors").read_text() == "weights one" and first.name == f"{NAME}-1"
+    client.set_registered_model_alias(NAME, "champion", "2")
+    second = registry.fetch_verified(f"models:/{NAME}@champion", downloads)
+    assert (second / "adapter_model.safetensors").read_text() == "weights two" and second.name == f"{NAME}-2"
+    with pytest.raises(InputError, match=f"models:/{NAME}@nope: cannot fetch from the MLflow registry"):
+        registry.fetch_verified(f"models:/{NAME}@nope", downloads)

@@ -457,3 +457,25 @@ def test_a_failed_gate_restores_every_route_but_the_one_an_operator_changed(tmp_
         assert now["nell"].weights == {"charforge-lora-v2": 100.0} and now["nell"].changed_by.startswith("alice")
         assert json.loads((tmp_path / "rollout.json").read_text())["status"] == "stopped"
     fake.close()
+
+
+def test_a_damaged_routing_table_falls_back_to_its_copy_instead_of_crash_looping(tmp_path, caplog):
+    """routes.json cut short (a disk that filled, a hand edit saved halfway): the gateway loads the copy it keeps
+    beside it, moves the bad file aside and logs it (before: a JSONDecodeError at start, so it crash-looped)."""
+    table = RouteTable(tmp_path / "routes.json")
+    table.set_weights("nell", {VERSION: 100})
+    table.set_weights("nell", {VERSION: 50, "charforge-lora-v2": 50})
+    text = (tmp_path / "routes.json").read_text()
+    (tmp_path / "routes.json").write_text(text[: len(text) // 2])
+    loaded = RouteTable.load(tmp_path / "routes.json")
+    assert loaded.routes["nell"].weights == {VERSION: 50, "charforge-lora-v2": 50}
+    assert loaded.routes["nell"].generation == 2
+    assert json.loads((tmp_path / "routes.json").read_text())["routes"]["nell"]["generation"] == 2  # rewritten
+    aside = list(tmp_path.glob("routes.json.unusable-*"))
+    assert len(aside) == 1 and aside[0].read_text() == text[: len(text) // 2]
+    assert f"routing table {tmp_path / 'routes.json'} is unusable (JSONDecodeError" in caplog.text
+
+    (tmp_path / "routes.json").write_text("{")
+    (tmp_path / "routes.json.bak").write_text("")
+    empty = RouteTable.load(tmp_path / "routes.json")  # nothing usable: no routes, an error, no crash
+    assert empty.routes == {} and "starting with no routes" in caplog.text
