@@ -216,7 +216,8 @@ def under_load(work: Path, url: str, config: Path, versions: dict[str, str], use
         until.touch()
         records = finish(load, out)
         during = sum(1 for r in records if started <= r["t"] <= ended)
-        last = err.strip().splitlines()[-1][:160] if rollout.returncode and err.strip() else ""
+        last = next((line for line in err.splitlines() if line.startswith("error:")), "")[:200] \
+            if rollout.returncode else ""
         phases[name] = (records, f"{during} sent while the deploy ran ({ended - started:.0f} s); deploy exit "
                                  f"{rollout.returncode}{f' ({last})' if last else ''}{said}; routes "
                                  f"{routes(url)['bench']}")

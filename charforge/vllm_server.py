@@ -63,6 +63,13 @@ def served_dtype(model_dir: Path, requested: str = "auto") -> str:
     return serving_dtype(requested)
 
 
+def launcher_args(desired: Path | str, ready_port: int) -> list[str]:
+    """The replica launcher's part of a replica command (after the interpreter, before vLLM's arguments): the one
+    source for the local fleet, compose's `entrypoint` and the Kubernetes container's `command`
+    (tests/deploy checks both against it)."""
+    return ["-m", "charforge_vllm.replica", "--desired", str(desired), "--ready-port", str(ready_port), "--"]
+
+
 @dataclass
 class VLLMServer:
     """One vLLM replica (`python -m vllm.entrypoints.openai.api_server`) with runtime LoRA loading on."""
@@ -82,15 +89,30 @@ class VLLMServer:
     enable_lora: bool = True
     extra_args: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)  # e.g. {"VLLM_PLUGINS": ""}: no vLLM plugins
+    # The desired adapters (served name -> folder): with it the replica runs under `charforge_vllm.replica`, which
+    # loads them at every start and reports ready (on `ready_port`) only once it serves them.
+    desired: Path | None = None
+    ready_port: int | None = None
     process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def ready_url(self) -> str:
+        """What says the replica is ready: the launcher's /ready (adapters served), else vLLM's /health."""
+        return f"http://{self.host}:{self.ready_port}/ready" if self.desired else f"{self.url}/health"
+
     def command(self) -> list[str]:
+        python = str(platform().serving_python)
+        if self.desired is None:
+            return [python, "-m", "vllm.entrypoints.openai.api_server", *self.vllm_args()]
+        return [python, *launcher_args(self.desired, self.ready_port), *self.vllm_args()]
+
+    def vllm_args(self) -> list[str]:
+        """vLLM's server arguments: the same for a local replica, a compose service and a Kubernetes pod."""
         cmd = [
-            str(platform().serving_python), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(self.model_dir), "--served-model-name", self.served_name,
             "--host", self.host, "--port", str(self.port),
             "--dtype", served_dtype(self.model_dir, self.dtype), "--max-model-len", str(self.max_model_len),
@@ -126,7 +148,8 @@ class VLLMServer:
         )
 
     def wait_ready(self, timeout: float = 300) -> None:
-        """Block until /health answers 200; raise with the log's tail if the process dies first."""
+        """Block until the replica is ready (vLLM's /health, or with `desired` the launcher's /ready: every desired
+        adapter served); raise with the log's tail if the process dies first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -134,7 +157,7 @@ class VLLMServer:
                 raise VLLMStartError(f"{self.model_dir}: vLLM exited with code {self.process.returncode} before it "
                                      f"was ready: {cause} (log: {self.log_path})")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                if httpx.get(self.ready_url, timeout=30).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -1,9 +1,11 @@
 """A local fleet of vLLM replicas (one base, runtime LoRA loading on), supervised.
 
-The supervisor restarts a replica whose process exited or whose `/health` answers 503 (vLLM's engine died; the
-process stays up), and re-loads every adapter of the desired state (`desired.json`: served name -> folder) before
-the replica is counted as up. The gateway only routes a version to replicas that list it in `/v1/models`, so a
-restarted replica takes traffic for a version only once that version is back on it.
+Each replica runs under `charforge_vllm.replica` (the command compose and Kubernetes run too): at every start it
+loads every adapter of the desired state (`desired.json`: served name -> folder) and reports ready only once it
+serves them. The supervisor restarts a replica whose process exited or whose `/health` answers 503 (vLLM's engine
+died; the launcher also exits then) and waits for it to be ready again. The gateway only routes a version to
+replicas that list it in `/v1/models`, so a restarted replica takes traffic for a version only once that version is
+back on it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import httpx
 
 from charforge.http import bearer
 from charforge.io import write_json_atomic
-from charforge.vllm_server import VLLMServer
+from charforge.vllm_server import VLLMServer, free_port
 
 
 # The key every replica of the fleet requires on /v1/* (vLLM's VLLM_API_KEY), so no other local process can load or
@@ -55,6 +57,18 @@ def served_roots(url: str) -> dict[str, str]:
     return {m["id"]: m.get("root") for m in data if m.get("parent")}
 
 
+def desired_path(serving_state: Path) -> Path:
+    """`<state>/serving/adapters/desired.json`: in the adapter store, the one folder every replica mounts (compose,
+    Kubernetes), so a replica's launcher reads what the deploy flow wrote. A file left at the earlier place
+    (`<state>/serving/desired.json`) is moved there."""
+    path = serving_state / "adapters" / "desired.json"
+    legacy = serving_state / "desired.json"
+    if legacy.is_file() and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        legacy.replace(path)
+    return path
+
+
 @dataclass
 class DesiredState:
     path: Path
@@ -73,7 +87,10 @@ class LocalFleet:
                  on_restart=None, **server_kwargs) -> None:
         self.on_restart = on_restart  # called with the fleet after a replica was restarted (e.g. to record pids)
         server_kwargs.setdefault("api_key", replica_key())
-        self.servers = [VLLMServer(base_dir, base_name, port, **server_kwargs) for port in ports]
+        # each replica runs under `charforge_vllm.replica`, as in compose and Kubernetes: it loads the desired
+        # adapters at every start and is ready only once it serves them
+        self.servers = [VLLMServer(base_dir, base_name, port, desired=desired_path, ready_port=free_port(),
+                                   **server_kwargs) for port in ports]
         self.log_dir, self.desired_path = log_dir, desired_path
         self.restarts = [0] * len(ports)
         self._stop = threading.Event()
@@ -88,12 +105,6 @@ class LocalFleet:
             server.start(self.log_dir / f"replica-{i}.log")
         for server in self.servers:
             server.wait_ready(timeout)
-        for server in self.servers:
-            self.restore_adapters(server)
-
-    def restore_adapters(self, server: VLLMServer) -> None:
-        for name, path in DesiredState.load(self.desired_path).adapters.items():
-            load_adapter(server.url, name, Path(path))
 
     def healthy(self, server: VLLMServer) -> bool:
         if server.process is None or server.process.poll() is not None:
@@ -112,8 +123,7 @@ class LocalFleet:
                         server.stop(grace=5)
                         server.start(self.log_dir / f"replica-{i}.log")
                         try:
-                            server.wait_ready(400)
-                            self.restore_adapters(server)
+                            server.wait_ready(400)  # ready = serving every desired adapter again
                             self.restarts[i] += 1
                             if self.on_restart:
                                 self.on_restart(self)

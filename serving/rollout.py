@@ -35,7 +35,7 @@ from charforge.schemas.serving import ServingConfig
 from charforge.settings import DATA_DIR
 from charforge.schemas.serving import RolloutSettings
 from serving.admin import GatewayAdmin, MetricsSnapshot, RouteChanged
-from serving.fleet import DesiredState, load_adapter, replica_headers, served_roots
+from serving.fleet import DesiredState, desired_path, load_adapter, replica_headers, served_roots
 from serving.routing import Gate, WindowStats, classify_load, gate_decision
 from serving import store
 
@@ -137,7 +137,7 @@ def prepare(name: str, version: str, source: str, adapter_sha: str, gw: GatewayA
         log(f"resuming after an unfinished rollout of {unfinished.served} (step {unfinished.step}); rollback target "
             f"stays {previous}")
     plan = RolloutPlan(name, str(version), f"{name}-v{version}", folder, routes, previous, record_path,
-                       state / "desired.json", state / "adapters", base_name)
+                       desired_path(state), state / "adapters", base_name)
     save_record(record_path, Rollout(version=plan.version, served=plan.served, folder=str(folder), previous=previous,
                                      generations=generations, status="staging", started=time.time()))
     return plan

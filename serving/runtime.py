@@ -11,7 +11,7 @@ from charforge.keys import KeyRing
 from charforge.schemas.serving import ServingConfig
 from charforge.settings import platform
 from serving import daemon, store
-from serving.fleet import LocalFleet
+from serving.fleet import LocalFleet, desired_path
 from serving.gateway import Gateway, RouteTable
 
 
@@ -24,7 +24,7 @@ def local_fleet(cfg: ServingConfig, config_name: str) -> LocalFleet:
     base_dir = store.fleet_weights(cfg.fleet, state / "checkpoints")
     f = cfg.fleet
     return LocalFleet(base_dir, f.base_model, [f.first_port + i for i in range(f.replicas)], state / "logs",
-                      state / "desired.json", max_model_len=f.max_model_len, max_lora_rank=f.max_lora_rank,
+                      desired_path(state), max_model_len=f.max_model_len, max_lora_rank=f.max_lora_rank,
                       max_loras=f.max_loras, max_cpu_loras=f.max_cpu_loras, kv_cache_gib=f.kv_cache_gib,
                       enable_lora=f.enable_lora, on_restart=daemon.note_replicas, extra_args=f.engine_args())
 

@@ -95,12 +95,12 @@ def chain_env(tmp_path_factory, base_model_dir):
 @pytest.fixture(scope="module")
 def gateway(chain_env, base_model_dir):
     """One real vLLM replica behind the real gateway (in this process), as `charforge serve` runs them."""
-    from serving.fleet import LocalFleet
+    from serving.fleet import LocalFleet, desired_path
     from serving.gateway import Gateway, RouteTable, create_app
 
     state = chain_env / "state" / "serving"
     fleet = LocalFleet(base_model_dir, "smollm2-135m-instruct", [free_port()], state / "logs",
-                       state / "desired.json", max_cpu_loras=4)
+                       desired_path(state), max_cpu_loras=4)
     fleet.start()
     gw = Gateway(fleet.urls, RouteTable(state / "routes.json"), api_key=KEY, admin_key=ADMIN_KEY,
                  health_interval_s=0.5)

@@ -21,7 +21,7 @@ from charforge.base_models import load_preset
 from charforge.config import load_yaml_model, validate_model
 from charforge.schemas.serving import FleetSettings, ServingConfig
 from charforge.settings import REPO_ROOT
-from charforge.vllm_server import VLLMServer
+from charforge.vllm_server import VLLMServer, launcher_args
 
 DEPLOY = REPO_ROOT / "deploy"
 COMPOSE = DEPLOY / "compose" / "compose.yaml"
@@ -70,9 +70,23 @@ def expected_vllm_flags(fleet: FleetSettings) -> dict[str, str | None]:
     """What our launcher passes for this fleet config, minus what is local to a process (path, host, port)."""
     cmd = VLLMServer(Path("/unused"), fleet.base_model, 8000, max_model_len=fleet.max_model_len,
                      max_lora_rank=fleet.max_lora_rank, max_loras=fleet.max_loras, max_cpu_loras=fleet.max_cpu_loras,
-                     extra_args=fleet.engine_args()).command()[3:]
+                     extra_args=fleet.engine_args()).vllm_args()
     local = {"--model", "--host", "--port", "--dtype"}
     return {k: v for k, v in flags(cmd).items() if k not in local}
+
+
+# What compose and Kubernetes run before vLLM's arguments: the launcher the local fleet runs, with desired.json in
+# the adapter store every replica mounts
+STORE = "/var/lib/charforge/state/serving/adapters"
+LAUNCHER = ["python3", *launcher_args(f"{STORE}/desired.json", 8001)]
+
+
+def check_launcher(argv: list[str], mounts: list[str]) -> None:
+    assert argv == LAUNCHER
+    assert STORE in mounts  # the desired file is read where the deploy flow writes it
+    dockerfile = (DEPLOY / "Dockerfile.vllm").read_text()  # the image carries the launcher and starts it
+    assert "pip install --no-cache-dir --no-deps /opt/charforge-vllm" in dockerfile
+    assert f"ENTRYPOINT {json.dumps(LAUNCHER)}" in dockerfile
 
 
 def check_vllm_args(argv: list[str], fleet: FleetSettings) -> None:
@@ -92,9 +106,13 @@ def test_compose_file_is_valid_for_docker_compose(compose):
     gpus = set()
     for name in ("vllm-0", "vllm-1"):
         vllm = services[name]
-        assert vllm["image"].startswith("vllm/vllm-openai:")
+        assert vllm["image"].startswith("charforge-vllm:") and vllm["build"]["dockerfile"] == "deploy/Dockerfile.vllm"
         assert vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+        check_launcher(vllm["entrypoint"], [v["target"] for v in vllm["volumes"]])
         check_vllm_args(vllm["command"], serving.fleet)
+        # healthy = serving the desired adapters; an exit (the launcher's answer to a dead engine) is restarted
+        assert "http://127.0.0.1:8001/ready" in vllm["healthcheck"]["test"][-1]
+        assert vllm["restart"] == "unless-stopped"
         [device] = vllm["deploy"]["resources"]["reservations"]["devices"]
         assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
         gpus.update(device["device_ids"])
@@ -174,7 +192,11 @@ def test_vllm_deployment_requests_gpus_and_matches_the_gateway_config():
     vllm = by_kind("Deployment", "vllm")
     [container] = vllm["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == serving.fleet.tensor_parallel_size
+    check_launcher(container["command"], [m["mountPath"] for m in container["volumeMounts"]])
     check_vllm_args(container["args"], serving.fleet)
+    ready = {"path": "/ready", "port": "ready"}  # no traffic, and no start, before the adapters are served
+    assert container["readinessProbe"]["httpGet"] == container["startupProbe"]["httpGet"] == ready
+    assert {"name": "ready", "containerPort": 8001} in container["ports"]
     # the gateway's selector finds exactly these pods
     labels = vllm["spec"]["template"]["metadata"]["labels"]
     wanted = dict(kv.split("=") for kv in serving.fleet.kubernetes.label_selector.split(","))
