@@ -15,8 +15,8 @@ directory with its own MLflow store and keys), so a running demo is not touched.
    Per phase: requests sent / succeeded / 503 with Retry-After / streams cut / failed.
 3. Nightly: no traffic at all; a diverged candidate (NaN weights) is refused before any replica loads it, and a
    sound one is judged on the rollout's probes at every step.
-4. Overload: 48 users against a gateway bounded at 2 in flight per replica: answers by status, and the gateway's RSS
-   at the start and the end.
+4. Overload: 48 users (10x the requests of a load run) against a gateway bounded at 2 in flight per replica: answers
+   by status, and the gateway's RSS at the start and the end.
 5. Overhead, with vLLM's own client (`vllm.benchmarks.serve`, random prompts, fixed output length): the gateway in
    front of one replica vs that replica directly, 1 and 8 streams, runs alternating; throughput ratio and the p50
    TTFT the gateway adds, with the spread over repeats.
@@ -267,7 +267,7 @@ def metrics_families(url: str):
 
 
 def overload(work: Path, replicas: list[str], cfg: dict, routes_file: Path, requests: int) -> None:
-    print("\n## 4. Overload: 48 users, a gateway bounded at 2 in flight per replica")
+    print(f"\n## 4. Overload: 48 users, {requests} requests, a gateway bounded at 2 in flight per replica")
     gw = Gateway(work, "overload", replicas, cfg, routes_file, max_inflight_per_replica=2)
     before = gw.rss_mib()
     records = finish(locust(gw.url, 48, requests, work / "overload.json", max_tokens=16), work / "overload.json")
@@ -377,7 +377,7 @@ def main() -> None:
         if "nightly" in args.only:
             nightly(url, config, versions["v4"], versions["v5"])
         if "overload" in args.only:
-            overload(work, replicas, cfg, routes_file, args.requests)
+            overload(work, replicas, cfg, routes_file, 10 * args.requests)  # refusals are instant: run longer
         if "overhead" in args.only:
             overhead(work, replicas[0], cfg, base_dir, "smollm2-135m-instruct", args.repeats)
     finally:
