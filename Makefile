@@ -6,7 +6,7 @@ SERVE_VENV := .venv-serve
 PIP_FLAGS := -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast ui clean-state postgres lock bench-load
+.PHONY: setup demo test test-fast ui clean-state postgres lock bench-load bench-capacity
 
 # Both environments install from the locks in requirements/ (exact versions, --no-deps: no resolver, the set the
 # suite passed with); `make lock` re-resolves them from pyproject.toml and requirements-serve.txt.
@@ -74,8 +74,13 @@ ui: setup
 BENCH_VENV := .venv-bench
 $(BENCH_VENV)/.installed:
 	$(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/pip install $(PIP_FLAGS) "locust==2.47.0"
+	$(BENCH_VENV)/bin/pip install $(PIP_FLAGS) "locust==2.47.0" "py-spy==0.4.3"
 	touch $@
 
 bench-load: setup $(BENCH_VENV)/.installed
 	$(VENV)/bin/python bench/load.py $(BENCH_ARGS)
+
+# One gateway process's requests/s against instant stand-in replicas, and the latency it adds at 100 req/s
+# (bench/gateway_capacity.py); py-spy, if installed in .venv-bench, shows where its time goes.
+bench-capacity: setup $(BENCH_VENV)/.installed
+	$(VENV)/bin/python bench/gateway_capacity.py $(BENCH_ARGS)
