@@ -128,6 +128,9 @@ def gateway_process(work: Path, name: str, replicas: list[str]) -> tuple[subproc
 # ---- load -------------------------------------------------------------------------------------------------------------
 LOCUSTFILE = '''
 import os
+import random
+
+import gevent
 from locust import FastHttpUser, constant, constant_throughput, task
 
 STREAM = os.environ["CAP_STREAM"] == "1"
@@ -140,6 +143,10 @@ HEADERS = {"authorization": "Bearer " + os.environ["CAP_KEY"]} if os.environ.get
 class Chat(FastHttpUser):
     wait_time = constant_throughput(RATE) if RATE else constant(0)
     connection_timeout = network_timeout = 30
+
+    def on_start(self):
+        if RATE:  # users spawned together would send in bursts, one per second: spread their phases
+            gevent.sleep(random.random() / RATE)
 
     @task
     def chat(self):
