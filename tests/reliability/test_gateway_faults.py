@@ -479,3 +479,50 @@ def test_a_damaged_routing_table_falls_back_to_its_copy_instead_of_crash_looping
     (tmp_path / "routes.json.bak").write_text("")
     empty = RouteTable.load(tmp_path / "routes.json")  # nothing usable: no routes, an error, no crash
     assert empty.routes == {} and "starting with no routes" in caplog.text
+
+
+def test_sigterm_drains_in_flight_requests_before_the_gateway_exits(tmp_path):
+    """A rolling restart of the gateway: SIGTERM while a request is in flight. That request is answered (200), new
+    connections are refused from then on, and the process exits once it is done."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    slow = FakeReplica("slow", delay=3)
+    port = free_port()
+    (tmp_path / "state" / "serving").mkdir(parents=True)
+    (tmp_path / "state" / "serving" / "routes.json").write_text(json.dumps({"routes": {"nell": {"weights": {
+        VERSION: 100}}}}))
+    (tmp_path / "serving.yaml").write_text(f"gateway:\n  port: {port}\n  health_interval_s: 0.2\n")
+    gw = subprocess.Popen([str(Path(sys.executable).parent / "charforge"), "gateway", "--config",
+                           str(tmp_path / "serving.yaml"), "--replica", slow.url],
+                          env={**__import__("os").environ, "CHARFORGE_STATE_DIR": str(tmp_path / "state"),
+                               "CHARFORGE_GATEWAY_API_KEY": KEY, "CHARFORGE_GATEWAY_ADMIN_KEY": ADMIN_KEY},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # up, with the fake replica healthy
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and gw.poll() is None
+            time.sleep(0.1)
+        answer: dict = {}
+        request = threading.Thread(target=lambda: answer.update(r=httpx.post(
+            f"{url}/v1/chat/completions", headers=AUTH, json=CHAT, timeout=30)))
+        request.start()
+        while slow.posts == 0:  # the request reached the replica
+            time.sleep(0.02)
+        gw.terminate()
+        time.sleep(0.3)
+        with pytest.raises(httpx.ConnectError):  # draining: no new connection
+            httpx.get(f"{url}/health", timeout=2)
+        request.join(timeout=30)
+        assert answer["r"].status_code == 200 and answer["r"].json()["choices"][0]["message"]["content"] == "Good day."
+        assert gw.wait(timeout=30) == 128 + 15  # exited on SIGTERM, after the drain
+    finally:
+        gw.kill()
+        slow.close()
