@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import openai
@@ -484,10 +488,6 @@ def test_a_damaged_routing_table_falls_back_to_its_copy_instead_of_crash_looping
 def test_sigterm_drains_in_flight_requests_before_the_gateway_exits(tmp_path):
     """A rolling restart of the gateway: SIGTERM while a request is in flight. That request is answered (200), new
     connections are refused from then on, and the process exits once it is done."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     slow = FakeReplica("slow", delay=3)
     port = free_port()
     (tmp_path / "state" / "serving").mkdir(parents=True)
@@ -496,7 +496,7 @@ def test_sigterm_drains_in_flight_requests_before_the_gateway_exits(tmp_path):
     (tmp_path / "serving.yaml").write_text(f"gateway:\n  port: {port}\n  health_interval_s: 0.2\n")
     gw = subprocess.Popen([str(Path(sys.executable).parent / "charforge"), "gateway", "--config",
                            str(tmp_path / "serving.yaml"), "--replica", slow.url],
-                          env={**__import__("os").environ, "CHARFORGE_STATE_DIR": str(tmp_path / "state"),
+                          env={**os.environ, "CHARFORGE_STATE_DIR": str(tmp_path / "state"),
                                "CHARFORGE_GATEWAY_API_KEY": KEY, "CHARFORGE_GATEWAY_ADMIN_KEY": ADMIN_KEY},
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
