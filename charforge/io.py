@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 
-def write_json_atomic(path: Path, data: object) -> None:
+def write_json_atomic(path: Path, data: object, sync: bool = True) -> None:
     """Write JSON to `path` so that a reader (or a crash at any moment) sees the previous content or the new one,
     never a part: written beside it, flushed to disk, then renamed over it."""
     path = Path(path)
@@ -16,8 +16,11 @@ def write_json_atomic(path: Path, data: object) -> None:
     with open(tmp, "w") as handle:
         json.dump(data, handle, indent=2)
         handle.flush()
-        os.fsync(handle.fileno())
+        if sync:
+            os.fsync(handle.fileno())
     os.replace(tmp, path)
+    if not sync:  # a copy: after a power loss it may lag or be unusable (its readers must cope)
+        return
     try:  # the rename itself reaches the disk only when the folder is synced
         folder = os.open(path.parent, os.O_RDONLY)
     except OSError:

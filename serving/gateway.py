@@ -91,7 +91,7 @@ class RouteTable:
         # back to
         data = {"routes": {n: r.__dict__ for n, r in (routes or self.routes).items()}}
         write_json_atomic(self.path, data)
-        write_json_atomic(self.backup(self.path), data)
+        write_json_atomic(self.backup(self.path), data, sync=False)  # a fallback, not fsync'd: load() copes
 
     def set_weights(self, name: str, weights: dict[str, float], system_prompt: str | None = None,
                     previous: dict[str, float] | None = None, expected_generation: int | None = None,
