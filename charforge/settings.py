@@ -54,6 +54,18 @@ class PlatformConfig(StageConfig):
         "relative to the repo. The pipeline itself talks to vLLM over HTTP only.",
     )
 
+    serving_store: str = Field(
+        default="files",
+        description="Where the routing table and the rollouts' locks and records live, shared by every gateway and "
+        "deployment: 'files' (under the state directory: one machine) or a PostgreSQL URL "
+        "(postgresql://user@host:5432/db, password from PGPASSWORD) for gateways and flow runs on several machines. "
+        "CHARFORGE_SERVING_STORE overrides it.",
+    )
+
+    @property
+    def serving_store_url(self) -> str:
+        return os.environ.get("CHARFORGE_SERVING_STORE") or self.serving_store
+
     @property
     def state(self) -> Path:
         env = os.environ.get("CHARFORGE_STATE_DIR")

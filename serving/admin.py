@@ -3,8 +3,10 @@ replicas and what they serve, routes and their weights, and the request metrics 
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -48,8 +50,9 @@ class RouteState:
                    raw.get("changed_by"))
 
 
-# (version, "ok" | "errors" | "le=<bound>") -> value summed over routes: requests by outcome and latency buckets
-MetricsSnapshot = dict[tuple[str, str], float]
+# (gateway, version, "ok" | "errors" | "le=<bound>", probe?) -> value summed over routes: requests by outcome and
+# latency buckets, per gateway (each one's counters restart on its own) and apart for probes
+MetricsSnapshot = dict[tuple[str, str, str, bool], float]
 
 
 def gateway_healthy(url: str, timeout: float = 3) -> bool:
@@ -60,11 +63,15 @@ def gateway_healthy(url: str, timeout: float = 3) -> bool:
 
 
 class GatewayAdmin:
-    """A client of the admin API; `api_key` is the gateway's admin key, `actor` names the caller in its audit log."""
+    """A client of the admin API; `api_key` is the gateway's admin key, `actor` names the caller in its audit log.
+    `metrics_urls`: every gateway sharing the route table, whose request metrics a canary is judged on together
+    (default: this one); `dns+http://name:port` stands for every address `name` resolves to (a headless Service)."""
 
-    def __init__(self, url: str, api_key: str | None, actor: str = "charforge") -> None:
+    def __init__(self, url: str, api_key: str | None, actor: str = "charforge",
+                 metrics_urls: list[str] | tuple[str, ...] = ()) -> None:
         self.url = url.rstrip("/")
         self.headers = {**bearer(api_key), "x-charforge-actor": actor}
+        self.metrics_urls = tuple(metrics_urls)
 
     def call(self, method: str, path: str, retry_s: float = 60, **kw) -> httpx.Response:
         """One admin call; a gateway that is restarting (connection refused) is waited for up to `retry_s` — its
@@ -129,23 +136,52 @@ class GatewayAdmin:
     def replicas_serving(self, served: str) -> list[str]:
         return [r.url for r in self.replicas() if r.healthy and served in r.loaded]
 
-    def metrics(self, probes_only: bool = False) -> MetricsSnapshot:
-        """Request counts by outcome and latency histogram buckets per version, summed over routes and over user
-        and probe traffic (or the probes' alone), read with the Prometheus client's own parser."""
+    def gateways(self) -> list[str]:
+        """The gateways whose metrics are added up (`metrics_urls` with `dns+` names resolved now)."""
+        return expand_urls(self.metrics_urls) if self.metrics_urls else [self.url]
+
+    def metrics(self) -> MetricsSnapshot:
+        """Request counts by outcome and latency histogram buckets per version, summed over routes, user and probe
+        traffic apart, from every gateway (one /metrics read each), read with the Prometheus client's own parser.
+        A gateway that does not answer within 5 s is left out of this snapshot (its window counts nothing)."""
         out: MetricsSnapshot = {}
-        counts = ("gateway_probe_requests_total",) if probes_only else ("gateway_requests_total",
-                                                                        "gateway_probe_requests_total")
-        buckets = ("gateway_probe_request_seconds_bucket",) if probes_only else ("gateway_request_seconds_bucket",
-                                                                                "gateway_probe_request_seconds_bucket")
-        for family in text_string_to_metric_families(self.call("GET", "/metrics").text):
-            for sample in family.samples:
-                if sample.name in counts:
-                    kind = "ok" if sample.labels["status"].isdigit() and sample.labels["status"].startswith("2") \
-                        else "errors"  # 4xx/5xx, `empty` replies and streams `cut` midway
-                elif sample.name in buckets:
-                    kind = f"le={sample.labels['le']}"
-                else:
-                    continue
-                key = (sample.labels["version"], kind)
-                out[key] = out.get(key, 0.0) + sample.value
+        for gateway in self.gateways():
+            try:
+                text = httpx.get(f"{gateway}/metrics", timeout=5).text if gateway != self.url else \
+                    self.call("GET", "/metrics", retry_s=5).text
+            except (httpx.HTTPError, GatewayUnavailable):
+                continue
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    probe = sample.name.startswith("gateway_probe_")
+                    name = sample.name.replace("gateway_probe_", "gateway_", 1)
+                    if name == "gateway_requests_total":
+                        status = sample.labels["status"]
+                        kind = "ok" if status.isdigit() and status.startswith("2") else "errors"  # 4xx/5xx, empty,
+                        # streams cut midway
+                    elif name == "gateway_request_seconds_bucket":
+                        kind = f"le={sample.labels['le']}"
+                    else:
+                        continue
+                    key = (gateway, sample.labels["version"], kind, probe)
+                    out[key] = out.get(key, 0.0) + sample.value
         return out
+
+
+def expand_urls(urls: tuple[str, ...] | list[str]) -> list[str]:
+    """`dns+http://name:port` -> one `http://<address>:port` per address the name resolves to; others as given."""
+    out: list[str] = []
+    for url in urls:
+        if not url.startswith("dns+"):
+            out.append(url.rstrip("/"))
+            continue
+        parsed = urlsplit(url.removeprefix("dns+"))
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            infos = socket.getaddrinfo(parsed.hostname, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise GatewayUnavailable(f"{url}: {parsed.hostname} does not resolve ({exc})") from None
+        for address in sorted({info[4][0] for info in infos}):
+            host = f"[{address}]" if ":" in address else address
+            out.append(f"{parsed.scheme}://{host}:{port}")
+    return out

@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -26,10 +27,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from charforge.io import write_json_atomic
 from charforge.keys import KeyRing, presented_key
 from serving.fleet import replica_headers
 from serving.routing import Replica, Strategy, assign_version, choose_replica, eligible
+from serving.state_store import FileRoutes, PostgresStore
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("charforge.gateway.audit")
@@ -51,73 +52,65 @@ class RouteChanged(Exception):
     """A compare-and-set of a route found a newer generation than the writer read."""
 
 
-@dataclass
 class RouteTable:
-    path: Path
-    routes: dict[str, Route] = field(default_factory=dict)
+    """The routes this gateway serves, kept in memory and in a shared store (`serving.state_store`: a file, or
+    PostgreSQL) that every gateway watches: a change written through one gateway is served by all of them."""
+
+    def __init__(self, source: Path | str | FileRoutes | PostgresStore,
+                 routes: dict[str, Route] | None = None) -> None:
+        self.store = FileRoutes(Path(source)) if isinstance(source, (str, Path)) else source
+        self.routes: dict[str, Route] = routes or {}
+
+    @property
+    def path(self) -> Path | None:
+        return self.store.path if isinstance(self.store, FileRoutes) else None
 
     @classmethod
-    def load(cls, path: Path) -> "RouteTable":
-        """The table from `path`; if that file is unreadable (cut short, edited into invalid JSON), from the copy
-        kept beside it (`routes.json.bak`), with the bad file moved aside and an error logged. A gateway never
-        crash-loops on its own table; with neither file usable it starts with no routes and says so."""
-        if not path.is_file() and not cls.backup(path).is_file():
-            return cls(path)
-        for source in (path, cls.backup(path)):
-            try:
-                raw = json.loads(source.read_text())
-                table = cls(path, {name: Route(**r) for name, r in raw.get("routes", {}).items()})
-            except (OSError, ValueError, TypeError, AttributeError) as exc:
-                if source.is_file():
-                    log.error("routing table %s is unusable (%s: %s)", source, type(exc).__name__, exc)
-                continue
-            if source != path:
-                if path.is_file():
-                    aside = path.with_name(f"{path.name}.unusable-{time.strftime('%Y%m%dT%H%M%S')}")
-                    path.replace(aside)
-                    log.error("serving the routes of %s; the unusable table is kept as %s", source, aside)
-                table.save()
-            return table
-        log.error("no usable routing table at %s or %s: starting with no routes (deploy again, or restore the "
-                  "file)", path, cls.backup(path))
-        return cls(path)
+    def load(cls, source: Path | str | FileRoutes | PostgresStore) -> "RouteTable":
+        """The table as stored. A file that is unreadable falls back to its copy (`FileRoutes.load`): a gateway
+        never crash-loops on its own table."""
+        table = cls(source)
+        table.reload()
+        return table
 
     @staticmethod
-    def backup(path: Path) -> Path:
-        return path.with_name(f"{path.name}.bak")
+    def parse(raw: dict) -> dict[str, Route]:
+        return {name: Route(**r) for name, r in raw.items()}
 
-    def save(self, routes: dict[str, Route] | None = None) -> None:
-        # atomic and fsync'd: a crash leaves the old table or the new one; the copy is what a damaged file falls
-        # back to
-        data = {"routes": {n: r.__dict__ for n, r in (routes or self.routes).items()}}
-        write_json_atomic(self.path, data)
-        write_json_atomic(self.backup(self.path), data, sync=False)  # a fallback, not fsync'd: load() copes
+    def reload(self) -> None:
+        """Re-read the store (its watcher calls this on every change another gateway makes)."""
+        self.routes = self.parse(self.store.load(self.parse))
+
+    def watch(self, stop: threading.Event) -> threading.Thread:
+        """A thread re-reading the table whenever the store says it changed, until `stop` is set."""
+        thread = threading.Thread(target=self.store.watch, args=(self.reload, stop), name="route-watch", daemon=True)
+        thread.start()
+        return thread
 
     def set_weights(self, name: str, weights: dict[str, float], system_prompt: str | None = None,
                     previous: dict[str, float] | None = None, expected_generation: int | None = None,
                     who: str | None = None) -> Route:
         """New weights; `previous` is what a rollback restores (default: the weights being replaced; a rollout
         passes the weights from before its first step, so rolling back mid-canary returns to the old version).
-        With `expected_generation`, the change is made only if the route is still at that generation (a rollout
-        never overwrites an operator's rollback). The file is written before memory changes: a failed write
-        serves nothing that would vanish on restart."""
+        With `expected_generation`, the change is made only if the route is still at that generation in the store
+        (a rollout never overwrites an operator's rollback, made through this gateway or another). The store is
+        written before memory changes: a failed write serves nothing that would vanish on restart."""
         if not any(w > 0 for w in weights.values()):
             raise ValueError(f"route {name!r}: at least one version needs a positive weight")
-        old = self.routes.get(name)
-        generation = old.generation if old else 0
-        if expected_generation is not None and expected_generation != generation:
-            raise RouteChanged(f"route {name!r} is at generation {generation}, not {expected_generation}: changed by "
-                               f"{old.changed_by if old else 'nobody'} at "
-                               f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(old.changed_at or 0)) if old else '-'}")
-        if previous is None:
-            previous = dict(old.weights) if old else None
-        route = Route(weights=dict(weights), system_prompt=system_prompt if system_prompt is not None else
-                      (old.system_prompt if old else None), previous=previous, generation=generation + 1,
-                      changed_by=who, changed_at=time.time())
-        routes = {**self.routes, name: route}
-        self.save(routes)
-        self.routes = routes
-        return route
+
+        def change(stored: dict | None) -> dict:
+            old = Route(**stored) if stored else None
+            generation = old.generation if old else 0
+            if expected_generation is not None and expected_generation != generation:
+                when = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(old.changed_at or 0)) if old else '-'
+                raise RouteChanged(f"route {name!r} is at generation {generation}, not {expected_generation}: "
+                                   f"changed by {old.changed_by if old else 'nobody'} at {when}")
+            return Route(weights=dict(weights), system_prompt=system_prompt if system_prompt is not None else
+                         (old.system_prompt if old else None),
+                         previous=previous if previous is not None else (dict(old.weights) if old else None),
+                         generation=generation + 1, changed_by=who, changed_at=time.time()).__dict__
+        self.routes = self.parse(self.store.update(name, change, self.parse))
+        return self.routes[name]
 
 
 # The replica refused the connection, or dropped it before any response byte reached the client (a killed replica),
@@ -244,7 +237,7 @@ class Gateway:
                  api_key: KeyRing | str | list[str] | None = None, health_interval_s: float = 1.0,
                  connect_retries: int = 2, request_timeout_s: float = 300, discover=None,
                  admin_key: KeyRing | str | list[str] | None = None, max_request_bytes: int = 1_048_576,
-                 max_inflight_per_replica: int = 32, retry_after_s: int = 1) -> None:
+                 max_inflight_per_replica: int = 32, retry_after_s: int = 1, audit_path: Path | None = None) -> None:
         self.replicas = {f"replica-{i}": Replica(f"replica-{i}", url.rstrip("/"), healthy=False)
                          for i, url in enumerate(replica_urls)}
         self.discover = discover  # () -> {name: url}, e.g. ready pods by label (serving/discovery_k8s.py)
@@ -258,7 +251,8 @@ class Gateway:
         # replicas round robin always picked the same one)
         self.version_counter, self.replica_counter = itertools.count(), itertools.count()
         self.metrics = Metrics()
-        self.audit_path = table.path.with_name("audit.jsonl")
+        self.audit_path = audit_path or (table.path.with_name("audit.jsonl") if table.path else None)
+        self._watch_stop = threading.Event()
         # The upstream client is aiohttp's: at 100 req/s over 100 client connections httpx's pool added ~100 ms at the
         # median here, aiohttp's ~5 ms (bench/gateway_capacity.py). One session per event loop, made on first use.
         self._session: aiohttp.ClientSession | None = None
@@ -372,11 +366,14 @@ class Gateway:
         return f"{actor} [open gateway]"
 
     def audit(self, who: str, action: str, route: str, before: Route | None, after: Route) -> None:
-        """One line per admin change, in the log and appended (fsync'd) to audit.jsonl beside routes.json."""
+        """One line per admin change, in the log and appended (fsync'd) to this gateway's audit.jsonl (beside
+        routes.json by default)."""
         line = json.dumps({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "who": who, "action": action,
                            "route": route, "before": before.weights if before else None, "after": after.weights,
                            "generation": after.generation}, sort_keys=True)
         audit_log.info(line)
+        if self.audit_path is None:
+            return
         self.audit_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.audit_path, "a") as handle:
             handle.write(line + "\n")
@@ -586,8 +583,12 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def lifespan(_: FastAPI):
         await gateway.refresh()
         gateway._poller = asyncio.create_task(gateway.poll_forever())
+        gateway._watch_stop.clear()
+        watcher = gateway.table.watch(gateway._watch_stop)  # changes other gateways write, served within a second
         yield
         gateway._poller.cancel()
+        gateway._watch_stop.set()
+        await asyncio.to_thread(watcher.join, 5)
         await gateway.close()
 
     app = FastAPI(title="charforge gateway", lifespan=lifespan)

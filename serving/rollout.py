@@ -11,14 +11,13 @@
    evidence. Every route write is a compare-and-set on the route's generation: a route changed under the rollout
    (an operator's `charforge rollback`) stops it where the operator left it (`RouteChangedUnderRollout`, exit 3).
 
-The record under `<state>/serving/rollouts/<family>.json` says where a crashed rollout stopped; a re-run resumes
-with the same rollback target. `rollout_lock` refuses a second concurrent rollout of a family.
+The record (in the serving store: `<state>/serving/rollouts/<family>.json`, or a PostgreSQL row every flow-run pod
+sees) says where a crashed rollout stopped; a re-run resumes with the same rollback target. `rollout_lock` refuses a
+second concurrent rollout of a family (a `flock`, or a PostgreSQL advisory lock; `serving.state_store`).
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,7 +28,6 @@ import httpx
 
 from charforge.characters import load_characters
 from charforge.errors import Refused, Unavailable
-from charforge.io import write_json_atomic
 from charforge.results import Rollout
 from charforge.schemas.serving import ServingConfig
 from charforge.settings import DATA_DIR
@@ -37,7 +35,7 @@ from charforge.schemas.serving import RolloutSettings
 from serving.admin import GatewayAdmin, MetricsSnapshot, RouteChanged
 from serving.fleet import DesiredState, desired_path, load_adapter, replica_headers, served_roots
 from serving.routing import Gate, WindowStats, classify_load, gate_decision
-from serving import store
+from serving import state_store, store
 
 Log = Callable[[str], None]
 
@@ -64,7 +62,7 @@ class RolloutPlan:
     folder: Path  # its verified store folder
     routes: dict[str, str | None]  # route -> system prompt
     previous: dict[str, dict[str, float]]  # route -> weights before this rollout (the rollback target)
-    record_path: Path
+    records: state_store.FileRollouts | state_store.PostgresStore  # where the record lives
     desired_path: Path
     adapter_root: Path
     base_name: str
@@ -93,52 +91,47 @@ def route_names(cfg: ServingConfig, family: str) -> dict[str, str | None]:
     return routes
 
 
-def save_record(path: Path, record: Rollout) -> Rollout:
-    write_json_atomic(path, record.model_dump(mode="json"))
+def save_record(plan: RolloutPlan, record: Rollout) -> Rollout:
+    plan.records.save(plan.family, record.model_dump(mode="json"))
     return record
 
 
-def read_record(path: Path) -> Rollout | None:
-    return Rollout.model_validate(json.loads(path.read_text())) if path.is_file() else None
+def read_record(plan: RolloutPlan) -> Rollout | None:
+    raw = plan.records.read(plan.family)
+    return Rollout.model_validate(raw) if raw is not None else None
 
 
 @contextmanager
-def rollout_lock(path: Path) -> Iterator[None]:
-    """Exclusive per adapter family, across processes and threads; released by the OS if the deployer dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")
+def rollout_lock(records: state_store.FileRollouts | state_store.PostgresStore, family: str) -> Iterator[None]:
+    """Exclusive per adapter family, across processes and machines; released if the deployer dies."""
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise RolloutRefused(f"another rollout of {path.stem} is running (lock {path}); wait for it to finish, "
-                             f"or roll back with `charforge rollback`") from None
-    try:
-        yield
-    finally:
-        handle.close()
+        with records.lock(family):
+            yield
+    except state_store.RolloutLocked as exc:
+        raise RolloutRefused(f"{exc}; wait for it to finish, or roll back with `charforge rollback`") from None
 
 
 def prepare(name: str, version: str, source: str, adapter_sha: str, gw: GatewayAdmin, cfg: ServingConfig,
-            state: Path, family_prefix: str, base_name: str, architecture: str, log: Log) -> RolloutPlan:
+            state: Path, records: state_store.FileRollouts | state_store.PostgresStore, family_prefix: str,
+            base_name: str, architecture: str, log: Log) -> RolloutPlan:
     """Verify and store the version, find the rollback target (kept from an unfinished rollout of this family),
     and save the record as `staging`."""
     folder = store.fetch_version(name, version, source, adapter_sha, state / "adapters", cfg.fleet.max_lora_rank,
                                  architecture)
-    record_path = state / "rollouts" / f"{name}.json"
     routes = route_names(cfg, name.removeprefix(family_prefix))
     current = gw.routes()
     previous = {r: current[r].weights for r in routes if r in current}
     generations = {r: current[r].generation for r in routes if r in current}
-    unfinished = read_record(record_path)
+    unfinished_raw = records.read(name)
+    unfinished = Rollout.model_validate(unfinished_raw) if unfinished_raw is not None else None
     if unfinished is not None and unfinished.status in ("staging", "canary"):
         previous = unfinished.previous
         generations = {**generations, **unfinished.generations}  # a route changed since the crash stops the resume
         log(f"resuming after an unfinished rollout of {unfinished.served} (step {unfinished.step}); rollback target "
             f"stays {previous}")
-    plan = RolloutPlan(name, str(version), f"{name}-v{version}", folder, routes, previous, record_path,
+    plan = RolloutPlan(name, str(version), f"{name}-v{version}", folder, routes, previous, records,
                        desired_path(state), state / "adapters", base_name)
-    save_record(record_path, Rollout(version=plan.version, served=plan.served, folder=str(folder), previous=previous,
+    save_record(plan, Rollout(version=plan.version, served=plan.served, folder=str(folder), previous=previous,
                                      generations=generations, status="staging", started=time.time()))
     return plan
 
@@ -221,21 +214,27 @@ def stage_on_replica(url: str, plan: RolloutPlan, smoke_prompt: str, warn: Log) 
     return "staged"
 
 
-def window(before: MetricsSnapshot, after: MetricsSnapshot, version: str) -> WindowStats:
-    """Requests, errors and p95 latency of `version` between two metric snapshots."""
-    restarted = any(after.get(key, 0.0) < value for key, value in before.items())  # the gateway restarted
-
-    def delta(kind: str) -> float:
-        return after.get((version, kind), 0.0) - (0.0 if restarted else before.get((version, kind), 0.0))
-    requests = delta("ok") + delta("errors")
-    buckets = sorted(((float(k[1][3:]), delta(k[1])) for k in after if k[0] == version and k[1].startswith("le=")),
-                     key=lambda b: b[0])
+def window(before: MetricsSnapshot, after: MetricsSnapshot, version: str, probes_only: bool = False) -> WindowStats:
+    """Requests, errors and p95 latency of `version` between two metric snapshots, added up over the gateways
+    (user and probe traffic together, or the probes alone). A gateway whose counters went back restarted: its
+    window is what it counted since."""
+    totals: dict[str, float] = {}
+    for gateway in {key[0] for key in after}:
+        mine_before = {k[1:]: v for k, v in before.items() if k[0] == gateway}
+        mine_after = {k[1:]: v for k, v in after.items() if k[0] == gateway}
+        restarted = any(mine_after.get(key, 0.0) < value for key, value in mine_before.items())
+        for (v, kind, probe), value in mine_after.items():
+            if v == version and (probe or not probes_only):
+                totals[kind] = totals.get(kind, 0.0) + value - (
+                    0.0 if restarted else mine_before.get((v, kind, probe), 0.0))
+    requests = totals.get("ok", 0.0) + totals.get("errors", 0.0)
+    buckets = sorted((float(kind[3:]), count) for kind, count in totals.items() if kind.startswith("le="))
     p95 = 0.0
     for bound, count in buckets:  # cumulative counts: the first bound holding 95% of the requests
         if requests and count >= 0.95 * requests:
             p95 = bound
             break
-    return WindowStats(int(requests), int(delta("errors")), p95)
+    return WindowStats(int(requests), int(totals.get("errors", 0.0)), p95)
 
 
 def actor(plan: RolloutPlan) -> str:
@@ -282,7 +281,7 @@ def stopped(plan: RolloutPlan, record: Rollout, exc: RouteChanged) -> RouteChang
     """Record that a route changed under the rollout; the error the deploy flow ends with."""
     why = (f"a route changed under this rollout, which stops and leaves every route as it is now: {exc}. Run "
            f"`charforge deploy` again to roll {plan.served} out anew")
-    save_record(plan.record_path, record.model_copy(update={"status": "stopped", "reason": why,
+    save_record(plan, record.model_copy(update={"status": "stopped", "reason": why,
                                                              "finished": time.time()}))
     return RouteChangedUnderRollout(why)
 
@@ -305,7 +304,7 @@ def roll_back(gw: GatewayAdmin, plan: RolloutPlan, record: Rollout, why: str) ->
                                                 expected_generation=expected, actor=actor(plan)).generation
         except RouteChanged as exc:  # changed between the read and the write
             skipped.append(str(exc))
-    record = save_record(plan.record_path, record.model_copy(update={"status": "rolled_back", "reason": why,
+    record = save_record(plan, record.model_copy(update={"status": "rolled_back", "reason": why,
                                                                       "generations": generations}))
     if skipped:
         raise stopped(plan, record, RouteChanged(f"{'; '.join(skipped)} (the gate said roll back: {why}; every "
@@ -345,7 +344,7 @@ def canary_step(gw: GatewayAdmin, plan: RolloutPlan, record: Rollout, pct: float
     except RouteChanged as exc:
         raise stopped(plan, record, exc) from None
     first_version = not plan.old_versions
-    record = save_record(plan.record_path, record.model_copy(update={
+    record = save_record(plan, record.model_copy(update={
         "step": 100 if first_version else pct, "status": "canary", "generations": generations}))
     if first_version:
         log(f"{plan.served}: 100% of traffic (no earlier version on {', '.join(plan.routes)}: nothing to canary "
@@ -371,11 +370,12 @@ def canary_step(gw: GatewayAdmin, plan: RolloutPlan, record: Rollout, pct: float
         # Errors count over users and probes together; latency compares the probes alone, which both versions got
         # alike (user requests on the old version may be longer or more concurrent than 16-token probes).
         log(f"gate at {pct:g}%: {why}; probing")
-        probes_before = gw.metrics(probes_only=True)
+        probes_before = after
         send_probes(gw, plan, [plan.served, old], gate.min_requests - new_w.requests, settings, log)
-        after, probes_after = gw.metrics(), gw.metrics(probes_only=True)
+        after = gw.metrics()
         new_w, old_w = window(before, after, plan.served), window(before, after, old)
-        new_p, old_p = window(probes_before, probes_after, plan.served), window(probes_before, probes_after, old)
+        new_p = window(probes_before, after, plan.served, probes_only=True)
+        old_p = window(probes_before, after, old, probes_only=True)
         verdict, why = gate_decision(WindowStats(new_w.requests, new_w.errors, new_p.p95_latency_s),
                                      WindowStats(old_w.requests, old_w.errors, old_p.p95_latency_s), gate)
     if verdict == "wait":
@@ -385,4 +385,4 @@ def canary_step(gw: GatewayAdmin, plan: RolloutPlan, record: Rollout, pct: float
 
 
 def finish(plan: RolloutPlan, record: Rollout) -> Rollout:
-    return save_record(plan.record_path, record.model_copy(update={"status": "done", "finished": time.time()}))
+    return save_record(plan, record.model_copy(update={"status": "done", "finished": time.time()}))

@@ -10,7 +10,7 @@ from charforge.errors import InputError
 from charforge.keys import KeyRing
 from charforge.schemas.serving import ServingConfig
 from charforge.settings import platform
-from serving import daemon, store
+from serving import daemon, state_store, store
 from serving.fleet import LocalFleet, desired_path
 from serving.gateway import Gateway, RouteTable
 
@@ -42,10 +42,12 @@ def replica_urls(cfg: ServingConfig, given: list[str] | None = None) -> tuple[li
 
 
 def gateway(cfg: ServingConfig, urls: list[str], discover: Callable | None = None) -> Gateway:
-    """The gateway with the routing table under the state directory and the config's key and policies."""
-    g = cfg.gateway
-    return Gateway([] if discover else urls, RouteTable.load(platform().state / "serving" / "routes.json"),
+    """The gateway with the routing table of the serving store (`platform.serving_store`: files under the state
+    directory, or PostgreSQL) and the config's key and policies."""
+    g, state = cfg.gateway, platform().state
+    routes = state_store.route_store(state, state_store.store_url(platform().serving_store_url))
+    return Gateway([] if discover else urls, RouteTable.load(routes),
                    g.strategy, KeyRing.from_env(g.api_key_env), g.health_interval_s, g.connect_retries,
                    g.request_timeout_s, discover=discover, admin_key=KeyRing.from_env(g.admin_key_env),
                    max_request_bytes=g.max_request_bytes, max_inflight_per_replica=g.max_inflight_per_replica,
-                   retry_after_s=g.retry_after_s)
+                   retry_after_s=g.retry_after_s, audit_path=state / "serving" / "audit.jsonl")

@@ -159,13 +159,13 @@ def reach_gateway(serving: ServingConfig, gateway_url: str | None, start_fleet: 
     `charforge serve up` (detached: it outlives this flow run)."""
     url = (gateway_url or f"http://{serving.gateway.host}:{serving.gateway.port}").rstrip("/")
     if gateway_healthy(url):
-        return GatewayAdmin(url, serving.gateway.admin_key(), "retrain")
+        return GatewayAdmin(url, serving.gateway.admin_key(), "retrain", serving.gateway.metrics_urls)
     if gateway_url or not start_fleet or serving.fleet.discovery != "local":
         raise GatewayUnavailable(f"no gateway answers at {url}; start the fleet with `charforge serve up` (or pass "
                                  f"start_fleet=true) and re-run: every earlier stage is reused")
     get_run_logger().info(f"no gateway at {url}: starting {serving.fleet.replicas} replicas with `charforge serve up`")
     return GatewayAdmin(daemon.up_from_config(serving, progress=get_run_logger().info), serving.gateway.admin_key(),
-                        "retrain")
+                        "retrain", serving.gateway.metrics_urls)
 
 
 @task(name="check-already-serving", cache_policy=NONE, **TRANSIENT_RETRIES)

