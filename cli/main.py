@@ -348,7 +348,8 @@ def gateway(
     replica: list[str] = typer.Option(None, help="vLLM replica base URL (repeat); default: configs/serving.yaml."),
     config: Path = typer.Option(CONFIGS_DIR / "serving.yaml", help="Serving config YAML."),
 ) -> None:
-    """Run the OpenAI-compatible gateway in front of vLLM replicas (routing table in <state>/serving/routes.json)."""
+    """Run the OpenAI-compatible gateway in front of vLLM replicas. Its routing table is in the serving store
+    (platform.serving_store: <state>/serving/routes.json, or PostgreSQL), shared with every other gateway on it."""
     import uvicorn
 
     from serving import runtime
@@ -359,9 +360,10 @@ def gateway(
         typer.echo(f"warning: {cfg.gateway.api_key_env} is not set; the gateway accepts requests without a key",
                    err=True)
     urls, discover = runtime.replica_urls(cfg, replica)
-    typer.echo(f"gateway on http://{cfg.gateway.host}:{cfg.gateway.port} -> {', '.join(urls) or 'no replica yet'}")
-    uvicorn.run(create_app(runtime.gateway(cfg, urls, discover)), host=cfg.gateway.host, port=cfg.gateway.port,
-                log_level="warning")
+    gw = runtime.gateway(cfg, urls, discover)
+    typer.echo(f"gateway on http://{cfg.gateway.host}:{cfg.gateway.port} -> {', '.join(urls) or 'no replica yet'}; "
+               f"routes in {gw.table.store.describe()}")
+    uvicorn.run(create_app(gw), host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning")
 
 
 @app.command()

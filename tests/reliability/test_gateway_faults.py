@@ -2,7 +2,7 @@
 timeouts, connect timeouts, oversized bodies, overload, a poller fed bad answers, unexpected errors, route
 compare-and-set and the admin audit trail.
 
-The misbehaving replicas are fakes (`FakeReplica`): no real vLLM drops a connection, cuts a stream or hangs on
+The misbehaving replicas are fakes (`tests/fakes.py`): no real vLLM drops a connection, cuts a stream or hangs on
 demand. Every case of the real fleet (rollouts, rollbacks, kills under load) is in tests/serving/test_rollout.py and
 bench/load.py.
 """
@@ -17,117 +17,23 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from starlette.requests import Request
 
 from charforge.vllm_server import free_port
 from serving.discovery_k8s import ready_replicas
-from serving.gateway import Gateway, RouteChanged, RouteTable, create_app
+from serving.gateway import Gateway, RouteChanged, RouteTable
+from tests.fakes import VERSION, FakeReplica, running, wait_healthy
 
 pytestmark = pytest.mark.reliability
 KEY, ADMIN_KEY = "app-key", "admin-key"
 AUTH, ADMIN = {"authorization": f"Bearer {KEY}"}, {"authorization": f"Bearer {ADMIN_KEY}"}
-VERSION = "charforge-lora-v1"
 CHAT = {"model": "nell", "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]}
-REPLY = {"id": "fake", "object": "chat.completion", "model": VERSION, "usage": {"completion_tokens": 2},
-         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Good day."}, "finish_reason": "stop"}]}
-
-
-class FakeReplica:
-    """A fake vLLM replica: /health and /v1/models answer as vLLM does (or `models` overrides the list); a POST does
-    what `mode` says: ok, drop (close without answering), cut (a stream that breaks after its first event), slow
-    (answer after `delay` s), empty (a 200 with no reply text; streamed: deltas without content, then [DONE]),
-    error_event (streamed: an error event, then [DONE], as vLLM ends a stream whose generation failed)."""
-
-    def __init__(self, mode: str = "ok", delay: float = 0.0) -> None:
-        self.mode, self.delay, self.models, self.posts = mode, delay, {"data": [{"id": VERSION}]}, 0
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def send_json(self, payload, status: int = 200) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                self.send_json({} if self.path == "/health" else fake.models)
-
-            def do_POST(self) -> None:
-                fake.posts += 1
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                if fake.mode == "drop":
-                    self.close_connection = True
-                    return
-                if fake.mode == "slow":
-                    time.sleep(fake.delay)
-                if body.get("stream") and fake.mode in ("empty", "error_event"):
-                    first = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
-                    last = ({"error": {"message": "generation failed", "type": "BadRequestError", "code": 400}}
-                            if fake.mode == "error_event" else
-                            {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-                    data = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in (first, last)) + b"data: [DONE]\n\n"
-                    self.send_response(200)
-                    self.send_header("content-type", "text/event-stream")
-                    self.send_header("content-length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data[:7])  # split mid-line: the gateway reads events across chunks
-                    self.wfile.flush()
-                    time.sleep(0.05)
-                    self.wfile.write(data[7:])
-                    return
-                if fake.mode == "cut" or body.get("stream"):
-                    event = b'data: {"choices": [{"index": 0, "delta": {"content": "Good"}}]}\n\n'
-                    self.send_response(200)
-                    self.send_header("content-type", "text/event-stream")
-                    self.send_header("content-length", str(10 * len(event)))  # promises more than it sends
-                    self.end_headers()
-                    self.wfile.write(event)
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                empty = {**REPLY, "choices": [{**REPLY["choices"][0], "message": {"role": "assistant",
-                                                                                   "content": ""}}]}
-                self.send_json(empty if fake.mode == "empty" else REPLY)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@contextmanager
-def running(gw: Gateway):
-    """The gateway app on a free port, in this process (so the test can read its state)."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(gw), host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def gateway(tmp_path, urls: list[str], **kw) -> Gateway:
@@ -145,13 +51,6 @@ def metric(url: str, name: str, **labels) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
-
-
-def wait_healthy(gw: Gateway, n: int = 1) -> None:
-    deadline = time.monotonic() + 10
-    while sum(r.healthy for r in gw.replicas.values()) < n:
-        assert time.monotonic() < deadline, gw.replicas
-        time.sleep(0.05)
 
 
 # --- routing ---------------------------------------------------------------------------------------------------------
