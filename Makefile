@@ -6,7 +6,7 @@ SERVE_VENV := .venv-serve
 PIP_FLAGS := -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast ui clean-state postgres lock bench-load bench-capacity
+.PHONY: setup demo test test-fast ui clean-state postgres haproxy lock bench-load bench-capacity
 
 # Both environments install from the locks in requirements/ (exact versions, --no-deps: no resolver, the set the
 # suite passed with); `make lock` re-resolves them from pyproject.toml and requirements-serve.txt.
@@ -60,7 +60,13 @@ postgres:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql \
 	  || echo "make postgres: could not install PostgreSQL (not root?); tests/deploy/test_postgres_stores.py cannot run"; }
 
-test: setup postgres
+# HAProxy for the two-gateways-behind-a-TCP-balancer test and bench (Debian's package; needs root to install).
+haproxy:
+	@command -v haproxy >/dev/null 2>&1 || test -x /usr/sbin/haproxy || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy \
+	  || echo "make haproxy: could not install HAProxy (not root?); tests/reliability/test_two_gateways.py cannot run"; }
+
+test: setup postgres haproxy
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
@@ -77,7 +83,7 @@ $(BENCH_VENV)/.installed:
 	$(BENCH_VENV)/bin/pip install $(PIP_FLAGS) "locust==2.47.0" "py-spy==0.4.3"
 	touch $@
 
-bench-load: setup $(BENCH_VENV)/.installed
+bench-load: setup haproxy $(BENCH_VENV)/.installed
 	$(VENV)/bin/python bench/load.py $(BENCH_ARGS)
 
 # One gateway process's requests/s against instant stand-in replicas, and the latency it adds at 100 req/s

@@ -322,10 +322,7 @@ def serve_run(
     config: Path = typer.Option(CONFIGS_DIR / "serving.yaml", help="Serving config YAML."),
 ) -> None:
     """Run the local vLLM fleet (supervised) and the gateway in the foreground; Ctrl-C stops everything."""
-    import uvicorn
-
     from serving import daemon, runtime
-    from serving.gateway import create_app
 
     cfg = _serving_config(config)
     fleet = runtime.local_fleet(cfg, str(config))
@@ -337,8 +334,7 @@ def serve_run(
         fleet.supervise()
         daemon.note_replicas(fleet)
         typer.echo(f"gateway on http://{cfg.gateway.host}:{cfg.gateway.port} -> {', '.join(fleet.urls)}")
-        uvicorn.run(create_app(runtime.gateway(cfg, fleet.urls)), host=cfg.gateway.host, port=cfg.gateway.port,
-                    log_level="warning")
+        runtime.serve_gateway(runtime.gateway(cfg, fleet.urls), cfg)
     finally:
         fleet.stop()
 
@@ -350,10 +346,7 @@ def gateway(
 ) -> None:
     """Run the OpenAI-compatible gateway in front of vLLM replicas. Its routing table is in the serving store
     (platform.serving_store: <state>/serving/routes.json, or PostgreSQL), shared with every other gateway on it."""
-    import uvicorn
-
     from serving import runtime
-    from serving.gateway import create_app
 
     cfg = _serving_config(config)
     if cfg.gateway.api_key_env and not cfg.gateway.api_key():
@@ -363,7 +356,7 @@ def gateway(
     gw = runtime.gateway(cfg, urls, discover)
     typer.echo(f"gateway on http://{cfg.gateway.host}:{cfg.gateway.port} -> {', '.join(urls) or 'no replica yet'}; "
                f"routes in {gw.table.store.describe()}")
-    uvicorn.run(create_app(gw), host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning")
+    runtime.serve_gateway(gw, cfg)
 
 
 @app.command()

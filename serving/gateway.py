@@ -253,6 +253,7 @@ class Gateway:
         self.metrics = Metrics()
         self.audit_path = audit_path or (table.path.with_name("audit.jsonl") if table.path else None)
         self._watch_stop = threading.Event()
+        self.draining = False  # set on SIGTERM (serving.runtime.DrainingServer): health 503, Connection: close
         # The upstream client is aiohttp's: at 100 req/s over 100 client connections httpx's pool added ~100 ms at the
         # median here, aiohttp's ~5 ms (bench/gateway_capacity.py). One session per event loop, made on first use.
         self._session: aiohttp.ClientSession | None = None
@@ -578,6 +579,26 @@ def previous_weights(value) -> dict[str, float] | None:
                                     f"{json.dumps(value)[:80]}")
 
 
+class CloseWhileDraining:
+    """ASGI middleware: while the gateway drains, every response says `Connection: close`, so a keep-alive client
+    opens its next request on a new connection (through the load balancer, to another gateway) instead of sending
+    it on a socket that is about to close."""
+
+    def __init__(self, app, gateway: Gateway) -> None:
+        self.app, self.gateway = app, gateway
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not self.gateway.draining:
+            await self.app(scope, receive, send)
+            return
+
+        async def closing(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+        await self.app(scope, receive, closing)
+
+
 def create_app(gateway: Gateway) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -592,6 +613,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         await gateway.close()
 
     app = FastAPI(title="charforge gateway", lifespan=lifespan)
+    app.add_middleware(CloseWhileDraining, gateway=gateway)
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's and the router's own (404, 405) alike
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -621,6 +643,8 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         healthy = [r.name for r in gateway.replicas.values() if r.healthy]
+        if gateway.draining:  # stopping: a load balancer's check takes this gateway out
+            return JSONResponse({"healthy_replicas": healthy, "draining": True}, status_code=503)
         return JSONResponse({"healthy_replicas": healthy}, status_code=200 if healthy else 503)
 
     @app.get("/metrics")

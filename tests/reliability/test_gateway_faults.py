@@ -386,14 +386,16 @@ def test_a_damaged_routing_table_falls_back_to_its_copy_instead_of_crash_looping
 
 
 def test_sigterm_drains_in_flight_requests_before_the_gateway_exits(tmp_path):
-    """A rolling restart of the gateway: SIGTERM while a request is in flight. That request is answered (200), new
-    connections are refused from then on, and the process exits once it is done."""
+    """A rolling restart of the gateway: SIGTERM while a request is in flight. For `gateway.drain_s` (1 s here) the
+    gateway still answers, with /health at 503 (a load balancer takes it out) and `Connection: close` on every
+    response (keep-alive clients move off); then new connections are refused; the request in flight is answered
+    (200), and the process exits once it is done."""
     slow = FakeReplica("slow", delay=3)
     port = free_port()
     (tmp_path / "state" / "serving").mkdir(parents=True)
     (tmp_path / "state" / "serving" / "routes.json").write_text(json.dumps({"routes": {"nell": {"weights": {
         VERSION: 100}}}}))
-    (tmp_path / "serving.yaml").write_text(f"gateway:\n  port: {port}\n  health_interval_s: 0.2\n")
+    (tmp_path / "serving.yaml").write_text(f"gateway:\n  port: {port}\n  health_interval_s: 0.2\n  drain_s: 1.0\n")
     gw = subprocess.Popen([str(Path(sys.executable).parent / "charforge"), "gateway", "--config",
                            str(tmp_path / "serving.yaml"), "--replica", slow.url],
                           env={**os.environ, "CHARFORGE_STATE_DIR": str(tmp_path / "state"),
@@ -418,7 +420,11 @@ def test_sigterm_drains_in_flight_requests_before_the_gateway_exits(tmp_path):
             time.sleep(0.02)
         gw.terminate()
         time.sleep(0.3)
-        with pytest.raises(httpx.ConnectError):  # draining: no new connection
+        draining = httpx.get(f"{url}/health", timeout=2)  # still answering, out of rotation
+        assert draining.status_code == 503 and draining.json()["draining"] is True
+        assert draining.headers["connection"] == "close"
+        time.sleep(1.2)
+        with pytest.raises(httpx.ConnectError):  # drained: no new connection
             httpx.get(f"{url}/health", timeout=2)
         request.join(timeout=30)
         assert answer["r"].status_code == 200 and answer["r"].json()["choices"][0]["message"]["content"] == "Good day."
