@@ -37,9 +37,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
-import yaml  # noqa: E402
 
 from charforge.vllm_server import free_port  # noqa: E402
+from tests.gateways import GatewayProcess  # noqa: E402
 
 LOCUST = REPO / ".venv-bench" / "bin" / "locust"
 PYSPY = REPO / ".venv-bench" / "bin" / "py-spy"
@@ -106,23 +106,15 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
-def gateway_process(work: Path, name: str, replicas: list[str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def gateway_process(work: Path, name: str, replicas: list[str]) -> GatewayProcess:
+    """A `charforge gateway` with its own state (a one-route table) in front of the stand-ins."""
     state = work / f"state-{name}"
     (state / "serving").mkdir(parents=True)
     (state / "serving" / "routes.json").write_text(json.dumps({"routes": {"bench": {"weights": {VERSION: 100}}}}))
-    config = work / f"gw-{name}.yaml"
-    config.write_text(yaml.safe_dump({"gateway": {"port": port, "strategy": "round_robin",
-                                                  "max_inflight_per_replica": 512}}))
-    env = {**os.environ, "CHARFORGE_STATE_DIR": str(state), "CHARFORGE_GATEWAY_API_KEY": KEY,
-           "CHARFORGE_GATEWAY_ADMIN_KEY": ADMIN_KEY}
-    env.pop("CHARFORGE_REPLICA_API_KEY", None)
-    proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "charforge"), "gateway", "--config", str(config),
-                             *[a for r in replicas for a in ("--replica", r)]], env=env, cwd=REPO,
-                            stdout=open(work / f"gw-{name}.log", "w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    wait_up(f"{url}/health", proc)
-    return proc, url
+    env = {"CHARFORGE_GATEWAY_API_KEY": KEY, "CHARFORGE_GATEWAY_ADMIN_KEY": ADMIN_KEY,
+           "CHARFORGE_REPLICA_API_KEY": None}
+    return GatewayProcess(work, name, replicas, state, {"gateway": {"strategy": "round_robin",
+                                                                    "max_inflight_per_replica": 512}}, env)
 
 
 # ---- load -------------------------------------------------------------------------------------------------------------
@@ -209,7 +201,8 @@ def main() -> None:
     ports = [free_port(), free_port()]
     stand_ins = [stand_in_process(p) for p in ports]
     replicas = [f"http://127.0.0.1:{p}" for p in ports]
-    gw, url = gateway_process(work, "one", replicas)
+    gw = gateway_process(work, "one", replicas)
+    url = gw.url
     try:
         print(f"## Saturation: {args.users} users, no wait, {args.seconds} s each (work dir {work})", flush=True)
         for stream in (False, True):
@@ -219,7 +212,7 @@ def main() -> None:
             spy = None
             if not stream:
                 time.sleep(args.seconds / 4)
-                spy = profile(gw.pid, args.seconds // 2, work / "gateway.pyspy")
+                spy = profile(gw.proc.pid, args.seconds // 2, work / "gateway.pyspy")
             load.wait()
             s = stats(work, tag)
             print(f"- one gateway, {kind}: {s['rps']:.0f} req/s, p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, "
@@ -231,7 +224,8 @@ def main() -> None:
             d = stats(work, tag + "-direct")
             print(f"  a stand-in alone, same load: {d['rps']:.0f} req/s (the ceiling of this load generator here)",
                   flush=True)
-        gw2, url2 = gateway_process(work, "two", replicas)
+        gw2 = gateway_process(work, "two", replicas)
+        url2 = gw2.url
         try:
             loads = [locust(work, u, args.users // 2, args.seconds, False, "bench", KEY, tag=f"two-{i}")
                      for i, u in enumerate((url, url2))]
@@ -243,8 +237,7 @@ def main() -> None:
                   f"{sum(s['rps'] for s in both):.0f} req/s in all ({parts}), "
                   f"{sum(s['failures'] for s in both)} failed", flush=True)
         finally:
-            gw2.terminate()
-            gw2.wait(timeout=30)
+            gw2.stop()
 
         print(f"\n## Added latency at 100 req/s (100 users at 1 req/s each, {args.seconds} s per run, "
               f"{args.repeats} alternating repeats)", flush=True)
@@ -261,8 +254,7 @@ def main() -> None:
         print(f"- p50 added by the gateway: {statistics.median(added):+.1f} ms (repeats "
               f"{', '.join(f'{a:+.1f}' for a in added)}); locust reports whole milliseconds", flush=True)
     finally:
-        gw.terminate()
-        gw.wait(timeout=30)
+        gw.stop()
         for proc in stand_ins:
             proc.terminate()
         shutil.rmtree(work, ignore_errors=True) if os.environ.get("CAPACITY_CLEAN") else None

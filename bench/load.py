@@ -20,6 +20,10 @@ directory with its own MLflow store and keys), so a running demo is not touched.
 5. Overhead, with vLLM's own client (`vllm.benchmarks.serve`, random prompts, fixed output length): the gateway in
    front of one replica vs that replica directly, 1 and 8 streams, runs alternating; throughput ratio and the p50
    TTFT the gateway adds, with the spread over repeats.
+6. Two gateways: a second `charforge gateway` on the fleet gateway's routing table, HAProxy in TCP mode in front of
+   both, locust through HAProxy; a rollout through the fleet gateway judged on both gateways' metrics
+   (`gateway.metrics_urls`), the second gateway SIGTERMed mid-canary (it drains) and started again. Answers by
+   outcome, and both gateways' routes at the end.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import httpx  # noqa: E402
 import yaml  # noqa: E402
 
 from charforge.vllm_server import free_port  # noqa: E402
+from tests.gateways import GatewayProcess, TCPBalancer  # noqa: E402
 
 LOCUST = REPO / ".venv-bench" / "bin" / "locust"
 KEY, ADMIN_KEY, REPLICA_KEY = "load-key", "load-admin-key", "load-replica-key"
@@ -103,46 +108,16 @@ def routes(url: str) -> dict:
     return {name: r["weights"] for name, r in httpx.get(f"{url}/admin/routes", headers=ADMIN, timeout=30).json().items()}
 
 
-class Gateway:
+def own_gateway(work: Path, name: str, replicas: list[str], base_cfg: dict, routes_file: Path,
+                **gateway) -> GatewayProcess:
     """A `charforge gateway` process in front of the given replicas, with its own state (routes copied in)."""
-
-    def __init__(self, work: Path, name: str, replicas: list[str], base_cfg: dict, routes_file: Path,
-                 **gateway) -> None:
-        self.port = free_port()
-        state = work / f"gw-{name}"
-        (state / "serving").mkdir(parents=True)
-        (state / "serving" / "routes.json").write_text(routes_file.read_text())
-        cfg = json.loads(json.dumps(base_cfg))
-        cfg["gateway"].update(port=self.port, **gateway)
-        config = work / f"gw-{name}.yaml"
-        config.write_text(yaml.safe_dump(cfg))
-        self.log = open(work / f"gw-{name}.log", "w")
-        self.proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "charforge"), "gateway", "--config", str(config),
-                                      *[a for r in replicas for a in ("--replica", r)]], cwd=REPO,
-                                     env={**os.environ, "CHARFORGE_STATE_DIR": str(state)}, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise SystemExit(f"gateway {name} did not become healthy; see {self.log.name}")
-            time.sleep(0.3)
-
-    def rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-        self.log.close()
+    state = work / f"gw-{name}"
+    (state / "serving").mkdir(parents=True)
+    (state / "serving" / "routes.json").write_text(routes_file.read_text())
+    cfg = json.loads(json.dumps(base_cfg))
+    cfg["gateway"].update(**gateway)
+    cfg["gateway"].pop("port", None)
+    return GatewayProcess(work, name, replicas, state, cfg)
 
 
 def sample_outstanding(url: str, stop: threading.Event, samples: list) -> None:
@@ -165,7 +140,7 @@ def sample_outstanding(url: str, stop: threading.Event, samples: list) -> None:
 def strategies(work: Path, replicas: list[str], cfg: dict, routes_file: Path, users: int, requests: int) -> None:
     print(f"\n## 1. Replica choice per strategy ({users} locust users, {requests} requests each, half streamed)")
     for strategy in ("round_robin", "consistent_hash", "least_outstanding"):
-        gw = Gateway(work, strategy, replicas, cfg, routes_file, strategy=strategy)
+        gw = own_gateway(work, strategy, replicas, cfg, routes_file, strategy=strategy)
         stop, samples = threading.Event(), []
         sampler = threading.Thread(target=sample_outstanding, args=(gw.url, stop, samples))
         sampler.start()
@@ -260,6 +235,50 @@ def nightly(url: str, config: Path, sound: str, diverged: str) -> None:
         print(f"    {line}")
 
 
+def two_gateways(work: Path, url: str, cfg: dict, version: str, users: int, requests: int) -> None:
+    print(f"\n## 6. Two gateways on one routing table behind HAProxy (TCP): a rollout through one, the other SIGTERMed "
+          f"mid-canary and restarted ({users} users)")
+    state = Path(os.environ["CHARFORGE_STATE_DIR"])
+    replicas = [r["url"] for r in httpx.get(f"{url}/admin/replicas", headers=ADMIN, timeout=30).json()]
+    # the second gateway shares the fleet gateway's state directory, so its routing table (the file store)
+    second = GatewayProcess(work, "second", replicas, state,
+                            {"gateway": {k: v for k, v in cfg["gateway"].items() if k != "port"}})
+    balancer = TCPBalancer(work, [url, second.url])
+    two = json.loads(json.dumps(cfg))
+    two["gateway"]["metrics_urls"] = [url, second.url]  # the canary is judged on both gateways' traffic
+    config = work / "serving-two.yaml"
+    config.write_text(yaml.safe_dump(two))
+    record = state / "serving" / "rollouts" / "charforge-bench.json"
+    out, until = work / "two.json", work / "two.done"
+    try:
+        load = locust(balancer.url, users, requests, out, until=until)
+        time.sleep(3)
+        started = time.time()
+        rollout = deploy_async(config, version)
+        wait_status(record, "canary", rollout)
+        terminated = time.time()
+        code = second.stop()
+        down = time.time()
+        second.start()
+        up = time.time()
+        _, err = rollout.communicate(timeout=1200)
+        ended = time.time()
+        until.touch()
+        records = finish(load, out)
+        first_routes, second_routes = routes(url), routes(second.url)
+    finally:
+        balancer.stop()
+        second.stop()
+    last = next((line for line in err.splitlines() if line.startswith("error:")), "")[:200]
+    in_window = sum(1 for r in records if terminated <= r["t"] <= up)
+    print(f"- {tally(records)}; {sum(1 for r in records if started <= r['t'] <= ended)} sent while the deploy ran "
+          f"({ended - started:.0f} s), {in_window} while the second gateway drained ({down - terminated:.1f} s, "
+          f"exit {code}) and restarted ({up - down:.1f} s); deploy exit {rollout.returncode}"
+          f"{f' ({last})' if last else ''}", flush=True)
+    print(f"- routes at the end: fleet gateway {first_routes['bench']}, second gateway {second_routes['bench']}: "
+          f"{'the same' if first_routes == second_routes else 'DIFFERENT'}", flush=True)
+
+
 def metrics_families(url: str):
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -268,7 +287,7 @@ def metrics_families(url: str):
 
 def overload(work: Path, replicas: list[str], cfg: dict, routes_file: Path, requests: int) -> None:
     print(f"\n## 4. Overload: 48 users, {requests} requests, a gateway bounded at 2 in flight per replica")
-    gw = Gateway(work, "overload", replicas, cfg, routes_file, max_inflight_per_replica=2)
+    gw = own_gateway(work, "overload", replicas, cfg, routes_file, max_inflight_per_replica=2)
     before = gw.rss_mib()
     records = finish(locust(gw.url, 48, requests, work / "overload.json", max_tokens=16), work / "overload.json")
     after = gw.rss_mib()
@@ -295,7 +314,7 @@ def overhead(work: Path, replica: str, cfg: dict, base_dir: Path, base_name: str
     print(f"\n## 5. Gateway overhead with vllm.benchmarks.serve (one replica; {repeats} alternating repeats)")
     routes_file = work / "overhead-routes.json"
     routes_file.write_text(json.dumps({"routes": {"base": {"weights": {base_name: 100}}}}))
-    gw = Gateway(work, "overhead", [replica], cfg, routes_file)
+    gw = own_gateway(work, "overhead", [replica], cfg, routes_file)
     for streams in (1, 8):
         prompts = 8 if streams == 1 else 32
         ratios, added = [], []
@@ -331,7 +350,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--requests", type=int, default=200, help="Requests per locust run.")
     parser.add_argument("--repeats", type=int, default=3, help="Alternating repeats of the overhead runs.")
-    parser.add_argument("--only", nargs="*", default=["strategies", "load", "nightly", "overload", "overhead"])
+    parser.add_argument("--only", nargs="*", default=["strategies", "load", "nightly", "overload", "overhead",
+                                                      "two_gateways"])
     args = parser.parse_args()
     if not LOCUST.exists():
         raise SystemExit(f"{LOCUST} is missing: run `make bench-load`, which installs locust there")
@@ -380,6 +400,8 @@ def main() -> None:
             overload(work, replicas, cfg, routes_file, 10 * args.requests)  # refusals are instant: run longer
         if "overhead" in args.only:
             overhead(work, replicas[0], cfg, base_dir, "smollm2-135m-instruct", args.repeats)
+        if "two_gateways" in args.only:
+            two_gateways(work, url, cfg, register(base_dir, work, "v6", seed=6), args.users, args.requests)
     finally:
         charforge("serve", "down", check=False)
 

@@ -20,7 +20,8 @@ CHARFORGE = Path(sys.executable).parent / "charforge"
 
 class GatewayProcess:
     """`charforge gateway --config <config with `gateway` settings> --replica ...` on its own port, with the given
-    state directory (gateways given the same one share its routing table) and environment."""
+    state directory (gateways given the same one share its routing table) and environment (a None value removes
+    that variable)."""
 
     def __init__(self, work: Path, name: str, replicas: list[str], state: Path, config: dict | None = None,
                  env: dict | None = None, port: int | None = None) -> None:
@@ -38,7 +39,9 @@ class GatewayProcess:
         self.log = open(self.work / f"gw-{self.name}.log", "a")
         self.proc = subprocess.Popen([str(CHARFORGE), "gateway", "--config", str(self.config),
                                       *[a for r in self.replicas for a in ("--replica", r)]],
-                                     env={**os.environ, **self.env, "CHARFORGE_STATE_DIR": str(self.state)},
+                                     env={k: v for k, v in {**os.environ, **self.env,
+                                                            "CHARFORGE_STATE_DIR": str(self.state)}.items()
+                                          if v is not None},
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while True:

@@ -205,6 +205,38 @@ def test_vllm_deployment_requests_gpus_and_matches_the_gateway_config():
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
 
 
+def test_kubernetes_runs_several_gateways_on_one_route_table_in_postgresql():
+    """Gateway pods share the routing table in PostgreSQL (no volume of their own to diverge on), roll one at a time,
+    drain within their grace period, and the canary reads every pod's metrics through the headless Service."""
+    from serving.state_store import store_url
+
+    serving = validate_model(yaml.safe_load(by_kind("ConfigMap", "charforge-serving")["data"]["serving.yaml"]),
+                             ServingConfig, "deploy/k8s/gateway.yaml")
+    platform_env = by_kind("ConfigMap", "charforge-platform")["data"]
+    assert store_url(platform_env["CHARFORGE_SERVING_STORE"]).startswith("postgresql://")
+    gateway = by_kind("Deployment", "charforge-gateway")
+    assert gateway["spec"]["replicas"] >= 2
+    assert gateway["spec"]["strategy"] == {"type": "RollingUpdate",
+                                           "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    pod = gateway["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert {"configMapRef": {"name": "charforge-platform"}} in container["envFrom"]
+    assert "PGPASSWORD" in [e["name"] for e in container["env"]]
+    probe = container["readinessProbe"]
+    assert probe["httpGet"]["path"] == "/health"  # 503 while draining
+    assert probe["periodSeconds"] * probe["failureThreshold"] < serving.gateway.drain_s < \
+        pod["terminationGracePeriodSeconds"]
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    pods = by_kind("Service", "charforge-gateway-pods")
+    assert pods["spec"]["clusterIP"] == "None" and pods["spec"]["selector"] == gateway["spec"]["selector"]["matchLabels"]
+    assert serving.gateway.metrics_urls == [f"dns+http://charforge-gateway-pods.charforge.svc.cluster.local:"
+                                            f"{serving.gateway.port}"]
+    # flow-run pods take the same store from the same ConfigMap
+    template = json.loads((K8S / "prefect-gpu-job-template.json").read_text())
+    container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"configMapRef": {"name": "charforge-platform"}} in container["envFrom"]
+
+
 def test_kubernetes_secrets_come_from_secret_refs():
     for _, doc in k8s_documents():
         pod = doc.get("spec", {}).get("template", {}).get("spec", {})
