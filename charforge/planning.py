@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from charforge.base_models import BaseModelPreset
-from charforge.schemas.planning import GPU, APIPrice, PlanningConfig, Scenario
+from charforge.schemas.planning import GPU, APIPrice, GatewayCapacity, PlanningConfig, Scenario
 
 GIB = 2**30
 KV_BYTES = {"auto": 2.0, "fp8": 1.0}  # vLLM --kv-cache-dtype: auto = the model dtype (bf16), fp8 halves it
@@ -73,6 +73,7 @@ class Traffic:
     monthly_input_tokens: float
     monthly_output_tokens: float
     peak_output_tokens_per_s: float
+    peak_requests_per_s: float  # chat requests through the gateways at the peak (one per reply)
 
 
 def traffic(s: Scenario) -> Traffic:
@@ -80,7 +81,15 @@ def traffic(s: Scenario) -> Traffic:
     daily_output = daily_messages * s.output_tokens_per_message
     return Traffic(monthly_input_tokens=daily_messages * s.prompt_tokens_per_message * s.days_per_month,
                    monthly_output_tokens=daily_output * s.days_per_month,
-                   peak_output_tokens_per_s=daily_output / 86400 * s.peak_to_average)
+                   peak_output_tokens_per_s=daily_output / 86400 * s.peak_to_average,
+                   peak_requests_per_s=daily_messages / 86400 * s.peak_to_average)
+
+
+def gateway_processes(s: Scenario, g: GatewayCapacity) -> int:
+    """Gateway processes for the scenario's peak: each filled to `utilization` of its measured saturation, never
+    fewer than `min_processes`."""
+    return max(g.min_processes, math.ceil(traffic(s).peak_requests_per_s /
+                                          (g.requests_per_s_per_process * g.utilization)))
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,7 @@ def plan(preset: BaseModelPreset, context: int, concurrency: int, precision: str
 
 
 def render(p: Plan, preset: BaseModelPreset, c: Cost | None, tokens_per_s: float | None, source: str,
-           gpu: GPUFit | None, s: Scenario) -> str:
+           gpu: GPUFit | None, s: Scenario, g: GatewayCapacity) -> str:
     """The plan as plain text (what `charforge plan` prints)."""
     lines = [
         f"{p.model}: {preset.parameters_b} B parameters, {preset.num_layers} layers, {preset.num_kv_heads} KV heads "
@@ -178,4 +187,12 @@ def render(p: Plan, preset: BaseModelPreset, c: Cost | None, tokens_per_s: float
         f"${c.monthly_usd:,.0f}/month",
     ]
     lines += [f"  API {name:18} ${usd:,.0f}/month" for name, usd in c.api_monthly_usd.items()]
+    n = gateway_processes(s, g)
+    lines += [
+        f"Serving '{s.name}' ({s.daily_active_users:,} daily users) at its peak: {t.peak_requests_per_s:,.0f} chat "
+        f"requests/s, {t.peak_output_tokens_per_s:,.0f} output tokens/s",
+        f"  vLLM replicas    {c.replicas:5d}  ({gpu.count} x {gpu.gpu.name} each, at {tokens_per_s:g} output tokens/s)",
+        f"  gateway processes{n:5d}  (at {g.utilization:.0%} of {g.requests_per_s_per_process:g} requests/s each, "
+        f"measured on {g.measured_on}; at least {g.min_processes})",
+    ]
     return "\n".join(lines)

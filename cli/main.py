@@ -407,9 +407,12 @@ def plan(
                             "else the cheapest that fits)."),
     tokens_per_s: float = typer.Option(None, min=0.001, help="Output tokens/s of one replica (given)."),
     throughput_from: Path = typer.Option(None, help="A `vllm bench serve --save-result` JSON (measured tokens/s)."),
-    config: Path = typer.Option(CONFIGS_DIR / "planning.yaml", help="GPU table, API prices, scenario."),
+    users: int = typer.Option(None, min=1, help="Daily active users (default: the scenario's)."),
+    config: Path = typer.Option(CONFIGS_DIR / "planning.yaml", help="GPU table, API prices, scenario, gateway "
+                                "capacity."),
 ) -> None:
-    """Memory (weights + GQA KV cache), the GPUs that fit a replica, and $/1M tokens and $/month vs APIs."""
+    """Memory (weights + GQA KV cache), the GPUs that fit a replica, $/1M tokens and $/month vs APIs, and the vLLM
+    replicas and gateway processes the scenario's peak needs."""
     from charforge import planning
     from charforge.base_models import load_preset
     from charforge.schemas.planning import PlanningConfig
@@ -418,6 +421,9 @@ def plan(
         fail(f"--kv-cache-dtype {kv_cache_dtype!r}: use one of {', '.join(planning.KV_BYTES)}")
     try:
         cfg = load_yaml_model(config, PlanningConfig)
+        if users is not None:
+            cfg = cfg.model_copy(update={"scenario": cfg.scenario.model_copy(update={
+                "daily_active_users": users, "name": f"{cfg.scenario.name} with --users {users:,}"})})
         preset = load_preset(model)
         p = planning.plan(preset, context, concurrency, precision, kv_cache_dtype, cfg)
         if throughput_from is not None:
@@ -434,7 +440,7 @@ def plan(
         fail(f"--gpu {gpu}: does not fit this replica or is not in {config} "
              f"({', '.join(g.name for g in cfg.gpus)})")
     c = planning.cost(chosen.hourly_usd, rate, cfg.scenario, cfg.api_prices) if chosen else None
-    typer.echo(planning.render(p, preset, c, rate, source, chosen, cfg.scenario))
+    typer.echo(planning.render(p, preset, c, rate, source, chosen, cfg.scenario, cfg.gateway))
 
 
 @app.command()

@@ -38,6 +38,18 @@ class Scenario(StageConfig):
                                 "hours alike).")
 
 
+class GatewayCapacity(StageConfig):
+    """What one gateway process carries (measured by `make bench-capacity`), and how hard a plan may load it."""
+
+    requests_per_s_per_process: float = Field(gt=0, description="Chat requests/s one gateway process sustains at "
+                                              "saturation (bench/gateway_capacity.py, streaming replies).")
+    measured_on: str = Field(description="Where that figure was measured (a plan prints it).")
+    utilization: float = Field(default=0.5, gt=0, le=1, description="Share of that saturation a plan fills at the "
+                               "peak: headroom for bursts and for the latency that grows near saturation.")
+    min_processes: int = Field(default=2, ge=1, description="Gateway processes never fewer than this: one restarts "
+                               "(a rolling update drains it) while the others carry the traffic.")
+
+
 class PlanningConfig(StageConfig):
     bytes_per_param: dict[str, float] = Field(
         description="Weight bytes per parameter by precision (`--precision`).")
@@ -49,3 +61,4 @@ class PlanningConfig(StageConfig):
     gpus: list[GPU] = Field(min_length=1, description="GPU types a plan may use.")
     api_prices: list[APIPrice] = Field(default_factory=list, description="APIs to compare the fleet's cost with.")
     scenario: Scenario = Field(description="Default traffic scenario for the cost report.")
+    gateway: GatewayCapacity = Field(description="Gateway processes a scenario's peak needs.")
