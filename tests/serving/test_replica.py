@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import psutil
 import pytest
 
 from charforge.vllm_server import VLLMServer, free_port
@@ -63,11 +64,9 @@ def test_a_restarted_replica_serves_its_adapters_before_it_reports_ready(base_mo
     assert {"charforge-test-v1", "charforge-test-v2"} <= {m["id"] for m in listed["data"]}
 
     # vLLM's engine dies (its API server answers 503 and stays up): the launcher stops, so it gets restarted
-    engine = [int(pid) for pid in os.popen(f"pgrep -f -g {server.process.pid} EngineCore").read().split()]
-    if engine:
-        os.kill(engine[0], signal.SIGKILL)
-    else:  # vLLM runs the engine in the API server's process here: kill the server itself
-        os.kill(int(os.popen(f"pgrep -f -g {server.process.pid} vllm.entrypoints").read().split()[0]),
-                signal.SIGKILL)
+    engine = [p for p in psutil.Process(server.process.pid).children(recursive=True)
+              if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+    assert engine, "no EngineCore process under the launcher: vLLM's engine layout changed, and this test with it"
+    engine[0].kill()
     assert server.process.wait(timeout=120) != 0
     assert "[charforge replica]" in (tmp_path / "replica.log").read_text()
