@@ -78,6 +78,15 @@ class RolloutPlan:
             return {self.served: 100.0}
         return {old: 100 - pct, self.served: pct}
 
+    def step_weights(self, pct: float) -> dict[str, dict[str, float]]:
+        """Every route's weights at a canary step. A route with no earlier version (a character card added since the
+        last deployment) is written only once the canary is over (100%), or when no route has anything to canary
+        against: a failing gate restores each route's previous weights, and a new route has none to restore, so it
+        must never carry a version the gate has not passed."""
+        canary = bool(self.old_versions) and pct < 100
+        return {route: self.weights_at(route, pct) for route in self.routes
+                if not canary or route in self.old_versions}
+
 
 def route_names(cfg: ServingConfig, family: str) -> dict[str, str | None]:
     """Route -> system prompt for the routes a deployment of this family switches."""
@@ -340,7 +349,7 @@ def canary_step(gw: GatewayAdmin, plan: RolloutPlan, record: Rollout, pct: float
     changed under the rollout."""
     before = gw.metrics()
     try:
-        generations = write_routes(gw, plan, record, {route: plan.weights_at(route, pct) for route in plan.routes})
+        generations = write_routes(gw, plan, record, plan.step_weights(pct))
     except RouteChanged as exc:
         raise stopped(plan, record, exc) from None
     first_version = not plan.old_versions

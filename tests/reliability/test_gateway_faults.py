@@ -349,7 +349,7 @@ def test_a_failed_gate_restores_every_route_but_the_one_an_operator_changed(tmp_
                            tmp_path / "desired.json", tmp_path, "base")
         admin = GatewayAdmin(url, ADMIN_KEY, "rollout")
         record = Rollout(served=plan.served, status="canary", generations={"nell": 1, "charforge": 1})
-        generations = write_routes(admin, plan, record, {r: plan.weights_at(r, 25) for r in plan.routes})
+        generations = write_routes(admin, plan, record, plan.step_weights(25))
         record = record.model_copy(update={"generations": generations})
         GatewayAdmin(url, ADMIN_KEY, "alice").set_weights("nell", {"charforge-lora-v2": 100})  # she decided
         with pytest.raises(RouteChangedUnderRollout, match=r"route 'nell' is at generation 3, not 2: changed by "
@@ -360,6 +360,40 @@ def test_a_failed_gate_restores_every_route_but_the_one_an_operator_changed(tmp_
         assert now["charforge"].weights == {VERSION: 100.0} and now["charforge"].generation == 3
         assert now["nell"].weights == {"charforge-lora-v2": 100.0} and now["nell"].changed_by.startswith("alice")
         assert json.loads((tmp_path / "charforge-lora.json").read_text())["status"] == "stopped"
+    fake.close()
+
+
+def test_a_route_added_since_the_last_deployment_waits_for_the_canary_to_pass(tmp_path):
+    """A character card added since the last deployment has a route with no earlier version. During the canary it is
+    not written at all (before: 100% of the new version from the first step, and a failing gate, restoring each
+    route's previous weights, left it serving the failing version); it gets the version at 100%, or at once when no
+    route has anything to canary against."""
+    from charforge.results import Rollout
+    from serving.admin import GatewayAdmin
+    from serving.rollout import RolloutPlan, roll_back, write_routes
+    from serving.state_store import FileRollouts
+
+    fake = FakeReplica("ok")
+    fake.models = {"data": [{"id": VERSION}, {"id": "charforge-lora-v2"}]}
+    table = RouteTable(tmp_path / "routes.json")
+    table.set_weights("nell", {VERSION: 100})
+    gw = Gateway([fake.url], table, api_key=KEY, admin_key=ADMIN_KEY, health_interval_s=0.2)
+    with running(gw) as url:
+        wait_healthy(gw)
+        plan = RolloutPlan("charforge-lora", "2", "charforge-lora-v2", tmp_path, {"nell": None, "ada": "You are Ada."},
+                           {"nell": {VERSION: 100.0}}, FileRollouts(tmp_path), tmp_path / "desired.json", tmp_path,
+                           "base")
+        assert plan.step_weights(25) == {"nell": {VERSION: 75.0, "charforge-lora-v2": 25.0}}
+        assert plan.step_weights(100) == {"nell": {"charforge-lora-v2": 100.0}, "ada": {"charforge-lora-v2": 100.0}}
+        admin = GatewayAdmin(url, ADMIN_KEY, "rollout")
+        record = Rollout(served=plan.served, status="canary", generations={"nell": 1})
+        record = record.model_copy(update={"generations": write_routes(admin, plan, record, plan.step_weights(25))})
+        assert "ada" not in admin.routes()
+        roll_back(admin, plan, record, "error rate 30.0% > 1.0%")
+        assert {name: r.weights for name, r in admin.routes().items()} == {"nell": {VERSION: 100.0}}
+        first = RolloutPlan("charforge-lora", "1", VERSION, tmp_path, {"ada": None}, {}, FileRollouts(tmp_path),
+                            tmp_path / "desired.json", tmp_path, "base")
+        assert first.step_weights(5) == {"ada": {VERSION: 100.0}}  # nothing to canary against anywhere
     fake.close()
 
 
