@@ -10,7 +10,12 @@ locust against instant stand-in replicas (so the gateway, not vLLM, is what runs
    same load straight at one stand-in, the ceiling of the load generator on this machine. Then two gateway
    processes, half the users on each: their sum.
 3. Added latency at a fixed rate: 100 requests/s (locust users with `constant_throughput`), p50 through the gateway
-   minus p50 straight to a stand-in, runs alternating.
+   minus p50 straight to a stand-in, runs alternating; through one process of each server stack, and through two
+   processes taking 50 requests/s each; then the same rate from an open-loop aiohttp client (100 keep-alive
+   connections at 1 req/s each). The two clients disagree by far more than the gateway costs (locust's gevent
+   client at 100 users measured +26 ms where aiohttp measured +0.8 ms), so both are printed.
+Saturation and latency are measured for both server stacks uvicorn offers, side by side: uvloop + httptools (what
+`gateway.event_loop: auto` and `gateway.http_parser: auto` pick, installed with the pipeline) and asyncio + h11.
 4. Where the time goes: `py-spy` (if installed in .venv-bench) samples the saturated gateway; the top frames by own
    time are printed.
 
@@ -25,6 +30,7 @@ import asyncio
 import csv
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -106,15 +112,16 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
-def gateway_process(work: Path, name: str, replicas: list[str]) -> GatewayProcess:
-    """A `charforge gateway` with its own state (a one-route table) in front of the stand-ins."""
+def gateway_process(work: Path, name: str, replicas: list[str], stack: dict) -> GatewayProcess:
+    """A `charforge gateway` with its own state (a one-route table) in front of the stand-ins, on the given server
+    stack (`gateway.event_loop`, `gateway.http_parser`)."""
     state = work / f"state-{name}"
     (state / "serving").mkdir(parents=True)
     (state / "serving" / "routes.json").write_text(json.dumps({"routes": {"bench": {"weights": {VERSION: 100}}}}))
     env = {"CHARFORGE_GATEWAY_API_KEY": KEY, "CHARFORGE_GATEWAY_ADMIN_KEY": ADMIN_KEY,
            "CHARFORGE_REPLICA_API_KEY": None}
     return GatewayProcess(work, name, replicas, state, {"gateway": {"strategy": "round_robin",
-                                                                    "max_inflight_per_replica": 512}}, env)
+                                                                    "max_inflight_per_replica": 512, **stack}}, env)
 
 
 # ---- load -------------------------------------------------------------------------------------------------------------
@@ -189,6 +196,35 @@ def profile(pid: int, seconds: int, out: Path) -> str:
     return "\n".join(f"    {100 * n / total:5.1f}%  {m}" for m, n in top)
 
 
+async def open_loop(url: str, model: str, key: str | None, connections: int, seconds: int) -> list[float]:
+    """Latencies (ms) of an open-loop aiohttp client: `connections` keep-alive connections, each sending one chat
+    per second at its own random phase, whatever the answers take."""
+    import aiohttp
+
+    body = {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Good morning!"}]}
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    latencies: list[float] = []
+
+    async def connection() -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+            await asyncio.sleep(random.random())
+            due, end = time.monotonic(), time.monotonic() + seconds
+            while due < end:
+                started = time.perf_counter()
+                async with session.post(f"{url}/v1/chat/completions", json=body, headers=headers) as r:
+                    await r.read()
+                    if r.status == 200:
+                        latencies.append((time.perf_counter() - started) * 1000)
+                due += 1.0
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+    await asyncio.gather(*(connection() for _ in range(connections)))
+    return latencies
+
+
+STACKS = {"uvloop + httptools": {"event_loop": "uvloop", "http_parser": "httptools"},  # the default (auto)
+          "asyncio + h11": {"event_loop": "asyncio", "http_parser": "h11"}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=20)
@@ -201,60 +237,104 @@ def main() -> None:
     ports = [free_port(), free_port()]
     stand_ins = [stand_in_process(p) for p in ports]
     replicas = [f"http://127.0.0.1:{p}" for p in ports]
-    gw = gateway_process(work, "one", replicas)
-    url = gw.url
+    gateways = {name: gateway_process(work, f"one-{i}", replicas, stack) for i, (name, stack) in
+                enumerate(STACKS.items())}
+    default = next(iter(gateways))
     try:
-        print(f"## Saturation: {args.users} users, no wait, {args.seconds} s each (work dir {work})", flush=True)
+        print(f"## Saturation: {args.users} users, no wait, {args.seconds} s each, the two server stacks in turn "
+              f"(work dir {work})", flush=True)
         for stream in (False, True):
             kind = "streaming (8 chunks)" if stream else "non-streaming"
-            tag = f"sat-{'s' if stream else 'n'}"
-            load = locust(work, url, args.users, args.seconds, stream, "bench", KEY, tag=tag)
-            spy = None
-            if not stream:
-                time.sleep(args.seconds / 4)
-                spy = profile(gw.proc.pid, args.seconds // 2, work / "gateway.pyspy")
-            load.wait()
-            s = stats(work, tag)
-            print(f"- one gateway, {kind}: {s['rps']:.0f} req/s, p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, "
-                  f"{s['failures']} failed of {s['requests']}", flush=True)
-            if spy:
-                print("  gateway's own time by module (py-spy, non-streaming saturation):\n" + spy, flush=True)
-            direct = locust(work, replicas[0], args.users, args.seconds, stream, VERSION, None, tag=tag + "-direct")
-            direct.wait()
-            d = stats(work, tag + "-direct")
+            rps = {}
+            for name, gw in gateways.items():
+                tag = f"sat-{'s' if stream else 'n'}-{list(gateways).index(name)}"
+                load = locust(work, gw.url, args.users, args.seconds, stream, "bench", KEY, tag=tag)
+                spy = None
+                if not stream and name == default:
+                    time.sleep(args.seconds / 4)
+                    spy = profile(gw.proc.pid, args.seconds // 2, work / "gateway.pyspy")
+                load.wait()
+                s = stats(work, tag)
+                rps[name] = s["rps"]
+                print(f"- one gateway ({name}), {kind}: {s['rps']:.0f} req/s, p50 {s['p50_ms']:.0f} ms, "
+                      f"p99 {s['p99_ms']:.0f} ms, {s['failures']} failed of {s['requests']}", flush=True)
+                if spy:
+                    print("  gateway's own time by module (py-spy, non-streaming saturation):\n" + spy, flush=True)
+            names = list(rps)
+            print(f"  ratio {names[0]} / {names[1]}: {rps[names[0]] / rps[names[1]]:.2f}x", flush=True)
+            tag = f"sat-{'s' if stream else 'n'}-direct"
+            locust(work, replicas[0], args.users, args.seconds, stream, VERSION, None, tag=tag).wait()
+            d = stats(work, tag)
             print(f"  a stand-in alone, same load: {d['rps']:.0f} req/s (the ceiling of this load generator here)",
                   flush=True)
-        gw2 = gateway_process(work, "two", replicas)
-        url2 = gw2.url
+
+        second = gateway_process(work, "two", replicas, STACKS[default])
+        pair = [gateways[default], second]
         try:
-            loads = [locust(work, u, args.users // 2, args.seconds, False, "bench", KEY, tag=f"two-{i}")
-                     for i, u in enumerate((url, url2))]
+            loads = [locust(work, g.url, args.users // 2, args.seconds, False, "bench", KEY, tag=f"two-{i}")
+                     for i, g in enumerate(pair)]
             for load in loads:
                 load.wait()
             both = [stats(work, f"two-{i}") for i in range(2)]
             parts = " + ".join(f"{s['rps']:.0f}" for s in both)
-            print(f"- two gateway processes, non-streaming, {args.users // 2} users each: "
+            print(f"- two gateway processes ({default}), non-streaming, {args.users // 2} users each: "
                   f"{sum(s['rps'] for s in both):.0f} req/s in all ({parts}), "
                   f"{sum(s['failures'] for s in both)} failed", flush=True)
-        finally:
-            gw2.stop()
 
-        print(f"\n## Added latency at 100 req/s (100 users at 1 req/s each, {args.seconds} s per run, "
-              f"{args.repeats} alternating repeats)", flush=True)
-        added = []
-        for i in range(args.repeats):
-            through = locust(work, url, 100, args.seconds, False, "bench", KEY, rate=1.0, tag=f"r-g{i}")
-            through.wait()
-            direct = locust(work, replicas[0], 100, args.seconds, False, VERSION, None, rate=1.0, tag=f"r-d{i}")
-            direct.wait()
-            g, d = stats(work, f"r-g{i}"), stats(work, f"r-d{i}")
-            added.append(g["p50_ms"] - d["p50_ms"])
-            print(f"- repeat {i + 1}: through the gateway p50 {g['p50_ms']:.1f} ms ({g['rps']:.0f} req/s, "
-                  f"{g['failures']} failed), direct p50 {d['p50_ms']:.1f} ms", flush=True)
-        print(f"- p50 added by the gateway: {statistics.median(added):+.1f} ms (repeats "
-              f"{', '.join(f'{a:+.1f}' for a in added)}); locust reports whole milliseconds", flush=True)
+            print(f"\n## Added latency at 100 req/s ({args.seconds} s per run, {args.repeats} alternating repeats: "
+                  f"each stack with 100 users at 1 req/s, two processes with 50 users each, a stand-in directly)",
+                  flush=True)
+            added: dict[str, list[float]] = {name: [] for name in [*gateways, "two processes"]}
+            for i in range(args.repeats):
+                direct = locust(work, replicas[0], 100, args.seconds, False, VERSION, None, rate=1.0, tag=f"r-d{i}")
+                direct.wait()
+                d = stats(work, f"r-d{i}")
+                line = [f"direct p50 {d['p50_ms']:.1f} ms"]
+                for j, (name, gw) in enumerate(gateways.items()):
+                    locust(work, gw.url, 100, args.seconds, False, "bench", KEY, rate=1.0, tag=f"r-g{j}-{i}").wait()
+                    g = stats(work, f"r-g{j}-{i}")
+                    added[name].append(g["p50_ms"] - d["p50_ms"])
+                    line.append(f"{name} p50 {g['p50_ms']:.1f} ms ({g['rps']:.0f} req/s, {g['failures']} failed)")
+                runs = [locust(work, g.url, 50, args.seconds, False, "bench", KEY, rate=1.0, tag=f"r-two{k}-{i}")
+                        for k, g in enumerate(pair)]
+                for run in runs:
+                    run.wait()
+                two = [stats(work, f"r-two{k}-{i}") for k in range(2)]
+                p50 = statistics.mean(t["p50_ms"] for t in two)
+                added["two processes"].append(p50 - d["p50_ms"])
+                line.append(f"two processes p50 {p50:.1f} ms ({sum(t['rps'] for t in two):.0f} req/s, "
+                            f"{sum(t['failures'] for t in two)} failed)")
+                print(f"- repeat {i + 1}: " + "; ".join(line), flush=True)
+            for name, values in added.items():
+                print(f"- p50 added, {name}: {statistics.median(values):+.1f} ms (repeats "
+                      f"{', '.join(f'{a:+.1f}' for a in values)}); locust reports whole milliseconds", flush=True)
+
+            print(f"\n## Added latency at 100 req/s, open-loop aiohttp client (100 keep-alive connections at 1 req/s "
+                  f"each, {args.seconds} s per run, {args.repeats} alternating repeats)", flush=True)
+            added = {name: [] for name in [*gateways, "two processes"]}
+            for i in range(args.repeats):
+                direct = statistics.median(asyncio.run(open_loop(replicas[0], VERSION, None, 100, args.seconds)))
+                line = [f"direct p50 {direct:.2f} ms"]
+                for name, gw in gateways.items():
+                    p50 = statistics.median(asyncio.run(open_loop(gw.url, "bench", KEY, 100, args.seconds)))
+                    added[name].append(p50 - direct)
+                    line.append(f"{name} {p50:.2f} ms")
+
+                async def both() -> list[float]:
+                    halves = await asyncio.gather(*(open_loop(g.url, "bench", KEY, 50, args.seconds) for g in pair))
+                    return [x for half in halves for x in half]
+                p50 = statistics.median(asyncio.run(both()))
+                added["two processes"].append(p50 - direct)
+                line.append(f"two processes {p50:.2f} ms")
+                print(f"- repeat {i + 1}: " + "; ".join(line), flush=True)
+            for name, values in added.items():
+                print(f"- p50 added, {name}: {statistics.median(values):+.2f} ms (repeats "
+                      f"{', '.join(f'{a:+.2f}' for a in values)})", flush=True)
+        finally:
+            second.stop()
     finally:
-        gw.stop()
+        for gw in gateways.values():
+            gw.stop()
         for proc in stand_ins:
             proc.terminate()
         shutil.rmtree(work, ignore_errors=True) if os.environ.get("CAPACITY_CLEAN") else None

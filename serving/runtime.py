@@ -84,5 +84,7 @@ class DrainingServer(uvicorn.Server):
 
 def serve_gateway(gw: Gateway, cfg: ServingConfig) -> None:
     """Run the gateway in the foreground until a signal, then drain (`DrainingServer`) and exit."""
-    config = uvicorn.Config(create_app(gw), host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning")
+    g = cfg.gateway
+    config = uvicorn.Config(create_app(gw), host=g.host, port=g.port, log_level="warning", loop=g.event_loop,
+                            http=g.http_parser)
     DrainingServer(config, gw, cfg.gateway.drain_s).run()

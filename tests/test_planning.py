@@ -109,16 +109,16 @@ def test_cost_of_the_example_scenario(cfg):
 
 def test_gateway_processes_for_a_user_count(cfg):
     """Peak chat requests/s = users x replies / 86,400 s x peak-to-average; each gateway process is planned at
-    `utilization` (0.5) of its measured 1,760 requests/s = 880, and never fewer than 2."""
+    `utilization` (0.5) of its measured 2,050 requests/s = 1,025, and never fewer than 2."""
     g, s = cfg.gateway, cfg.scenario
     assert planning.traffic(s).peak_requests_per_s == pytest.approx(13.89, abs=0.01)  # 10k users x 40 / 86,400 x 3
     assert planning.gateway_processes(s, g) == 2  # far below one process: the floor of 2
     at = lambda users: s.model_copy(update={"daily_active_users": users})  # noqa: E731
-    # 1,267,200 users -> 1,267,200 x 40 / 86,400 x 3 = 1,760.0 requests/s = exactly 2 x 880: two processes
-    assert planning.traffic(at(1_267_200)).peak_requests_per_s == pytest.approx(1760.0)
-    assert planning.gateway_processes(at(1_267_200), g) == 2
-    assert planning.gateway_processes(at(1_267_300), g) == 3  # 0.14 requests/s more: a third
-    assert planning.gateway_processes(at(10_000_000), g) == 16  # 13,889 / 880 = 15.8
+    # 1,476,000 users -> 1,476,000 x 40 / 86,400 x 3 = 2,050.0 requests/s = exactly 2 x 1,025: two processes
+    assert planning.traffic(at(1_476_000)).peak_requests_per_s == pytest.approx(2050.0)
+    assert planning.gateway_processes(at(1_476_000), g) == 2
+    assert planning.gateway_processes(at(1_476_100), g) == 3  # 0.14 requests/s more: a third
+    assert planning.gateway_processes(at(10_000_000), g) == 14  # 13,889 / 1,025 = 13.6
 
 
 def test_cli_sizes_replicas_and_gateways_for_a_million_users():
@@ -127,7 +127,7 @@ def test_cli_sizes_replicas_and_gateways_for_a_million_users():
     # 1M x 40 / 86,400 x 3 = 1,389 requests/s and x 120 = 166,667 tokens/s: 67 replicas at 2,500 tokens/s
     assert "(1,000,000 daily users) at its peak: 1,389 chat requests/s, 166,667 output tokens/s" in out
     assert "  vLLM replicas       67  (1 x H100-80GB each, at 2500 output tokens/s)" in out
-    assert "  gateway processes    2  (at 50% of 1760 requests/s each" in out
+    assert "  gateway processes    2  (at 50% of 2050 requests/s each" in out
 
 
 def test_cli_prints_the_plan_and_reads_a_measured_throughput(tmp_path):

