@@ -7,6 +7,7 @@ its exit code: 2 input to fix, 3 refused by a gate, 4 a dependency unavailable (
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -337,6 +338,67 @@ def serve_run(
         runtime.serve_gateway(runtime.gateway(cfg, fleet.urls), cfg)
     finally:
         fleet.stop()
+
+
+capture_app = typer.Typer(help="Captured conversations and ratings: stats, export for curation, purge.",
+                          no_args_is_help=True)
+app.add_typer(capture_app, name="capture")
+
+
+def _capture_store():
+    from serving import capture, state_store
+
+    return capture.capture_store(platform().state, state_store.store_url(platform().serving_store_url))
+
+
+@capture_app.command("stats")
+def capture_stats(since: str = typer.Option(None, help="From (UTC date, date-time or hours ago: 24h); default: all."),
+                  ) -> None:
+    """Per route and version: conversations captured, ratings up and down."""
+    from serving import capture
+
+    rows = capture.stats(_capture_store(), capture.parse_when(since, 0.0))
+    typer.echo(f"{'route':24} {'version':32} {'conversations':>13} {'up':>6} {'down':>6}")
+    for r in rows:
+        typer.echo(f"{r['route']:24} {r['version']:32} {r['conversations']:13d} {r['rated_up']:6d} "
+                   f"{r['rated_down']:6d}")
+    if not rows:
+        typer.echo("nothing captured or rated yet (capture.routes in the serving config opts routes in)")
+
+
+@capture_app.command("export")
+def capture_export(out: Path = typer.Option(..., help="JSONL file to write (data/raw's format)."),
+                   since: str = typer.Option(None, help="From (UTC date, date-time or hours ago); default: all."),
+                   until: str = typer.Option(None, help="Until (same forms); default: now.")) -> None:
+    """Captured conversations of a time window as data/raw JSONL rows (the reply as the assistant turn), each with
+    its served version, rating and capture id: what curation reads."""
+    from serving import capture
+
+    rows = capture.export_rows(_capture_store(), capture.parse_when(since, 0.0),
+                               capture.parse_when(until, float("inf")))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    rated = sum(1 for r in rows if r["rating"])
+    typer.echo(f"{len(rows)} conversations ({rated} rated) -> {out}")
+
+
+@capture_app.command("purge")
+def capture_purge(user: str = typer.Option(None, help="The user id an app sent (`user` or X-Session-Id): every "
+                                           "conversation and rating of that user is deleted."),
+                  older_than: float = typer.Option(None, help="Delete everything older than this many days.")) -> None:
+    """Delete a user's conversations and ratings everywhere they are stored, or everything past an age."""
+    from serving import capture
+
+    if (user is None) == (older_than is None):
+        fail("give --user ID or --older-than DAYS")
+    store = _capture_store()
+    if user is not None:
+        removed = capture.purge_user(store, capture.ResponseIds(store.secret()).user_hash(user))
+        what = f"user {user!r}"
+    else:
+        removed = store.drop_days_before(time.time() - older_than * 86400)
+        what = f"everything older than {older_than:g} days"
+    typer.echo(f"purged {what}: {removed['conversations']} conversations, {removed['feedback']} ratings")
 
 
 @app.command()

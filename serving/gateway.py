@@ -27,8 +27,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from charforge.errors import CharforgeError
 from charforge.keys import KeyRing, presented_key
 from serving.fleet import replica_headers
+from serving.capture import Capturer, Pending, ResponseRef
 from serving.routing import Replica, Strategy, assign_version, choose_replica, eligible
 from serving.state_store import FileRoutes, PostgresStore
 
@@ -151,6 +153,10 @@ class Metrics:
                                registry=self.registry)
         self.rejected = Counter("gateway_rejected_total", "Requests refused before any replica saw them",
                                 ["reason"], registry=self.registry)
+        self.capture_dropped = Counter("gateway_capture_dropped_total", "Sampled conversations not captured",
+                                       ["reason"], registry=self.registry)
+        self.feedback = Counter("gateway_feedback_total", "Ratings stored", ["route", "version", "rating"],
+                                registry=self.registry)
 
     def observe(self, route: str, version: str, status: str, elapsed: float, probe: bool) -> None:
         requests, latency = (self.probe_requests, self.probe_latency) if probe else (self.requests, self.latency)
@@ -232,12 +238,19 @@ class RelayResponse(StreamingResponse):
             await self.on_close()
 
 
+def user_of(body: dict, request: Request) -> str | None:
+    """The end user a request is for: the body's `user`, or the X-Session-Id header."""
+    user = body.get("user") or request.headers.get("x-session-id")
+    return user if isinstance(user, str) else None
+
+
 class Gateway:
     def __init__(self, replica_urls: list[str], table: RouteTable, strategy: Strategy = "least_outstanding",
                  api_key: KeyRing | str | list[str] | None = None, health_interval_s: float = 1.0,
                  connect_retries: int = 2, request_timeout_s: float = 300, discover=None,
                  admin_key: KeyRing | str | list[str] | None = None, max_request_bytes: int = 1_048_576,
-                 max_inflight_per_replica: int = 32, retry_after_s: int = 1, audit_path: Path | None = None) -> None:
+                 max_inflight_per_replica: int = 32, retry_after_s: int = 1, audit_path: Path | None = None,
+                 capture: Capturer | None = None) -> None:
         self.replicas = {f"replica-{i}": Replica(f"replica-{i}", url.rstrip("/"), healthy=False)
                          for i, url in enumerate(replica_urls)}
         self.discover = discover  # () -> {name: url}, e.g. ready pods by label (serving/discovery_k8s.py)
@@ -254,6 +267,9 @@ class Gateway:
         self.audit_path = audit_path or (table.path.with_name("audit.jsonl") if table.path else None)
         self._watch_stop = threading.Event()
         self.draining = False  # set on SIGTERM (serving.runtime.DrainingServer): health 503, Connection: close
+        self.capture = capture  # response ids, sampled capture, ratings (serving/capture.py); None: none of them
+        if capture is not None:
+            capture.dropped = self.metrics.capture_dropped
         # The upstream client is aiohttp's: at 100 req/s over 100 client connections httpx's pool added ~100 ms at the
         # median here, aiohttp's ~5 ms (bench/gateway_capacity.py). One session per event loop, made on first use.
         self._session: aiohttp.ClientSession | None = None
@@ -427,9 +443,7 @@ class Gateway:
                                                 f"({', '.join(sorted(route.weights))})")
             version = probe
         else:
-            user = body.get("user") or request.headers.get("x-session-id")
-            version = assign_version(route.weights, user if isinstance(user, str) else None,
-                                     next(self.version_counter))
+            version = assign_version(route.weights, user_of(body, request), next(self.version_counter))
         upstream = {**body, "model": version}
         if route.system_prompt and messages is not None and not any(m.get("role") == "system" for m in messages):
             upstream["messages"] = [{"role": "system", "content": route.system_prompt}, *messages]
@@ -460,7 +474,8 @@ class Gateway:
                 break
             tried.add(replica.name)
             try:
-                return await self._send(replica, path, upstream, route, version, started, probe is not None)
+                return await self._send(replica, path, upstream, route, version, started, probe is not None,
+                                        user_of(body, request))
             except CONNECT_TIMEOUT as exc:
                 log.warning("%s %s: %s; trying another replica", replica.name, path, type(exc).__name__)
                 self.mark_unhealthy(replica.name)
@@ -485,9 +500,15 @@ class Gateway:
         raise HTTPException(503, detail=f"no healthy replica serves {version!r} right now")
 
     async def _send(self, replica: Replica, path: str, body: dict, route: str, version: str,
-                    started: float, probe: bool) -> Response:
+                    started: float, probe: bool, user: str | None = None) -> Response:
         url = f"{replica.url}{path}"
         headers = {"x-charforge-version": version, "x-charforge-replica": replica.name}
+        ref, sampled = None, False
+        if self.capture is not None and not probe:  # every answer gets an id a rating can name
+            at, user_hash = time.time(), self.capture.ids.user_hash(user)
+            ref = ResponseRef(self.capture.ids.mint(route, version, user_hash, at), route, version, at, user_hash)
+            headers["x-charforge-response-id"] = ref.id
+            sampled = self.capture.sampled(route)
         self._track(replica.name, +1)
         if body.get("stream"):
             try:
@@ -496,14 +517,19 @@ class Gateway:
                 self._track(replica.name, -1)
                 raise
             outcome = StreamOutcome(str(upstream.status))
+            kept = bytearray() if sampled else None  # the raw stream, parsed by the capture writer, not here
 
             async def close() -> None:  # once, whether the relay ran to its end, broke, or never started
                 if outcome.closed:
                     return
                 outcome.closed = True
                 self._track(replica.name, -1)
-                self.metrics.observe(route, version, outcome.status(), time.perf_counter() - started, probe)
+                elapsed = time.perf_counter() - started
+                self.metrics.observe(route, version, outcome.status(), elapsed, probe)
                 upstream.close()  # a stream's connection is not reused: it may have broken off
+                if kept is not None:
+                    self.capture.submit(Pending(ref, replica.name, body.get("messages") or [], elapsed,
+                                                outcome.status(), stream=bytes(kept)))
 
             async def relay():
                 first = True
@@ -514,6 +540,8 @@ class Gateway:
                                 self.metrics.ttft.labels(route, version).observe(time.perf_counter() - started)
                             first = False
                         outcome.read(chunk)
+                        if kept is not None and len(kept) < 1_048_576:
+                            kept.extend(chunk)
                         yield chunk
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # the replica broke off midway: say so
                     outcome.cut = True
@@ -545,6 +573,16 @@ class Gateway:
             self.metrics.ttft.labels(route, version).observe(elapsed)
             if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
                 self.metrics.tokens.labels(route, version).inc(payload["usage"].get("completion_tokens") or 0)
+        if ref is not None and isinstance(payload, dict) and code == 200:
+            payload["id"] = ref.id
+            if sampled:
+                choice = (payload.get("choices") or [{}])[0]
+                reply = (choice.get("message") or {}).get("content") if "message" in choice else choice.get("text")
+                self.capture.submit(Pending(ref, replica.name, body.get("messages") or
+                                            [{"role": "user", "content": body.get("prompt")}], elapsed, status,
+                                            reply=reply if isinstance(reply, str) else "",
+                                            usage=payload.get("usage") if isinstance(payload.get("usage"), dict)
+                                            else None))
         return JSONResponse(payload, status_code=code, headers=headers)
 
 
@@ -606,10 +644,14 @@ def create_app(gateway: Gateway) -> FastAPI:
         gateway._poller = asyncio.create_task(gateway.poll_forever())
         gateway._watch_stop.clear()
         watcher = gateway.table.watch(gateway._watch_stop)  # changes other gateways write, served within a second
+        if gateway.capture is not None:
+            gateway.capture.start()
         yield
         gateway._poller.cancel()
         gateway._watch_stop.set()
         await asyncio.to_thread(watcher.join, 5)
+        if gateway.capture is not None:
+            await asyncio.to_thread(gateway.capture.close)  # writes what is queued
         await gateway.close()
 
     app = FastAPI(title="charforge gateway", lifespan=lifespan)
@@ -633,6 +675,27 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await gateway.forward("/v1/completions", request)
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> dict:
+        """A user's rating of one response: `{"id": <the response's id>, "rating": "up"|"down", "comment"?}`.
+        Stored (fsync'd or committed) before the 200; a second rating of the same response replaces the first."""
+        gateway.check_key(request)
+        if gateway.capture is None:
+            raise HTTPException(404, detail="ratings are not taken by this gateway (no capture store configured)")
+        body = await gateway.read_json(request)
+        try:
+            row = await asyncio.to_thread(gateway.capture.rate, body)
+        except LookupError as exc:
+            raise HTTPException(404, detail=str(exc)) from None
+        except OverflowError as exc:
+            raise HTTPException(413, detail=str(exc)) from None
+        except ValueError as exc:
+            raise HTTPException(400, detail=str(exc)) from None
+        except (OSError, CharforgeError) as exc:  # not stored, so not acknowledged
+            raise HTTPException(503, detail=f"the rating was not stored ({exc}); send it again") from None
+        gateway.metrics.feedback.labels(row["route"], row["version"], row["rating"]).inc()
+        return {"id": row["id"], "rating": row["rating"], "stored": True}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:

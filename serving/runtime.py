@@ -11,12 +11,13 @@ from collections.abc import Callable
 
 import uvicorn
 
+from charforge.characters import load_characters
 from charforge.errors import InputError
 from charforge.keys import KeyRing
 from charforge.schemas.serving import ServingConfig
-from charforge.settings import platform
-from serving import daemon, state_store, store
-from serving.fleet import LocalFleet, desired_path
+from charforge.settings import DATA_DIR, platform
+from serving import capture, daemon, state_store, store
+from serving.fleet import LocalFleet, desired_path, replica_key
 from serving.gateway import Gateway, RouteTable, create_app
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,28 @@ def gateway(cfg: ServingConfig, urls: list[str], discover: Callable | None = Non
     """The gateway with the routing table of the serving store (`platform.serving_store`: files under the state
     directory, or PostgreSQL) and the config's key and policies."""
     g, state = cfg.gateway, platform().state
-    routes = state_store.route_store(state, state_store.store_url(platform().serving_store_url))
-    return Gateway([] if discover else urls, RouteTable.load(routes),
-                   g.strategy, KeyRing.from_env(g.api_key_env), g.health_interval_s, g.connect_retries,
-                   g.request_timeout_s, discover=discover, admin_key=KeyRing.from_env(g.admin_key_env),
+    url = state_store.store_url(platform().serving_store_url)
+    table = RouteTable.load(state_store.route_store(state, url))
+    keys = (KeyRing.from_env(g.api_key_env), KeyRing.from_env(g.admin_key_env))
+    check_capture_routes(cfg, table)
+    capturer = capture.Capturer(cfg.capture, capture.capture_store(state, url),
+                                tuple(k for ring in keys for k in ring.keys()) + tuple(filter(None, [replica_key()])))
+    return Gateway([] if discover else urls, table,
+                   g.strategy, keys[0], g.health_interval_s, g.connect_retries,
+                   g.request_timeout_s, discover=discover, admin_key=keys[1],
                    max_request_bytes=g.max_request_bytes, max_inflight_per_replica=g.max_inflight_per_replica,
-                   retry_after_s=g.retry_after_s, audit_path=state / "serving" / "audit.jsonl")
+                   retry_after_s=g.retry_after_s, audit_path=state / "serving" / "audit.jsonl", capture=capturer)
+
+
+def check_capture_routes(cfg: ServingConfig, table: RouteTable) -> None:
+    """Every captured route is one the gateway can serve: a persona card, a route in the table, or a rollout
+    route; a typo would capture nothing, silently."""
+    known = set(load_characters(DATA_DIR / "characters")) | set(table.routes) | \
+        {r for r in cfg.rollout.routes if r != "characters"}
+    for route in cfg.capture.routes:
+        if route not in known:
+            raise InputError(f"capture.routes: {route!r} is not a route (persona cards, the routing table and "
+                             f"rollout.routes have: {', '.join(sorted(known)) or 'none'})")
 
 
 class DrainingServer(uvicorn.Server):

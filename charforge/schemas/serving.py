@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from charforge.config import StageConfig
 from charforge.keys import KeyRing
@@ -160,7 +161,46 @@ class RolloutSettings(StageConfig):
                               "one per persona card plus the adapter family's own name.")
 
 
+Rate = Annotated[float, Field(ge=0, le=1)]
+DEFAULT_KEY_PATTERNS = [
+    r"\bsk-[A-Za-z0-9_-]{16,}",                      # OpenAI-style secret keys
+    r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{16,}",      # an Authorization header pasted into a message
+    r"\bhf_[A-Za-z0-9]{20,}",                         # Hugging Face tokens
+    r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b",                # AWS access key ids
+]
+
+
+class CaptureSettings(StageConfig):
+    """Live conversations and ratings, captured at the gateway (`serving/capture.py`)."""
+
+    routes: dict[str, Rate] = Field(default_factory=dict, description="Routes whose conversations are captured "
+                                    "(opt-in), each with the share sampled, 0 to 1. A route must be a persona card "
+                                    "id, a route in the routing table or one of rollout.routes. Ratings are taken "
+                                    "for every route, captured or not.")
+    buffer: int = Field(default=10_000, ge=1, description="Captures waiting for the writer; beyond it they are "
+                        "dropped and counted (gateway_capture_dropped_total), never blocking a request.")
+    flush_s: float = Field(default=1.0, gt=0, le=60, description="The writer writes (and fsyncs) at least this "
+                           "often: what a crash may lose besides the queue.")
+    retention_days: float = Field(default=30, gt=0, description="Captures and ratings older than this are deleted "
+                                  "(hourly, by the writer).")
+    max_comment_chars: int = Field(default=2000, ge=0, description="Longer rating comments get 413.")
+    key_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_KEY_PATTERNS), description="Regular "
+                                    "expressions of credentials replaced by [KEY] in captured text, besides the "
+                                    "gateway's own keys.")
+
+    @field_validator("key_patterns")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"{p!r} is not a regular expression ({exc})") from None
+        return patterns
+
+
 class ServingConfig(StageConfig):
     fleet: FleetSettings = Field(default_factory=FleetSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    capture: CaptureSettings = Field(default_factory=CaptureSettings)
