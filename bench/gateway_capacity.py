@@ -112,16 +112,18 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
-def gateway_process(work: Path, name: str, replicas: list[str], stack: dict) -> GatewayProcess:
+def gateway_process(work: Path, name: str, replicas: list[str], stack: dict, capture: dict | None = None
+                    ) -> GatewayProcess:
     """A `charforge gateway` with its own state (a one-route table) in front of the stand-ins, on the given server
-    stack (`gateway.event_loop`, `gateway.http_parser`)."""
+    stack (`gateway.event_loop`, `gateway.http_parser`), with the given `capture` settings."""
     state = work / f"state-{name}"
     (state / "serving").mkdir(parents=True)
     (state / "serving" / "routes.json").write_text(json.dumps({"routes": {"bench": {"weights": {VERSION: 100}}}}))
     env = {"CHARFORGE_GATEWAY_API_KEY": KEY, "CHARFORGE_GATEWAY_ADMIN_KEY": ADMIN_KEY,
            "CHARFORGE_REPLICA_API_KEY": None}
     return GatewayProcess(work, name, replicas, state, {"gateway": {"strategy": "round_robin",
-                                                                    "max_inflight_per_replica": 512, **stack}}, env)
+                                                                    "max_inflight_per_replica": 512, **stack},
+                                                        "capture": capture or {}}, env)
 
 
 # ---- load -------------------------------------------------------------------------------------------------------------
@@ -230,6 +232,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--users", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="*", default=["stacks", "capture"],
+                        help="stacks: saturation and latency of the server stacks and of two processes; capture: "
+                             "capture of every conversation on vs off")
     args = parser.parse_args()
     if not LOCUST.exists():
         raise SystemExit(f"{LOCUST} is missing: run `make bench-load`, which installs locust there")
@@ -241,103 +246,145 @@ def main() -> None:
                 enumerate(STACKS.items())}
     default = next(iter(gateways))
     try:
-        print(f"## Saturation: {args.users} users, no wait, {args.seconds} s each, the two server stacks in turn "
-              f"(work dir {work})", flush=True)
-        for stream in (False, True):
-            kind = "streaming (8 chunks)" if stream else "non-streaming"
-            rps = {}
-            for name, gw in gateways.items():
-                tag = f"sat-{'s' if stream else 'n'}-{list(gateways).index(name)}"
-                load = locust(work, gw.url, args.users, args.seconds, stream, "bench", KEY, tag=tag)
-                spy = None
-                if not stream and name == default:
-                    time.sleep(args.seconds / 4)
-                    spy = profile(gw.proc.pid, args.seconds // 2, work / "gateway.pyspy")
-                load.wait()
-                s = stats(work, tag)
-                rps[name] = s["rps"]
-                print(f"- one gateway ({name}), {kind}: {s['rps']:.0f} req/s, p50 {s['p50_ms']:.0f} ms, "
-                      f"p99 {s['p99_ms']:.0f} ms, {s['failures']} failed of {s['requests']}", flush=True)
-                if spy:
-                    print("  gateway's own time by module (py-spy, non-streaming saturation):\n" + spy, flush=True)
-            names = list(rps)
-            print(f"  ratio {names[0]} / {names[1]}: {rps[names[0]] / rps[names[1]]:.2f}x", flush=True)
-            tag = f"sat-{'s' if stream else 'n'}-direct"
-            locust(work, replicas[0], args.users, args.seconds, stream, VERSION, None, tag=tag).wait()
-            d = stats(work, tag)
-            print(f"  a stand-in alone, same load: {d['rps']:.0f} req/s (the ceiling of this load generator here)",
-                  flush=True)
-
-        second = gateway_process(work, "two", replicas, STACKS[default])
-        pair = [gateways[default], second]
-        try:
-            loads = [locust(work, g.url, args.users // 2, args.seconds, False, "bench", KEY, tag=f"two-{i}")
-                     for i, g in enumerate(pair)]
-            for load in loads:
-                load.wait()
-            both = [stats(work, f"two-{i}") for i in range(2)]
-            parts = " + ".join(f"{s['rps']:.0f}" for s in both)
-            print(f"- two gateway processes ({default}), non-streaming, {args.users // 2} users each: "
-                  f"{sum(s['rps'] for s in both):.0f} req/s in all ({parts}), "
-                  f"{sum(s['failures'] for s in both)} failed", flush=True)
-
-            print(f"\n## Added latency at 100 req/s ({args.seconds} s per run, {args.repeats} alternating repeats: "
-                  f"each stack with 100 users at 1 req/s, two processes with 50 users each, a stand-in directly)",
-                  flush=True)
-            added: dict[str, list[float]] = {name: [] for name in [*gateways, "two processes"]}
-            for i in range(args.repeats):
-                direct = locust(work, replicas[0], 100, args.seconds, False, VERSION, None, rate=1.0, tag=f"r-d{i}")
-                direct.wait()
-                d = stats(work, f"r-d{i}")
-                line = [f"direct p50 {d['p50_ms']:.1f} ms"]
-                for j, (name, gw) in enumerate(gateways.items()):
-                    locust(work, gw.url, 100, args.seconds, False, "bench", KEY, rate=1.0, tag=f"r-g{j}-{i}").wait()
-                    g = stats(work, f"r-g{j}-{i}")
-                    added[name].append(g["p50_ms"] - d["p50_ms"])
-                    line.append(f"{name} p50 {g['p50_ms']:.1f} ms ({g['rps']:.0f} req/s, {g['failures']} failed)")
-                runs = [locust(work, g.url, 50, args.seconds, False, "bench", KEY, rate=1.0, tag=f"r-two{k}-{i}")
-                        for k, g in enumerate(pair)]
-                for run in runs:
-                    run.wait()
-                two = [stats(work, f"r-two{k}-{i}") for k in range(2)]
-                p50 = statistics.mean(t["p50_ms"] for t in two)
-                added["two processes"].append(p50 - d["p50_ms"])
-                line.append(f"two processes p50 {p50:.1f} ms ({sum(t['rps'] for t in two):.0f} req/s, "
-                            f"{sum(t['failures'] for t in two)} failed)")
-                print(f"- repeat {i + 1}: " + "; ".join(line), flush=True)
-            for name, values in added.items():
-                print(f"- p50 added, {name}: {statistics.median(values):+.1f} ms (repeats "
-                      f"{', '.join(f'{a:+.1f}' for a in values)}); locust reports whole milliseconds", flush=True)
-
-            print(f"\n## Added latency at 100 req/s, open-loop aiohttp client (100 keep-alive connections at 1 req/s "
-                  f"each, {args.seconds} s per run, {args.repeats} alternating repeats)", flush=True)
-            added = {name: [] for name in [*gateways, "two processes"]}
-            for i in range(args.repeats):
-                direct = statistics.median(asyncio.run(open_loop(replicas[0], VERSION, None, 100, args.seconds)))
-                line = [f"direct p50 {direct:.2f} ms"]
-                for name, gw in gateways.items():
-                    p50 = statistics.median(asyncio.run(open_loop(gw.url, "bench", KEY, 100, args.seconds)))
-                    added[name].append(p50 - direct)
-                    line.append(f"{name} {p50:.2f} ms")
-
-                async def both() -> list[float]:
-                    halves = await asyncio.gather(*(open_loop(g.url, "bench", KEY, 50, args.seconds) for g in pair))
-                    return [x for half in halves for x in half]
-                p50 = statistics.median(asyncio.run(both()))
-                added["two processes"].append(p50 - direct)
-                line.append(f"two processes {p50:.2f} ms")
-                print(f"- repeat {i + 1}: " + "; ".join(line), flush=True)
-            for name, values in added.items():
-                print(f"- p50 added, {name}: {statistics.median(values):+.2f} ms (repeats "
-                      f"{', '.join(f'{a:+.2f}' for a in values)})", flush=True)
-        finally:
-            second.stop()
+        if "stacks" in args.only:
+            stacks(args, work, replicas, gateways, default)
+        if "capture" in args.only:
+            capture_cost(args, work, replicas, gateways[default])
     finally:
         for gw in gateways.values():
             gw.stop()
         for proc in stand_ins:
             proc.terminate()
         shutil.rmtree(work, ignore_errors=True) if os.environ.get("CAPACITY_CLEAN") else None
+
+
+def capture_cost(args, work: Path, replicas: list[str], off: GatewayProcess) -> None:
+    """The same gateway with every conversation of the route captured (sampling 1.0) vs capture off, alternating:
+    saturated requests/s and the p50 an open-loop client sees at 100 req/s; then the store's size per 1,000."""
+    on = gateway_process(work, "capture-on", replicas, STACKS["uvloop + httptools"], {"routes": {"bench": 1.0}})
+    try:
+        print(f"\n## Capture on (every conversation of the route) vs off: {args.users} users saturating, then 100 "
+              f"req/s open loop; {args.seconds} s per run, {args.repeats} alternating repeats", flush=True)
+        ratios, added = [], []
+        for i in range(args.repeats):
+            rps = {}
+            for name, gw in (("off", off), ("on", on)):
+                tag = f"cap-{name}-{i}"
+                locust(work, gw.url, args.users, args.seconds, False, "bench", KEY, tag=tag).wait()
+                rps[name] = stats(work, tag)["rps"]
+            p50 = {name: statistics.median(asyncio.run(open_loop(gw.url, "bench", KEY, 100, args.seconds)))
+                   for name, gw in (("off", off), ("on", on))}
+            ratios.append(rps["on"] / rps["off"])
+            added.append(p50["on"] - p50["off"])
+            print(f"- repeat {i + 1}: saturated {rps['on']:.0f} / {rps['off']:.0f} req/s = {ratios[-1]:.3f}x; "
+                  f"p50 at 100 req/s {p50['on']:.2f} vs {p50['off']:.2f} ms ({added[-1]:+.2f} ms)", flush=True)
+        print(f"- capture on / off: {statistics.median(ratios):.3f}x throughput (repeats "
+              f"{', '.join(f'{r:.3f}' for r in ratios)}), p50 {statistics.median(added):+.2f} ms (repeats "
+              f"{', '.join(f'{a:+.2f}' for a in added)})", flush=True)
+    finally:
+        on.stop()
+    folder = on.state / "capture" / "conversations"
+    files = list(folder.glob("**/*.jsonl"))
+    rows = sum(len(p.read_text().splitlines()) for p in files)
+    size = sum(p.stat().st_size for p in files)
+    print(f"- store: {rows} conversations in {size / 2**20:.1f} MiB = {size / max(rows, 1) * 1000 / 2**20:.2f} MiB "
+          f"per 1,000 (each: one short user turn and the stand-in's 2-word reply)", flush=True)
+
+
+def stacks(args, work: Path, replicas: list[str], gateways: dict, default: str) -> None:
+    """Both server stacks saturated (non-streaming, streaming), two processes, and the latency each adds at 100
+    req/s (locust, then the open-loop aiohttp client)."""
+    print(f"## Saturation: {args.users} users, no wait, {args.seconds} s each, the two server stacks in turn "
+          f"(work dir {work})", flush=True)
+    for stream in (False, True):
+        kind = "streaming (8 chunks)" if stream else "non-streaming"
+        rps = {}
+        for name, gw in gateways.items():
+            tag = f"sat-{'s' if stream else 'n'}-{list(gateways).index(name)}"
+            load = locust(work, gw.url, args.users, args.seconds, stream, "bench", KEY, tag=tag)
+            spy = None
+            if not stream and name == default:
+                time.sleep(args.seconds / 4)
+                spy = profile(gw.proc.pid, args.seconds // 2, work / "gateway.pyspy")
+            load.wait()
+            s = stats(work, tag)
+            rps[name] = s["rps"]
+            print(f"- one gateway ({name}), {kind}: {s['rps']:.0f} req/s, p50 {s['p50_ms']:.0f} ms, "
+                  f"p99 {s['p99_ms']:.0f} ms, {s['failures']} failed of {s['requests']}", flush=True)
+            if spy:
+                print("  gateway's own time by module (py-spy, non-streaming saturation):\n" + spy, flush=True)
+        names = list(rps)
+        print(f"  ratio {names[0]} / {names[1]}: {rps[names[0]] / rps[names[1]]:.2f}x", flush=True)
+        tag = f"sat-{'s' if stream else 'n'}-direct"
+        locust(work, replicas[0], args.users, args.seconds, stream, VERSION, None, tag=tag).wait()
+        d = stats(work, tag)
+        print(f"  a stand-in alone, same load: {d['rps']:.0f} req/s (the ceiling of this load generator here)",
+              flush=True)
+
+    second = gateway_process(work, "two", replicas, STACKS[default])
+    pair = [gateways[default], second]
+    try:
+        loads = [locust(work, g.url, args.users // 2, args.seconds, False, "bench", KEY, tag=f"two-{i}")
+                 for i, g in enumerate(pair)]
+        for load in loads:
+            load.wait()
+        both = [stats(work, f"two-{i}") for i in range(2)]
+        parts = " + ".join(f"{s['rps']:.0f}" for s in both)
+        print(f"- two gateway processes ({default}), non-streaming, {args.users // 2} users each: "
+              f"{sum(s['rps'] for s in both):.0f} req/s in all ({parts}), "
+              f"{sum(s['failures'] for s in both)} failed", flush=True)
+
+        print(f"\n## Added latency at 100 req/s ({args.seconds} s per run, {args.repeats} alternating repeats: "
+              f"each stack with 100 users at 1 req/s, two processes with 50 users each, a stand-in directly)",
+              flush=True)
+        added: dict[str, list[float]] = {name: [] for name in [*gateways, "two processes"]}
+        for i in range(args.repeats):
+            direct = locust(work, replicas[0], 100, args.seconds, False, VERSION, None, rate=1.0, tag=f"r-d{i}")
+            direct.wait()
+            d = stats(work, f"r-d{i}")
+            line = [f"direct p50 {d['p50_ms']:.1f} ms"]
+            for j, (name, gw) in enumerate(gateways.items()):
+                locust(work, gw.url, 100, args.seconds, False, "bench", KEY, rate=1.0, tag=f"r-g{j}-{i}").wait()
+                g = stats(work, f"r-g{j}-{i}")
+                added[name].append(g["p50_ms"] - d["p50_ms"])
+                line.append(f"{name} p50 {g['p50_ms']:.1f} ms ({g['rps']:.0f} req/s, {g['failures']} failed)")
+            runs = [locust(work, g.url, 50, args.seconds, False, "bench", KEY, rate=1.0, tag=f"r-two{k}-{i}")
+                    for k, g in enumerate(pair)]
+            for run in runs:
+                run.wait()
+            two = [stats(work, f"r-two{k}-{i}") for k in range(2)]
+            p50 = statistics.mean(t["p50_ms"] for t in two)
+            added["two processes"].append(p50 - d["p50_ms"])
+            line.append(f"two processes p50 {p50:.1f} ms ({sum(t['rps'] for t in two):.0f} req/s, "
+                        f"{sum(t['failures'] for t in two)} failed)")
+            print(f"- repeat {i + 1}: " + "; ".join(line), flush=True)
+        for name, values in added.items():
+            print(f"- p50 added, {name}: {statistics.median(values):+.1f} ms (repeats "
+                  f"{', '.join(f'{a:+.1f}' for a in values)}); locust reports whole milliseconds", flush=True)
+
+        print(f"\n## Added latency at 100 req/s, open-loop aiohttp client (100 keep-alive connections at 1 req/s "
+              f"each, {args.seconds} s per run, {args.repeats} alternating repeats)", flush=True)
+        added = {name: [] for name in [*gateways, "two processes"]}
+        for i in range(args.repeats):
+            direct = statistics.median(asyncio.run(open_loop(replicas[0], VERSION, None, 100, args.seconds)))
+            line = [f"direct p50 {direct:.2f} ms"]
+            for name, gw in gateways.items():
+                p50 = statistics.median(asyncio.run(open_loop(gw.url, "bench", KEY, 100, args.seconds)))
+                added[name].append(p50 - direct)
+                line.append(f"{name} {p50:.2f} ms")
+
+            async def both() -> list[float]:
+                halves = await asyncio.gather(*(open_loop(g.url, "bench", KEY, 50, args.seconds) for g in pair))
+                return [x for half in halves for x in half]
+            p50 = statistics.median(asyncio.run(both()))
+            added["two processes"].append(p50 - direct)
+            line.append(f"two processes {p50:.2f} ms")
+            print(f"- repeat {i + 1}: " + "; ".join(line), flush=True)
+        for name, values in added.items():
+            print(f"- p50 added, {name}: {statistics.median(values):+.2f} ms (repeats "
+                  f"{', '.join(f'{a:+.2f}' for a in values)})", flush=True)
+    finally:
+        second.stop()
 
 
 if __name__ == "__main__":
