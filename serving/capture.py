@@ -28,7 +28,6 @@ import hmac
 import json
 import logging
 import os
-import queue
 import random
 import re
 import secrets
@@ -36,7 +35,7 @@ import shutil
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -363,7 +362,9 @@ class Capturer:
         self.settings, self.store = settings, store
         self.ids = ResponseIds(store.secret())
         self.scrub = Scrubber(settings.key_patterns, keys)
-        self.queue: queue.Queue[Pending] = queue.Queue(maxsize=settings.buffer)
+        # a deque, not a queue.Queue: appends and pops are atomic without a lock, and no thread waits on it, so a
+        # request never wakes the writer (which drains it every flush_s) and never contends for a lock
+        self.queue: deque[Pending] = deque()
         self.dropped = dropped  # a prometheus Counter (labels: reason), or None
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -374,11 +375,11 @@ class Capturer:
         return rate > 0 and (rate >= 1 or random.random() < rate)
 
     def submit(self, pending: Pending) -> None:
-        try:
-            self.queue.put_nowait(pending)
-        except queue.Full:
+        if len(self.queue) >= self.settings.buffer:
             if self.dropped is not None:
                 self.dropped.labels("buffer_full").inc()
+            return
+        self.queue.append(pending)
 
     def start(self) -> None:
         if self.thread is None or not self.thread.is_alive():
@@ -393,14 +394,12 @@ class Capturer:
 
     def _write_forever(self) -> None:
         last_retention = 0.0
-        while not (self.stop.is_set() and self.queue.empty()):
+        while not (self.stop.is_set() and not self.queue):
+            if len(self.queue) < self.settings.buffer // 2:  # one batch per flush_s, unless the queue fills up
+                self.stop.wait(self.settings.flush_s)
             batch: list[Pending] = []
-            try:
-                batch.append(self.queue.get(timeout=self.settings.flush_s))
-                while len(batch) < 500:
-                    batch.append(self.queue.get_nowait())
-            except queue.Empty:
-                pass
+            while self.queue and len(batch) < self.settings.buffer:
+                batch.append(self.queue.popleft())
             if batch:
                 try:
                     self.store.write([capture_row(p, self.scrub) for p in batch])
