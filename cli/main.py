@@ -354,14 +354,15 @@ def _capture_store():
 @capture_app.command("stats")
 def capture_stats(since: str = typer.Option(None, help="From (UTC date, date-time or hours ago: 24h); default: all."),
                   ) -> None:
-    """Per route and version: conversations captured, ratings up and down."""
+    """Per route and version: conversations captured, ratings up and down, captures dropped (buffer full, store
+    down)."""
     from serving import capture
 
     rows = capture.stats(_capture_store(), capture.parse_when(since, 0.0))
-    typer.echo(f"{'route':24} {'version':32} {'conversations':>13} {'up':>6} {'down':>6}")
+    typer.echo(f"{'route':24} {'version':32} {'conversations':>13} {'up':>6} {'down':>6} {'dropped':>8}")
     for r in rows:
         typer.echo(f"{r['route']:24} {r['version']:32} {r['conversations']:13d} {r['rated_up']:6d} "
-                   f"{r['rated_down']:6d}")
+                   f"{r['rated_down']:6d} {r['dropped']:8d}")
     if not rows:
         typer.echo("nothing captured or rated yet (capture.routes in the serving config opts routes in)")
 

@@ -209,6 +209,15 @@ class FileCaptureStore:
             handle.flush()
             os.fsync(handle.fileno())
 
+    def put_drops(self, rows: list[dict]) -> None:
+        path = self.folder / "dropped" / f"{time.strftime('%Y-%m-%d', time.gmtime(rows[0]['at']))}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            handle.write("".join(json.dumps(r) + "\n" for r in rows))
+
+    def drops(self, since: float = 0) -> list[dict]:
+        return [row for _, row in self._lines("dropped") if row["at"] >= since]
+
     def _lines(self, kind: str) -> Iterator[tuple[Path, dict]]:
         for path in sorted((self.folder / kind).glob("**/*.jsonl")):
             for line in path.read_text().splitlines():
@@ -274,6 +283,8 @@ class PostgresCaptureStore:
         id text PRIMARY KEY, at timestamptz NOT NULL, rated_at timestamptz NOT NULL, route text NOT NULL,
         version text NOT NULL, user_hash text, rating text NOT NULL, comment text);
     CREATE TABLE IF NOT EXISTS charforge_capture_secret (one boolean PRIMARY KEY DEFAULT true, secret text NOT NULL);
+    CREATE TABLE IF NOT EXISTS charforge_capture_drops (
+        at timestamptz NOT NULL, route text NOT NULL, version text NOT NULL, count integer NOT NULL);
     """
 
     def __init__(self, store) -> None:  # a serving.state_store.PostgresStore (its connection and locking)
@@ -309,6 +320,16 @@ class PostgresCaptureStore:
             "rated_at = excluded.rated_at, rating = excluded.rating, comment = excluded.comment",
             (row["id"], row["at"], row["rated_at"], row["route"], row["version"], row["user_hash"], row["rating"],
              row["comment"])))
+
+    def put_drops(self, rows: list[dict]) -> None:
+        self._run(lambda c: c.cursor().executemany(
+            "INSERT INTO charforge_capture_drops (at, route, version, count) VALUES (to_timestamp(%s), %s, %s, %s)",
+            [(r["at"], r["route"], r["version"], r["count"]) for r in rows]))
+
+    def drops(self, since: float = 0) -> list[dict]:
+        return self._run(lambda c: [{"at": float(a), "route": r, "version": v, "count": n} for a, r, v, n in c.execute(
+            "SELECT extract(epoch FROM at), route, version, count FROM charforge_capture_drops "
+            "WHERE at >= to_timestamp(%s)", (since,))])
 
     def captures(self, since: float = 0, until: float = float("inf")) -> list[dict]:
         until = min(until, 4e9)
@@ -369,6 +390,8 @@ class Capturer:
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
         self.written = 0
+        self.dropped_by: Counter = Counter()  # (route, version) -> captures dropped since the writer last saved them
+        self._drops_lock = threading.Lock()
 
     def sampled(self, route: str) -> bool:
         rate = self.settings.routes.get(route, 0.0)
@@ -376,10 +399,16 @@ class Capturer:
 
     def submit(self, pending: Pending) -> None:
         if len(self.queue) >= self.settings.buffer:
-            if self.dropped is not None:
-                self.dropped.labels("buffer_full").inc()
+            self.drop("buffer_full", [pending])
             return
         self.queue.append(pending)
+
+    def drop(self, reason: str, lost: list[Pending]) -> None:
+        if self.dropped is not None:
+            self.dropped.labels(reason).inc(len(lost))
+        with self._drops_lock:
+            for p in lost:
+                self.dropped_by[(p.ref.route, p.ref.version)] += 1
 
     def start(self) -> None:
         if self.thread is None or not self.thread.is_alive():
@@ -387,7 +416,8 @@ class Capturer:
             self.thread = threading.Thread(target=self._write_forever, name="capture-writer", daemon=True)
             self.thread.start()
 
-    def close(self, timeout: float = 5) -> None:
+    def close(self, timeout: float = 15) -> None:
+        """Write what is queued (waiting at most `timeout` for a slow store), then stop the writer."""
         self.stop.set()
         if self.thread is not None:
             self.thread.join(timeout)
@@ -406,8 +436,15 @@ class Capturer:
                     self.written += len(batch)
                 except Exception as exc:  # a full disk, the store down: drop this batch, count it, go on
                     log.error("capture: %d rows not written (%s: %s)", len(batch), type(exc).__name__, exc)
-                    if self.dropped is not None:
-                        self.dropped.labels("write_failed").inc(len(batch))
+                    self.drop("write_failed", batch)
+            with self._drops_lock:
+                drops, self.dropped_by = self.dropped_by, Counter()
+            if drops:
+                try:  # what `charforge capture stats` shows as dropped
+                    self.store.put_drops([{"at": time.time(), "route": r, "version": v, "count": n}
+                                          for (r, v), n in drops.items()])
+                except Exception as exc:
+                    log.error("capture: drop counts not written (%s: %s)", type(exc).__name__, exc)
             if time.time() - last_retention > 3600:
                 last_retention = time.time()
                 try:
@@ -439,15 +476,17 @@ class Capturer:
 
 # ---- reading it ------------------------------------------------------------------------------------------------------
 def stats(store, since: float = 0) -> list[dict]:
-    """Per route and version: conversations captured, ratings up and down (of captured or not)."""
+    """Per route and version: conversations captured, ratings up and down (of captured or not), captures dropped."""
     table: dict[tuple[str, str], Counter] = {}
+    for row in store.drops(since):
+        table.setdefault((row["route"], row["version"]), Counter())["dropped"] += row["count"]
     for row in store.captures(since):
         table.setdefault((row["route"], row["version"]), Counter())["conversations"] += 1
     for row in store.feedback().values():
         if row["at"] >= since:
             table.setdefault((row["route"], row["version"]), Counter())[f"rated_{row['rating']}"] += 1
     return [{"route": r, "version": v, "conversations": c["conversations"], "rated_up": c["rated_up"],
-             "rated_down": c["rated_down"]} for (r, v), c in sorted(table.items())]
+             "rated_down": c["rated_down"], "dropped": c["dropped"]} for (r, v), c in sorted(table.items())]
 
 
 def export_rows(store, since: float, until: float) -> list[dict]:

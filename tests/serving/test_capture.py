@@ -101,7 +101,13 @@ def test_chats_through_a_real_replica_are_captured_scrubbed_and_joined_to_their_
     assert {rid: r["rating"] for rid, r in exported.items() if r["rating"]} == ratings
     assert next(iter(exported.values()))["messages"][-1]["role"] == "assistant"
     assert stats(store) == [{"route": "nell", "version": "smollm2-135m-instruct", "conversations": 6, "rated_up": 2,
-                             "rated_down": 2}]
+                             "rated_down": 2, "dropped": 0}]
+    from charforge.curation.ingest import parse_conversation
+
+    for row in exported.values():  # curation reads the export as it reads data/raw
+        assert parse_conversation(json.dumps(row).encode()) == (row, None)
+    print(f"{len(written.encode()) / len(rows):.0f} bytes per captured conversation (a persona card, one user turn "
+          f"with planted PII, a 12-token reply)")
 
 
 def test_the_rating_api_refuses_what_it_must_and_stores_the_rest(tmp_path):
@@ -265,7 +271,9 @@ def test_a_full_capture_buffer_drops_and_counts_and_never_slows_a_request(tmp_pa
     fake.close()
     assert codes == [200] * 20 and elapsed < 2  # none waited for the stalled writer
     line = next(x for x in dropped.splitlines() if x.startswith('gateway_capture_dropped_total{reason="buffer_full"}'))
-    assert float(line.split()[-1]) >= 15  # 20 sampled, at most 1 being written and 3 queued
+    assert float(line.split()[-1]) >= 15  # 20 sampled, at most 3 queued and 3 being written
+    [row] = stats(capturer.store)  # the drops are in the store too, for `charforge capture stats`
+    assert row["dropped"] == float(line.split()[-1]) and row["conversations"] + row["dropped"] == 20
 
 
 def test_bad_capture_configs_are_one_line_naming_the_key(tmp_path):
