@@ -223,6 +223,7 @@ async def open_loop(url: str, model: str, key: str | None, connections: int, sec
     return latencies
 
 
+CAPTURE_EXTRA = json.loads(os.environ.get("CAPTURE_EXTRA", "{}"))  # e.g. {"flush_s": 0.1}
 STACKS = {"uvloop + httptools": {"event_loop": "uvloop", "http_parser": "httptools"},  # the default (auto)
           "asyncio + h11": {"event_loop": "asyncio", "http_parser": "h11"}}
 
@@ -261,7 +262,7 @@ def main() -> None:
 def capture_cost(args, work: Path, replicas: list[str], off: GatewayProcess) -> None:
     """The same gateway with every conversation of the route captured (sampling 1.0) vs capture off, alternating:
     saturated requests/s and the p50 an open-loop client sees at 100 req/s; then the store's size per 1,000."""
-    on = gateway_process(work, "capture-on", replicas, STACKS["uvloop + httptools"], {"routes": {"bench": 1.0}})
+    on = gateway_process(work, "capture-on", replicas, STACKS["uvloop + httptools"], {"routes": {"bench": 1.0}, **CAPTURE_EXTRA})
     try:
         print(f"\n## Capture on (every conversation of the route) vs off: {args.users} users saturating, then 100 "
               f"req/s open loop; {args.seconds} s per run, {args.repeats} alternating repeats", flush=True)
