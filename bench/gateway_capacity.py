@@ -112,15 +112,15 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
-def gateway_process(work: Path, name: str, replicas: list[str], stack: dict, capture: dict | None = None
-                    ) -> GatewayProcess:
+def gateway_process(work: Path, name: str, replicas: list[str], stack: dict, capture: dict | None = None,
+                    env: dict | None = None) -> GatewayProcess:
     """A `charforge gateway` with its own state (a one-route table) in front of the stand-ins, on the given server
     stack (`gateway.event_loop`, `gateway.http_parser`), with the given `capture` settings."""
     state = work / f"state-{name}"
     (state / "serving").mkdir(parents=True)
     (state / "serving" / "routes.json").write_text(json.dumps({"routes": {"bench": {"weights": {VERSION: 100}}}}))
     env = {"CHARFORGE_GATEWAY_API_KEY": KEY, "CHARFORGE_GATEWAY_ADMIN_KEY": ADMIN_KEY,
-           "CHARFORGE_REPLICA_API_KEY": None}
+           "CHARFORGE_REPLICA_API_KEY": None, **(env or {})}
     return GatewayProcess(work, name, replicas, state, {"gateway": {"strategy": "round_robin",
                                                                     "max_inflight_per_replica": 512, **stack},
                                                         "capture": capture or {}}, env)
@@ -223,7 +223,6 @@ async def open_loop(url: str, model: str, key: str | None, connections: int, sec
     return latencies
 
 
-CAPTURE_EXTRA = json.loads(os.environ.get("CAPTURE_EXTRA", "{}"))  # e.g. {"flush_s": 0.1}
 STACKS = {"uvloop + httptools": {"event_loop": "uvloop", "http_parser": "httptools"},  # the default (auto)
           "asyncio + h11": {"event_loop": "asyncio", "http_parser": "h11"}}
 
@@ -233,9 +232,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--users", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", nargs="*", default=["stacks", "capture"],
-                        help="stacks: saturation and latency of the server stacks and of two processes; capture: "
-                             "capture of every conversation on vs off")
+    parser.add_argument("--only", nargs="*", default=["stacks", "gc", "capture"],
+                        help="stacks: saturation and latency of the server stacks and of two processes; gc: the "
+                             "gateway with and without gc.freeze(); capture: capture of every conversation on vs off")
     args = parser.parse_args()
     if not LOCUST.exists():
         raise SystemExit(f"{LOCUST} is missing: run `make bench-load`, which installs locust there")
@@ -249,6 +248,8 @@ def main() -> None:
     try:
         if "stacks" in args.only:
             stacks(args, work, replicas, gateways, default)
+        if "gc" in args.only:
+            gc_freeze(args, work, replicas, gateways[default])
         if "capture" in args.only:
             capture_cost(args, work, replicas, gateways[default])
     finally:
@@ -259,10 +260,33 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True) if os.environ.get("CAPACITY_CLEAN") else None
 
 
+def gc_freeze(args, work: Path, replicas: list[str], frozen: GatewayProcess) -> None:
+    """The default gateway (its startup heap frozen out of the collector's sight) vs the same with
+    CHARFORGE_GATEWAY_GC_FREEZE=0, alternating: saturated non-streaming requests/s."""
+    thawed = gateway_process(work, "gc-thawed", replicas, STACKS["uvloop + httptools"],
+                             env={"CHARFORGE_GATEWAY_GC_FREEZE": "0"})
+    try:
+        print(f"\n## gc.freeze() at start vs not: {args.users} users saturating, non-streaming, {args.seconds} s per "
+              f"run, {args.repeats} alternating repeats", flush=True)
+        ratios = []
+        for i in range(args.repeats):
+            rps = {}
+            for name, gw in (("frozen", frozen), ("thawed", thawed)):
+                tag = f"gc-{name}-{i}"
+                locust(work, gw.url, args.users, args.seconds, False, "bench", KEY, tag=tag).wait()
+                rps[name] = stats(work, tag)["rps"]
+            ratios.append(rps["frozen"] / rps["thawed"])
+            print(f"- repeat {i + 1}: {rps['frozen']:.0f} / {rps['thawed']:.0f} req/s = {ratios[-1]:.3f}x", flush=True)
+        print(f"- frozen / thawed: {statistics.median(ratios):.3f}x (repeats {', '.join(f'{r:.3f}' for r in ratios)})",
+              flush=True)
+    finally:
+        thawed.stop()
+
+
 def capture_cost(args, work: Path, replicas: list[str], off: GatewayProcess) -> None:
     """The same gateway with every conversation of the route captured (sampling 1.0) vs capture off, alternating:
     saturated requests/s and the p50 an open-loop client sees at 100 req/s; then the store's size per 1,000."""
-    on = gateway_process(work, "capture-on", replicas, STACKS["uvloop + httptools"], {"routes": {"bench": 1.0}, **CAPTURE_EXTRA})
+    on = gateway_process(work, "capture-on", replicas, STACKS["uvloop + httptools"], {"routes": {"bench": 1.0}})
     try:
         print(f"\n## Capture on (every conversation of the route) vs off: {args.users} users saturating, then 100 "
               f"req/s open loop; {args.seconds} s per run, {args.repeats} alternating repeats", flush=True)

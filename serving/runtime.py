@@ -4,7 +4,9 @@ are these functions and `serve_gateway` (uvicorn, with a drain on SIGTERM)."""
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -104,4 +106,10 @@ def serve_gateway(gw: Gateway, cfg: ServingConfig) -> None:
     g = cfg.gateway
     config = uvicorn.Config(create_app(gw), host=g.host, port=g.port, log_level="warning", loop=g.event_loop,
                             http=g.http_parser)
+    if os.environ.get("CHARFORGE_GATEWAY_GC_FREEZE", "1") != "0":
+        # Everything built so far (the imported libraries, the app) lives as long as the process: moved out of the
+        # collector's sight, each collection no longer walks it. Saturated throughput ~+25% (make bench-capacity);
+        # CHARFORGE_GATEWAY_GC_FREEZE=0 turns it off, for comparison.
+        gc.collect()
+        gc.freeze()
     DrainingServer(config, gw, cfg.gateway.drain_s).run()
