@@ -260,6 +260,15 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True) if os.environ.get("CAPACITY_CLEAN") else None
 
 
+def saturate(args, work: Path, gateways: dict[str, GatewayProcess], tag: str) -> dict[str, float]:
+    """One saturating non-streaming locust run against each gateway in turn: requests/s by name."""
+    rps = {}
+    for name, gw in gateways.items():
+        locust(work, gw.url, args.users, args.seconds, False, "bench", KEY, tag=f"{tag}-{name}").wait()
+        rps[name] = stats(work, f"{tag}-{name}")["rps"]
+    return rps
+
+
 def gc_freeze(args, work: Path, replicas: list[str], frozen: GatewayProcess) -> None:
     """The default gateway (its startup heap frozen out of the collector's sight) vs the same with
     CHARFORGE_GATEWAY_GC_FREEZE=0, alternating: saturated non-streaming requests/s."""
@@ -270,11 +279,7 @@ def gc_freeze(args, work: Path, replicas: list[str], frozen: GatewayProcess) -> 
               f"run, {args.repeats} alternating repeats", flush=True)
         ratios = []
         for i in range(args.repeats):
-            rps = {}
-            for name, gw in (("frozen", frozen), ("thawed", thawed)):
-                tag = f"gc-{name}-{i}"
-                locust(work, gw.url, args.users, args.seconds, False, "bench", KEY, tag=tag).wait()
-                rps[name] = stats(work, tag)["rps"]
+            rps = saturate(args, work, {"frozen": frozen, "thawed": thawed}, f"gc-{i}")
             ratios.append(rps["frozen"] / rps["thawed"])
             print(f"- repeat {i + 1}: {rps['frozen']:.0f} / {rps['thawed']:.0f} req/s = {ratios[-1]:.3f}x", flush=True)
         print(f"- frozen / thawed: {statistics.median(ratios):.3f}x (repeats {', '.join(f'{r:.3f}' for r in ratios)})",
@@ -292,11 +297,7 @@ def capture_cost(args, work: Path, replicas: list[str], off: GatewayProcess) -> 
               f"req/s open loop; {args.seconds} s per run, {args.repeats} alternating repeats", flush=True)
         ratios, added = [], []
         for i in range(args.repeats):
-            rps = {}
-            for name, gw in (("off", off), ("on", on)):
-                tag = f"cap-{name}-{i}"
-                locust(work, gw.url, args.users, args.seconds, False, "bench", KEY, tag=tag).wait()
-                rps[name] = stats(work, tag)["rps"]
+            rps = saturate(args, work, {"off": off, "on": on}, f"cap-{i}")
             p50 = {name: statistics.median(asyncio.run(open_loop(gw.url, "bench", KEY, 100, args.seconds)))
                    for name, gw in (("off", off), ("on", on))}
             ratios.append(rps["on"] / rps["off"])

@@ -252,11 +252,10 @@ class FileCaptureStore:
     def drop_days_before(self, cutoff: float) -> Counter:
         removed: Counter = Counter()
         day = time.strftime("%Y-%m-%d", time.gmtime(cutoff))
-        for kind in ("conversations",):
-            for folder in sorted((self.folder / kind).glob("*")):
-                if folder.is_dir() and folder.name < day:
-                    removed[kind] += sum(len(p.read_text().splitlines()) for p in folder.glob("*.jsonl"))
-                    shutil.rmtree(folder)
+        for folder in sorted((self.folder / "conversations").glob("*")):
+            if folder.is_dir() and folder.name < day:
+                removed["conversations"] += sum(len(p.read_text().splitlines()) for p in folder.glob("*.jsonl"))
+                shutil.rmtree(folder)
         return removed + self.purge(lambda row: row.get("at", row.get("rated_at", 0)) >= cutoff)
 
     def close(self) -> None:
@@ -289,14 +288,17 @@ class PostgresCaptureStore:
 
     def __init__(self, store) -> None:  # a serving.state_store.PostgresStore (its connection and locking)
         self.store = store
+        self._schema_ready = False
 
     def _run(self, work):
         def with_schema(conn):
-            conn.execute("SELECT pg_advisory_xact_lock(7406020002)")
-            conn.execute(self.SCHEMA)
-            self._run = self.store._run  # the tables exist from now on
+            if not self._schema_ready:  # two gateways starting at once: one creates the tables, one waits
+                conn.execute("SELECT pg_advisory_xact_lock(7406020002)")
+                conn.execute(self.SCHEMA)
             return work(conn)
-        return self.store._run(with_schema)
+        result = self.store._run(with_schema)
+        self._schema_ready = True  # committed with the work (a failed transaction leaves it False)
+        return result
 
     def secret(self) -> bytes:
         def get(conn):

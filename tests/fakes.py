@@ -1,18 +1,12 @@
 """Fakes for the gateway's tests, named as fakes: replicas that misbehave on demand (no real vLLM drops a
-connection, cuts a stream or hangs when asked), and a gateway app run in the test's own process."""
+connection, cuts a stream or hangs when asked)."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-import uvicorn
-
-from charforge.vllm_server import free_port
-from serving.gateway import Gateway, create_app
 
 VERSION = "charforge-lora-v1"
 REPLY = {"id": "fake", "object": "chat.completion", "model": VERSION, "usage": {"completion_tokens": 2},
@@ -92,26 +86,3 @@ class FakeReplica:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-@contextmanager
-def running(gw: Gateway):
-    """The gateway app on a free port, in this process (so the test can read its state)."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(gw), host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-def wait_healthy(gw: Gateway, n: int = 1) -> None:
-    deadline = time.monotonic() + 10
-    while sum(r.healthy for r in gw.replicas.values()) < n:
-        assert time.monotonic() < deadline, gw.replicas
-        time.sleep(0.05)

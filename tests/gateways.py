@@ -1,5 +1,6 @@
-"""Gateway processes as an operator runs them (`charforge gateway`, one per port), and HAProxy in plain TCP mode in
-front of several: the layouts tests and benches start. HAProxy is Debian's package (`make haproxy` installs it)."""
+"""The gateway layouts tests and benches start: the app in the test's own process (`running`), gateway processes as
+an operator runs them (`charforge gateway`, one per port), and HAProxy in plain TCP mode in front of several.
+HAProxy is Debian's package (`make haproxy` installs it)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,42 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import uvicorn
 import yaml
 
 from charforge.vllm_server import free_port
+from serving.gateway import Gateway, create_app
 
 CHARFORGE = Path(sys.executable).parent / "charforge"
+
+
+@contextmanager
+def running(gw: Gateway):
+    """The gateway app on a free port, in this process (so the test can read its state)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(gw), host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def wait_healthy(gw: Gateway, n: int = 1) -> None:
+    deadline = time.monotonic() + 10
+    while sum(r.healthy for r in gw.replicas.values()) < n:
+        assert time.monotonic() < deadline, gw.replicas
+        time.sleep(0.05)
 
 
 class GatewayProcess:

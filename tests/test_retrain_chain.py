@@ -17,13 +17,11 @@ import asyncio
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from mlflow import MlflowClient
 
 from charforge.config import load_yaml_model
@@ -96,7 +94,8 @@ def chain_env(tmp_path_factory, base_model_dir):
 def gateway(chain_env, base_model_dir):
     """One real vLLM replica behind the real gateway (in this process), as `charforge serve` runs them."""
     from serving.fleet import LocalFleet, desired_path
-    from serving.gateway import Gateway, RouteTable, create_app
+    from serving.gateway import Gateway, RouteTable
+    from tests.gateways import running
 
     state = chain_env / "state" / "serving"
     fleet = LocalFleet(base_model_dir, "smollm2-135m-instruct", [free_port()], state / "logs",
@@ -104,15 +103,8 @@ def gateway(chain_env, base_model_dir):
     fleet.start()
     gw = Gateway(fleet.urls, RouteTable(state / "routes.json"), api_key=KEY, admin_key=ADMIN_KEY,
                  health_interval_s=0.5)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(gw), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running(gw) as url:
+        yield url
     fleet.stop()
 
 

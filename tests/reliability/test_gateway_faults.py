@@ -28,7 +28,8 @@ from starlette.requests import Request
 from charforge.vllm_server import free_port
 from serving.discovery_k8s import ready_replicas
 from serving.gateway import Gateway, RouteChanged, RouteTable
-from tests.fakes import VERSION, FakeReplica, running, wait_healthy
+from tests.fakes import VERSION, FakeReplica
+from tests.gateways import running, wait_healthy
 
 pytestmark = pytest.mark.reliability
 KEY, ADMIN_KEY = "app-key", "admin-key"

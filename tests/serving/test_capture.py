@@ -24,8 +24,8 @@ from charforge.schemas.serving import CaptureSettings, ServingConfig
 from serving.capture import Capturer, FileCaptureStore, PostgresCaptureStore, ResponseIds, export_rows, purge_user, \
     stats
 from serving.gateway import Gateway, RouteTable
-from tests.fakes import VERSION, FakeReplica, running, wait_healthy
-from tests.gateways import GatewayProcess
+from tests.fakes import VERSION, FakeReplica
+from tests.gateways import GatewayProcess, running, wait_healthy
 from tests.postgres import postgres  # noqa: F401  (the fixture)
 
 KEY, ADMIN_KEY = "app-key-0123456789abcdef", "admin-key"

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from charforge.characters import load_characters
 from charforge.settings import DATA_DIR
-from charforge.vllm_server import free_port
-from serving.gateway import Gateway, RouteTable, create_app
+from serving.gateway import Gateway, RouteTable
+from tests.gateways import running
 
 pytestmark = pytest.mark.slow
 KEY = "test-key"
@@ -27,17 +25,8 @@ def gateway(vllm_base, smollm2_adapter, tmp_path):
     assert load.status_code in (200, 400), load.text  # 400: already loaded by an earlier test in this session
     table = RouteTable(tmp_path / "routes.json")
     gw = Gateway([vllm_base.url], table, api_key=KEY, admin_key=ADMIN_KEY, health_interval_s=0.5)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(gw), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if server.started:
-            break
-        time.sleep(0.1)
-    yield gw, f"http://127.0.0.1:{port}", vllm_base
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running(gw) as url:
+        yield gw, url, vllm_base
 
 
 def admin(url: str, method: str, path: str, **kw) -> httpx.Response:

@@ -20,10 +20,11 @@ import pytest
 
 from charforge.errors import InputError
 from serving import state_store
-from serving.admin import GatewayAdmin, expand_urls
+from serving.admin import GatewayAdmin, GatewayUnavailable, expand_urls
 from serving.gateway import Gateway, RouteTable
 from serving.rollout import RolloutRefused, rollout_lock, window
-from tests.fakes import VERSION, FakeReplica, running, wait_healthy
+from tests.fakes import VERSION, FakeReplica
+from tests.gateways import running, wait_healthy
 from tests.postgres import postgres  # noqa: F401  (the fixture)
 
 KEY, ADMIN_KEY = "app-key", "admin-key"
@@ -149,6 +150,9 @@ def test_the_canary_gate_counts_the_requests_of_every_gateway(two_gateways):
     assert window(before, GatewayAdmin(url_a, ADMIN_KEY).metrics(), VERSION).requests == 3  # one gateway's view
     port = url_b.rsplit(":", 1)[1]
     assert f"http://127.0.0.1:{port}" in expand_urls([f"dns+http://localhost:{port}"])
+    with pytest.raises(GatewayUnavailable, match=r"^dns\+http://no-such-gateway\.invalid:8000: no-such-gateway\.invalid "
+                                                 r"does not resolve"):
+        expand_urls(["dns+http://no-such-gateway.invalid:8000"])
 
 
 LOCK_HOLDER = """
