@@ -64,9 +64,13 @@ def charforge(*args: str, check: bool = True, timeout: float = 1200) -> subproce
     return done
 
 
+# The bench's adapters are random-initialised and never evaluated: deploying them takes an override with its reason.
+UNEVALUATED = "bench adapter (random-initialised, never evaluated)"
+
+
 def deploy_async(config: Path, adapter: str) -> subprocess.Popen:
     return subprocess.Popen([str(REPO / ".venv" / "bin" / "charforge"), "deploy", "--config", str(config),
-                             "--adapter", adapter], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                             "--adapter", adapter, "--override", "--reason", UNEVALUATED], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
 def locust(url: str, users: int, requests: int, out: Path, max_tokens: int = 8, route: str = "bench",

@@ -26,6 +26,13 @@ class Check:
     estimate: float | None = None
     ci_low: float | None = None
     ci_high: float | None = None
+    # How far inside (+) or outside (-) its threshold the judged number is: a comparison's CI lower bound minus
+    # its threshold, a cap minus the mean, the mean minus a floor. None where there is nothing to measure.
+    margin: float | None = None
+
+    @property
+    def rule(self) -> str:
+        return f"{self.metric} {self.kind}"
 
 
 @dataclass
@@ -36,8 +43,37 @@ class Decision:
     needs_approval: bool = False
 
     def as_dict(self) -> dict:
+        deciding = self.deciding
         return {"promote": self.promote, "reasons": self.reasons, "needs_approval": self.needs_approval,
+                "summary": self.summary(), "deciding_rule": deciding.rule if deciding else None,
+                "deciding_margin": deciding.margin if deciding else None,
                 "checks": [asdict(c) for c in self.checks]}
+
+    @property
+    def deciding(self) -> Check | None:
+        """The check that decided: for a refusal the failed check furthest outside its threshold (a missing metric
+        first), for a promotion the passing check closest to its threshold."""
+        failed = [c for c in self.checks if not c.passed]
+        if failed:
+            return min(failed, key=lambda c: float("-inf") if c.margin is None else c.margin)
+        measured = [c for c in self.checks if c.margin is not None]
+        return min(measured, key=lambda c: c.margin) if measured else None
+
+    def margins(self) -> dict[str, float]:
+        """Each measured check's margin by rule (`<metric> <kind>`), rounded for tags and tables."""
+        return {c.rule: round(c.margin, 4) for c in self.checks if c.margin is not None}
+
+    def summary(self) -> str:
+        """One line a reviewer reads first (the registry version's description)."""
+        deciding = self.deciding
+        margin = f" (margin {deciding.margin:+.3f})" if deciding and deciding.margin is not None else ""
+        if self.promote:
+            tightest = f"; tightest: {deciding.rule}{margin}" if deciding else ""
+            first = " (no champion yet: vs-champion rules skipped)" if any(
+                r.startswith("no champion yet") for r in self.reasons) else ""
+            return f"PROMOTE: all {len(self.checks)} checks pass{first}{tightest}"
+        failed = sum(not c.passed for c in self.checks)
+        return f"REFUSED: {failed} of {len(self.checks)} checks fail; deciding: {deciding.detail}{margin}"
 
 
 def paired_gain(candidate: dict[str, float], other: dict[str, float], higher_is_better: bool, confidence: float,
@@ -63,7 +99,7 @@ def _compare(rule: Rule, kind: str, spec: Comparison, candidate: dict, other: di
         need = f"may regress vs {what} by <= {spec.max_regression:g}"
     detail = (f"{rule.metric}: gain vs {what} {gain:+.3f} (95% CI {low:+.3f} .. {high:+.3f}, {n} probes); {need} "
               f"at the CI's lower bound -> {'ok' if passed else 'FAIL'}")
-    return Check(rule.metric, kind, passed, detail, gain, low, high)
+    return Check(rule.metric, kind, passed, detail, gain, low, high, margin=low - spec.threshold)
 
 
 def decide(candidate: Scores, champion: Scores | None, base: Scores | None, policy: PromotionPolicy,
@@ -85,11 +121,13 @@ def decide(candidate: Scores, champion: Scores | None, base: Scores | None, poli
         if rule.max is not None:
             ok = mean <= rule.max
             checks.append(Check(rule.metric, "max", ok, f"{rule.metric}: {mean:.3f} {'<=' if ok else '>'} cap "
-                                f"{rule.max:g} -> {'ok' if ok else 'FAIL'}", mean))
+                                f"{rule.max:g} -> {'ok' if ok else 'FAIL'}", mean,
+                                  margin=rule.max - mean))
         if rule.min is not None:
             ok = mean >= rule.min
             checks.append(Check(rule.metric, "min", ok, f"{rule.metric}: {mean:.3f} {'>=' if ok else '<'} floor "
-                                f"{rule.min:g} -> {'ok' if ok else 'FAIL'}", mean))
+                                f"{rule.min:g} -> {'ok' if ok else 'FAIL'}", mean,
+                                  margin=mean - rule.min))
         for kind, spec, other in (("vs_base", rule.vs_base, base), ("vs_champion", rule.vs_champion, champion)):
             if spec is None:
                 continue
@@ -137,7 +175,8 @@ def decision_markdown(name: str, version: str, decision: Decision, champion_sour
     """The decision as a reviewer reads it: one row per check, then the reasons."""
     verdict = "PROMOTE" if decision.promote else "REJECT"
     lines = [f"# Promotion of {name} version {version}: {verdict}", "", f"Champion compared: {champion_source}", "",
-             "| check | passed | detail |", "|---|---|---|"]
-    lines += [f"| {c.kind} | {'yes' if c.passed else '**no**'} | {c.detail} |" for c in decision.checks]
+             decision.summary(), "", "| check | passed | margin | detail |", "|---|---|---|---|"]
+    lines += [f"| {c.kind} | {'yes' if c.passed else '**no**'} | "
+              f"{'' if c.margin is None else f'{c.margin:+.3f}'} | {c.detail} |" for c in decision.checks]
     lines += ["", "Reasons:", *[f"- {r}" for r in decision.reasons]]
     return "\n".join(lines) + "\n"

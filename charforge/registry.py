@@ -246,15 +246,23 @@ def record_decision(name: str, version: str, decision: Decision, champion_source
         mlflow.set_tags({"stage": "promote", "registered_model": name, "model_version": version, **flow_tags})
         mlflow.log_params({"promote": decision.promote, "rules": len(policy.rules), "approval": policy.approval,
                            "champion_compared": champion_source[:250]})
+        mlflow.log_metrics({f"margin/{rule.replace(' ', '/')}": m for rule, m in decision.margins().items()})
         mlflow.log_dict(decision.as_dict(), "decision.json")
         mlflow.log_dict(policy.model_dump(mode="json"), "policy.json")
         mlflow.log_text(markdown, "decision.md")
     tags = {"promotion_decision": "promote" if decision.promote else "reject",
             "promotion_reasons": "; ".join(decision.reasons)[:5000], "promotion_run_id": run.info.run_id,
             "promotion_decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "approval": "pending" if decision.needs_approval else "not_required"}
+            "approval": "pending" if decision.needs_approval else "not_required",
+            "promotion_margins": json.dumps(decision.margins())[:5000]}
+    deciding = decision.deciding
+    if deciding is not None:
+        tags["promotion_deciding_rule"] = deciding.rule
+        tags["promotion_deciding_margin"] = "none" if deciding.margin is None else f"{deciding.margin:+.4f}"
     for key, value in tags.items():
         c.set_model_version_tag(name, version, key, value)
+    # the registry page's description: what a reviewer sees first, instead of truncated tags
+    c.update_model_version(name, version, description=f"{decision.summary()} (policy run {run.info.run_id})")
     return run.info.run_id
 
 
@@ -263,3 +271,43 @@ def record_approval(name: str, version: str, approve: bool, comment: str, review
     c.set_model_version_tag(name, version, "approval", "approved" if approve else "rejected")
     c.set_model_version_tag(name, version, "approval_comment", comment[:5000] or "-")
     c.set_model_version_tag(name, version, "approval_reviewer", reviewer or "-")
+    if not approve:
+        c.update_model_version(name, version, description=f"REJECTED by reviewer {reviewer or '-'}: "
+                               f"{comment[:1000] or 'no comment'}")
+
+
+class NotPromoted(Refused):
+    """`deploy` of a version the promotion gate did not pass (and no override)."""
+
+
+def deploy_clearance(version: VersionRef) -> str | None:
+    """None when the version may be rolled out (the gate promoted it and its approval is settled), else why not."""
+    tags = version.tags
+    decision, approval = tags.get("promotion_decision"), tags.get("approval")
+    if decision == "promote" and approval in ("approved", "not_required"):
+        return None
+    if decision is None:
+        return "no promotion decision (it was never through `charforge promote`)"
+    if decision != "promote":
+        rule = tags.get("promotion_deciding_rule")
+        return f"the promotion gate refused it{f' ({rule})' if rule else ''}"
+    return f"its approval is {approval or 'missing'}"
+
+
+def require_deployable(version: VersionRef, override_reason: str | None, actor: str) -> dict[str, str] | None:
+    """Refuse (exit 3) a version the gate did not promote, unless an override gives a reason: then who, why and
+    what was overridden are recorded on the version (tags `deploy_override_*`) and returned for the rollout
+    record."""
+    why = deploy_clearance(version)
+    if why is None:
+        return None
+    if not override_reason or not override_reason.strip():
+        raise NotPromoted(f"{version.uri}: not_promoted: {why}; deploy a version `charforge promote` passed "
+                          f"(models:/{version.name}@champion), or pass --override --reason TEXT to record who "
+                          f"deploys it anyway and why")
+    override = {"by": actor, "reason": override_reason.strip()[:1000], "overridden": why,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    c = client()
+    for key, value in override.items():
+        c.set_model_version_tag(version.name, version.version, f"deploy_override_{key}", value)
+    return override

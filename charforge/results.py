@@ -147,6 +147,7 @@ class Rollout(StageResult):
     started: float = 0.0
     finished: float | None = None
     reason: str | None = None
+    override: dict[str, str] | None = None  # by, reason, overridden, at: a version deployed without a promotion
 
 
 # ---- the chain ---------------------------------------------------------------------------------------------------

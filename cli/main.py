@@ -427,13 +427,20 @@ def deploy(
     adapter: str = typer.Option(..., help="Registry version: models:/<name>@champion or models:/<name>/<version>."),
     gateway_url: str = typer.Option(None, "--gateway", help="Gateway URL (default: configs/serving.yaml)."),
     config: Path = typer.Option(CONFIGS_DIR / "serving.yaml", help="Serving config YAML."),
+    override: bool = typer.Option(False, "--override", help="Roll out a version the promotion gate did not pass "
+                                  "(needs --reason; who and why are recorded on the version and the rollout)."),
+    reason: str = typer.Option(None, help="Why an --override is needed (recorded)."),
 ) -> None:
-    """Roll an adapter version out to the fleet: verify, stage on every replica, canary with gates, switch."""
+    """Roll a promoted adapter version out to the fleet: verify, stage on every replica, canary with gates, switch."""
+    if override and not (reason or "").strip():
+        fail("--override needs --reason TEXT: why this version must be served without passing the promotion gate")
+    if reason and not override:
+        fail("--reason is recorded only with --override; drop it, or add --override")
     cfg = _serving_config(config)
     from flows.deploy import deploy as deploy_flow
 
     record = run_flow(deploy_flow, adapter=adapter, gateway_url=gateway_url or _gateway_url(cfg),
-                      config=cfg)
+                      config=cfg, override_reason=reason if override else None)
     typer.echo(f"{record.served}: {record.status}" + (f" ({record.reason})" if record.reason else ""))
     if record.status != "done":
         raise typer.Exit(3)

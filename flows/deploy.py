@@ -1,6 +1,10 @@
 """Rolling deployment of a registered adapter version onto the fleet behind the gateway.
 
 Run it:  charforge deploy --adapter models:/<name>@champion      charforge rollback [ROUTE]
+         charforge deploy --adapter models:/<name>/<version> --override --reason TEXT   (a version not promoted)
+
+0. no bypass: a version the promotion gate did not pass (or a reviewer did not approve) is refused (exit 3) unless
+   `--override --reason` says why; who and why are recorded on the version and in the rollout record;
 
 1. pre-flight: materialize the version into the content-addressed store and verify sha256 + servability
    (a bad artifact never reaches a replica);
@@ -24,20 +28,23 @@ from prefect import flow
 from charforge.results import Rollout
 from charforge.schemas.serving import ServingConfig
 from tasks.deploy import (canary_step, exclusive_rollout, finish_rollout, gateway_admin, list_replicas,
-                          prepare_rollout, record_staging, require_runtime_lora, require_staged, resolve_version,
-                          retire_old_versions, stage)
+                          prepare_rollout, record_staging, require_promoted, require_runtime_lora, require_staged,
+                          resolve_version, retire_old_versions, stage)
 
 
 @flow(name="deploy")
-def deploy(adapter: str, gateway_url: str, config: ServingConfig | None = None) -> Rollout:
+def deploy(adapter: str, gateway_url: str, config: ServingConfig | None = None,
+           override_reason: str | None = None) -> Rollout:
     """Roll `adapter` (models:/<name>/<version> or @alias) out through the gateway at `gateway_url`; the admin key
-    comes from the environment (`gateway.admin_key_env`), never from a parameter."""
+    comes from the environment (`gateway.admin_key_env`), never from a parameter. Only a version the promotion gate
+    passed rolls out, unless `override_reason` says why another must (recorded on the version and the rollout)."""
     cfg = config or ServingConfig()
     require_runtime_lora(cfg, adapter)
     version = resolve_version(adapter)
+    override = require_promoted(version, override_reason)
     gw = gateway_admin(gateway_url, cfg, f"deploy {adapter}")
     with exclusive_rollout(version.name):
-        plan = prepare_rollout(version, gw, cfg)
+        plan = prepare_rollout(version, gw, cfg, override)
         retire_old_versions(gw, plan)
         for replica in list_replicas(gw):
             record_staging(plan, replica.url, stage(replica.url, plan, cfg.rollout.smoke_prompt) if replica.healthy

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.flow_runs import pause_flow_run
+from prefect.states import Completed
 
 from charforge.errors import InputError
 from charforge.faults import crash_point
@@ -41,13 +42,21 @@ def promote(candidate: str, policy_file: str | None = None, approve: bool | None
                                          "checks": tuple(c.detail for c in decision.checks)})
     if not decision.promote:
         logger.warning(f"{version.name} version {version.version} NOT promoted:\n- " + "\n- ".join(decision.reasons))
-        return outcome
+        return refused(outcome, "Refused", decision.summary())
     if decision.needs_approval:
         answer = reviewer_answer(version.name, version.version, policy, approve, comment, interactive_hint)
         if not record_approval(version, answer):
-            return outcome.model_copy(update={"reasons": (*decision.reasons, f"rejected by reviewer: {answer.comment}")})
+            return refused(outcome.model_copy(update={"reasons": (*decision.reasons,
+                                                                  f"rejected by reviewer: {answer.comment}")}),
+                           "Rejected", f"rejected by {answer.reviewer or 'a reviewer'}: {answer.comment}")
     moved = move_aliases(version)
     return outcome.model_copy(update={"promoted": True, "changed": moved.changed, "previous": moved.previous})
+
+
+def refused(outcome: PromotionOutcome, name: str, message: str):
+    """A Completed state of its own name, so that the Prefect UI's runs list tells a refusal from a promotion at a
+    glance; a caller of the flow still gets the outcome."""
+    return Completed(name=name, message=message[:2000], data=outcome)
 
 
 def reviewer_answer(name: str, version: str, policy: PromotionPolicy, approve: bool | None, comment: str,

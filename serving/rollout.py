@@ -122,9 +122,9 @@ def rollout_lock(records: state_store.FileRollouts | state_store.PostgresStore, 
 
 def prepare(name: str, version: str, source: str, adapter_sha: str, gw: GatewayAdmin, cfg: ServingConfig,
             state: Path, records: state_store.FileRollouts | state_store.PostgresStore, family_prefix: str,
-            base_name: str, architecture: str, log: Log) -> RolloutPlan:
+            base_name: str, architecture: str, log: Log, override: dict[str, str] | None = None) -> RolloutPlan:
     """Verify and store the version, find the rollback target (kept from an unfinished rollout of this family),
-    and save the record as `staging`."""
+    and save the record as `staging` (with the override that let an unpromoted version through, if any)."""
     folder = store.fetch_version(name, version, source, adapter_sha, state / "adapters", cfg.fleet.max_lora_rank,
                                  architecture)
     routes = route_names(cfg, name.removeprefix(family_prefix))
@@ -141,7 +141,8 @@ def prepare(name: str, version: str, source: str, adapter_sha: str, gw: GatewayA
     plan = RolloutPlan(name, str(version), f"{name}-v{version}", folder, routes, previous, records,
                        desired_path(state), state / "adapters", base_name)
     save_record(plan, Rollout(version=plan.version, served=plan.served, folder=str(folder), previous=previous,
-                                     generations=generations, status="staging", started=time.time()))
+                                     generations=generations, status="staging", started=time.time(),
+                                     override=override))
     return plan
 
 

@@ -59,13 +59,39 @@ def resolve_version(ref: str) -> registry.VersionRef:
 
 
 @task(name="prepare-rollout", cache_policy=NONE)
-def prepare_rollout(version: registry.VersionRef, gw: GatewayAdmin, cfg: ServingConfig) -> rollout.RolloutPlan:
+def prepare_rollout(version: registry.VersionRef, gw: GatewayAdmin, cfg: ServingConfig,
+                    override: dict[str, str] | None = None) -> rollout.RolloutPlan:
     """Store and verify the artifact (a bad one never reaches a replica), find the rollback target, save the
     record."""
     preset = load_preset(cfg.fleet.base_model)
     return rollout.prepare(version.name, version.version, version.source, version.tags["adapter_sha256"], gw, cfg,
                            platform().state / "serving", rollout_records(), f"{platform().mlflow.experiment_prefix}-",
-                           preset.name, preset.architecture, get_run_logger().warning)
+                           preset.name, preset.architecture, get_run_logger().warning, override)
+
+
+@task(name="require-promoted", cache_policy=NONE, **TRANSIENT_RETRIES)
+def require_promoted(version: registry.VersionRef, override_reason: str | None) -> dict[str, str] | None:
+    """No bypass of the gate: only a promoted (and, where the policy asks, approved) version rolls out; an override
+    with a reason is recorded on the version and in the rollout record."""
+    override = registry.require_deployable(version, override_reason, deploy_actor())
+    if override is not None:
+        get_run_logger().warning(f"{version.uri}: deployed by override of {override['by']} although "
+                                 f"{override['overridden']}: {override['reason']}")
+    return override
+
+
+def deploy_actor() -> str:
+    """Who deploys: CHARFORGE_ACTOR when set (a CI job, an operator's name), else user@host, plus the Prefect flow
+    run when there is one."""
+    import getpass
+    import os
+    import socket
+
+    from tasks.runtime import flow_run_tags
+
+    who = os.environ.get("CHARFORGE_ACTOR") or f"{getpass.getuser()}@{socket.gethostname()}"
+    run = flow_run_tags().get("prefect_flow_run_id")
+    return f"{who} (flow run {run})" if run else who
 
 
 @task(name="retire-old-versions", cache_policy=NONE)

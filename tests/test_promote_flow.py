@@ -3,6 +3,8 @@ aliases, idempotent re-runs, a reviewer's approval, and a crash between decision
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -67,7 +69,7 @@ def aliases(client: MlflowClient) -> dict:
     return {alias: str(version) for alias, version in client.get_registered_model(NAME).aliases.items()}
 
 
-def test_versions_are_promoted_refused_and_rolled_into_previous(registry_env):
+def test_versions_are_promoted_refused_and_rolled_into_previous(registry_env, prefect_api):
     tmp_path, policy, client = registry_env
     v1 = register(tmp_path, "one", char_id=0.8, ooc=0.0)
     assert v1 == f"models:/{NAME}/1" and aliases(client) == {"candidate": "1"}
@@ -89,6 +91,24 @@ def test_versions_are_promoted_refused_and_rolled_into_previous(registry_env):
     assert tags["promotion_decision"] == "reject"
     assert "character_generation/ooc_rate: 0.500 > cap 0.1 -> FAIL" in tags["promotion_reasons"]
     assert "character_generation/ooc_rate: gain vs champion -0.500" in tags["promotion_reasons"]
+    # each rule's margin and the deciding rule on the version; a one-line summary as its description
+    assert json.loads(tags["promotion_margins"])["character_generation/ooc_rate max"] == pytest.approx(-0.4)
+    assert tags["promotion_deciding_rule"] == "character_generation/ooc_rate vs_champion"
+    assert float(tags["promotion_deciding_margin"]) < -0.4  # the CI's lower bound, further out than the cap
+    description = client.get_model_version(NAME, "3").description
+    assert description.startswith("REFUSED: 2 of 4 checks fail; deciding: character_generation/ooc_rate: gain vs "
+                                  "champion -0.500"), description
+    assert client.get_model_version(NAME, "1").description.startswith(
+        "PROMOTE: all 2 checks pass (no champion yet: vs-champion rules skipped); tightest: "
+        "character_generation/ooc_rate max (margin +0.100) (policy run ")
+    # in the Prefect UI's runs list a refusal is not a green "Completed" like a promotion
+    states = asyncio.run(promote_run_states())
+    assert states[-2:] == [("COMPLETED", "Completed"), ("COMPLETED", "Refused")], states
+    # the command line ends with exit 3 and the reasons
+    cli = subprocess.run([CHARFORGE, "promote", "--candidate", bad, "--policy", policy], capture_output=True,
+                         text=True, timeout=300)
+    assert cli.returncode == 3, cli.stderr[-2000:]
+    assert f"{NAME} version 3: NOT promoted" in cli.stdout and "ooc_rate: 0.500 > cap 0.1 -> FAIL" in cli.stdout
 
     better = register(tmp_path, "better", char_id=0.9, ooc=0.0)
     second = promote(candidate=better, policy_file=policy)  # not the first version: no approval needed
@@ -99,6 +119,17 @@ def test_versions_are_promoted_refused_and_rolled_into_previous(registry_env):
     again = promote(candidate=better, policy_file=policy)
     assert again.promoted and not again.changed and again.reasons == ("already champion",)
     assert aliases(client)["previous"] == "1"
+
+
+async def promote_run_states() -> list[tuple[str, str]]:
+    """(state type, state name) of the promote flow runs, oldest first, as the Prefect API gives them to its UI."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    async with get_client() as prefect:
+        runs = await prefect.read_flow_runs(sort=FlowRunSort.START_TIME_ASC)
+        flows = {f.id: f.name for f in await prefect.read_flows()}
+    return [(r.state.type.value, r.state.name) for r in runs if flows.get(r.flow_id) == "promote"]
 
 
 def test_a_version_without_a_passing_decision_never_becomes_champion(registry_env):
@@ -143,6 +174,8 @@ def test_first_version_waits_for_a_reviewer_in_the_prefect_ui(registry_env):
     assert outcome.promoted is False and outcome.reasons[-1] == "rejected by reviewer: voice too modern"
     tags = client.get_model_version(NAME, "1").tags
     assert (tags["approval"], tags["approval_reviewer"]) == ("rejected", "dana")
+    assert client.get_model_version(NAME, "1").description == "REJECTED by reviewer dana: voice too modern"
+    assert asyncio.run(promote_run_states())[-1] == ("COMPLETED", "Rejected")
     assert "champion" not in aliases(client)
 
 

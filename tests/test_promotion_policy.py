@@ -43,9 +43,6 @@ BASE = scores(character_generation__char_id_acc=alternating(1.0, 0.0), character
     ("regresses beyond the CI margin",
      {**GOOD, **scores(character_generation__char_id_acc=alternating(0.0, 0.0))}, CHAMPION, BASE, False,
      "character_generation/char_id_acc: gain vs champion -0.500 (95% CI"),
-    ("a small dip whose CI stays inside the margin",
-     {**GOOD, **scores(character_generation__char_id_acc=[0.0] + alternating(1.0, 0.0)[1:])}, CHAMPION, BASE, True,
-     "all policy rules pass"),
     ("exceeds the out-of-character cap",
      {**GOOD, **scores(character_generation__ooc_rate=alternating(1.0, 0.0))}, None, BASE, False,
      "character_generation/ooc_rate: 0.500 > cap 0.1 -> FAIL"),
@@ -108,3 +105,56 @@ def test_bad_policy_names_the_rule(tmp_path, text, message):
     with pytest.raises(ConfigError) as err:
         load_yaml_model(path, PromotionPolicy)
     assert str(err.value).startswith(f"{path}: {message}")
+
+
+# Near the threshold: the gate judges the CI's lower bound, never the mean alone. Champion bits/byte 1.0 on every
+# probe; the candidate is 0.03 worse on average in both cases, inside the 0.05 margin.
+NEAR = PromotionPolicy(approval="never", resamples=2000, rules=[
+    {"metric": "character_reply_likelihood/bits_per_byte", "vs_champion": {"max_regression": 0.05}},
+    {"metric": "character_generation/ooc_rate", "max": 0.10}])
+FLAT = scores(character_reply_likelihood__bits_per_byte=1.0, character_generation__ooc_rate=0.0)
+
+
+def near(spread: float, ooc_probes: int = 0) -> dict:
+    return scores(character_reply_likelihood__bits_per_byte=[1.03 + s for s in alternating(spread, -spread)],
+                  character_generation__ooc_rate=[1.0] * ooc_probes + [0.0] * (40 - ooc_probes))
+
+
+def test_the_mean_passes_but_the_ci_lower_bound_fails():
+    """Mean regression 0.03 (inside 0.05), but the probes disagree (+-0.25): the CI's lower bound is far outside."""
+    decision = decide(near(0.25), FLAT, None, NEAR)
+    [check] = [c for c in decision.checks if c.kind == "vs_champion"]
+    assert not decision.promote
+    assert check.estimate == pytest.approx(-0.03) and check.estimate > -0.05  # a mean-based gate would promote
+    assert check.ci_low < -0.09 and check.margin == pytest.approx(check.ci_low + 0.05)
+    assert decision.deciding is check
+    assert decision.summary().startswith("REFUSED: 1 of 2 checks fail; deciding: character_reply_likelihood/"
+                                         "bits_per_byte: gain vs champion -0.030 (95% CI -0.1")
+
+
+def test_a_dip_whose_ci_stays_inside_the_margin_passes():
+    """The same mean regression, consistent across probes (+-0.02): the lower bound stays inside the margin."""
+    decision = decide(near(0.02), FLAT, None, NEAR)
+    [check] = [c for c in decision.checks if c.kind == "vs_champion"]
+    assert decision.promote, decision.reasons
+    assert check.estimate == pytest.approx(-0.03) and -0.05 < check.ci_low < -0.03
+    assert 0 < check.margin < 0.02 and decision.deciding is check  # the tightest check of a promotion
+    assert decision.summary() == f"PROMOTE: all 2 checks pass; tightest: character_reply_likelihood/bits_per_byte " \
+                                 f"vs_champion (margin {check.margin:+.3f})"
+
+
+@pytest.mark.parametrize("ooc_probes, promote, margin", [(4, True, 0.0), (5, False, -0.025)])
+def test_a_cap_is_inclusive_and_its_margin_is_exact(ooc_probes, promote, margin):
+    """4 of 40 out of character is exactly the 0.10 cap (allowed); 5 is one probe over it."""
+    decision = decide(near(0.02, ooc_probes), FLAT, None, NEAR)
+    [cap] = [c for c in decision.checks if c.kind == "max"]
+    assert (decision.promote, cap.passed) == (promote, promote)
+    assert cap.margin == pytest.approx(margin)
+    assert decision.margins()["character_generation/ooc_rate max"] == pytest.approx(margin)
+
+
+def test_a_refusal_is_decided_by_the_check_furthest_outside():
+    decision = decide(near(0.25, ooc_probes=20), FLAT, None, NEAR)
+    assert [c.kind for c in decision.checks if not c.passed] == ["vs_champion", "max"]
+    assert decision.deciding.rule == "character_generation/ooc_rate max"  # -0.40 beyond the cap vs ~-0.06
+    assert decision.as_dict()["deciding_margin"] == pytest.approx(-0.40)

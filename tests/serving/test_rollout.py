@@ -39,6 +39,9 @@ ADMIN_KEY = "rollout-admin-key"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 REPLICA_KEY = "replica-key"
 REPLICA_AUTH = {"authorization": f"Bearer {REPLICA_KEY}"}
+# These tests roll out random-initialised adapters that were never evaluated: every deploy states it (the override
+# that the promotion gate's no-bypass rule asks for; test_deploy_refuses_a_version_the_gate_did_not_promote).
+UNEVALUATED = "rollout mechanics test: adapter never evaluated"
 
 
 def two_free_ports() -> int:
@@ -147,12 +150,16 @@ def test_rollout_under_load_then_instant_rollback(stack, cfg, base_model_dir, tm
     url, _ = stack
     v1 = register(base_model_dir, tmp_path, "v1", seed=1, family="rollout")
     v2 = register(base_model_dir, tmp_path, "v2", seed=2, family="rollout")
-    first = deploy(adapter=v1, gateway_url=url, config=cfg)
+    first = deploy(override_reason=UNEVALUATED, adapter=v1, gateway_url=url, config=cfg)
     assert first.status == "done" and set(first.replicas.values()) == {"staged"}
+    # never promoted: it went out on an override, recorded in the rollout record and on the registry version
+    assert first.override["reason"] == UNEVALUATED and first.override["overridden"].startswith("no promotion decision")
+    tags = mlflow.MlflowClient().get_model_version("charforge-rollout", "1").tags
+    assert tags["deploy_override_reason"] == UNEVALUATED and tags["deploy_override_by"] == first.override["by"]
 
     with Load(url) as load:
         time.sleep(2)
-        record = deploy(adapter=v2, gateway_url=url, config=cfg)
+        record = deploy(override_reason=UNEVALUATED, adapter=v2, gateway_url=url, config=cfg)
         switched = time.monotonic()
         time.sleep(4)
         started_mono = time.monotonic()
@@ -183,6 +190,47 @@ def test_rollout_under_load_then_instant_rollback(stack, cfg, base_model_dir, tm
           f"rollback {rollback_s * 1000:.0f} ms")
 
 
+def test_deploy_refuses_a_version_the_gate_did_not_promote(stack, base_model_dir, tmp_path, prefect_harness):
+    """No bypass of the promotion gate: a version never judged, one the gate refused, and one still waiting for its
+    reviewer are each refused with exit 3 and the rule named, before anything reaches the fleet."""
+    from charforge import registry
+    from charforge.errors import Refused
+    from charforge.promotion import decide, decision_markdown
+    from charforge.schemas.promote import PromotionPolicy
+
+    url, config = stack
+    routes_before = httpx.get(f"{url}/admin/routes", headers=ADMIN, timeout=30).json()
+    never = register(base_model_dir, tmp_path, "g1", seed=21, family="ungated")
+    refused = register(base_model_dir, tmp_path, "g2", seed=22, family="ungated")
+    waiting = register(base_model_dir, tmp_path, "g3", seed=23, family="ungated")
+    policy = PromotionPolicy(approval="first_version", rules=[{"metric": "character_generation/ooc_rate", "max": 0.1}])
+    for uri, ooc in ((refused, [1.0, 0.0]), (waiting, [0.0, 0.0])):  # the real gate on literal scores
+        decision = decide({"character_generation/ooc_rate": dict(zip(("p1", "p2"), ooc))}, None, None, policy)
+        version = uri.rsplit("/", 1)[1]
+        registry.record_decision("charforge-ungated", version, decision, "none", policy,
+                                 decision_markdown("charforge-ungated", version, decision, "none"), {})
+    fix = ("deploy a version `charforge promote` passed (models:/charforge-ungated@champion), or pass --override "
+           "--reason TEXT to record who deploys it anyway and why")
+    result = charforge("deploy", "--config", str(config), "--adapter", never)
+    assert result.returncode == 3, result.stderr
+    assert (f"error: {never}: not_promoted: no promotion decision (it was never through `charforge promote`); "
+            f"{fix}") in result.stderr
+    for uri, why in ((refused, "the promotion gate refused it (character_generation/ooc_rate max)"),
+                     (waiting, "its approval is pending")):
+        with pytest.raises(Refused) as err:
+            deploy(adapter=uri, gateway_url=url, config=ServingConfig(**yaml.safe_load(config.read_text())))
+        assert str(err.value) == f"{uri}: not_promoted: {why}; {fix}" and err.value.exit_code == 3
+    override_without_reason = charforge("deploy", "--config", str(config), "--adapter", never, "--override")
+    assert override_without_reason.returncode == 2
+    assert ("error: --override needs --reason TEXT: why this version must be served without passing the promotion "
+            "gate") in override_without_reason.stderr
+    assert httpx.get(f"{url}/admin/routes", headers=ADMIN, timeout=30).json() == routes_before
+    assert not any(name.startswith("charforge-ungated") for r in replicas(url) for name in r["loaded"])
+    description = mlflow.MlflowClient().get_model_version("charforge-ungated", "2").description
+    assert description.startswith("REFUSED: 1 of 1 checks fail; deciding: character_generation/ooc_rate: 0.500 > "
+                                  "cap 0.1 -> FAIL (margin -0.400)"), description
+
+
 async def flow_run_parameters() -> list[dict]:
     from prefect.client.orchestration import get_client
 
@@ -210,14 +258,14 @@ def test_a_nightly_rollout_without_traffic_is_judged_by_probes(stack, cfg, base_
     v3 = register(base_model_dir, tmp_path, "n3", seed=13, family="nightly")
     diverged = register(base_model_dir, tmp_path, "n4", seed=14, family="nightly", diverged=True)
     cfg.rollout.routes, cfg.rollout.hold_s = ["nightly"], 4
-    assert deploy(adapter=v1, config=cfg, gateway_url=url).status == "done"
+    assert deploy(override_reason=UNEVALUATED, adapter=v1, config=cfg, gateway_url=url).status == "done"
 
     with pytest.raises(ArtifactError, match=r"NaN/inf values in \d+ of its tensors .*the training run diverged"):
-        deploy(adapter=diverged, config=cfg, gateway_url=url)  # one request through it empties a whole replica
+        deploy(override_reason=UNEVALUATED, adapter=diverged, config=cfg, gateway_url=url)  # one request through it empties a whole replica
 
     record_file = Path(os.environ["CHARFORGE_STATE_DIR"]) / "serving" / "rollouts" / "charforge-nightly.json"
     outcome: dict = {}
-    rollout = threading.Thread(target=lambda: outcome.update(record=deploy(adapter=v2, config=cfg, gateway_url=url)))
+    rollout = threading.Thread(target=lambda: outcome.update(record=deploy(override_reason=UNEVALUATED, adapter=v2, config=cfg, gateway_url=url)))
     rollout.start()
     while json.loads(record_file.read_text()).get("status") != "canary":
         time.sleep(0.1)
@@ -233,7 +281,7 @@ def test_a_nightly_rollout_without_traffic_is_judged_by_probes(stack, cfg, base_
     assert routes["nightly"]["weights"] == {"charforge-nightly-v1": 100.0}
     assert metric(url, "gateway_probe_requests_total", version="charforge-nightly-v2", status="503") >= 2
 
-    sound = deploy(adapter=v3, config=cfg, gateway_url=url)
+    sound = deploy(override_reason=UNEVALUATED, adapter=v3, config=cfg, gateway_url=url)
     assert sound.status == "done" and sound.step == 100, sound
     assert metric(url, "gateway_probe_requests_total", version="charforge-nightly-v3", status="200") >= 2
     assert metric(url, "gateway_requests_total", route="nightly") == 0  # user metrics saw no probe
@@ -251,7 +299,8 @@ def test_an_operator_rollback_mid_canary_stops_the_rollout(stack, base_model_dir
     raw = yaml.safe_load(config.read_text())
     raw["rollout"].update(routes=["operator"], hold_s=15)
     (tmp_path / "serving.yaml").write_text(yaml.safe_dump(raw))
-    deploy_v = ["deploy", "--config", str(tmp_path / "serving.yaml"), "--adapter"]
+    deploy_v = ["deploy", "--config", str(tmp_path / "serving.yaml"), "--override", "--reason", UNEVALUATED,
+                "--adapter"]
     first = charforge(*deploy_v, v1)
     assert first.returncode == 0, first.stderr
     record_file = Path(os.environ["CHARFORGE_STATE_DIR"]) / "serving" / "rollouts" / "charforge-operator.json"
@@ -281,14 +330,14 @@ def test_bad_adapters_are_refused_before_any_replica_loads_them(stack, cfg, base
     url, _ = stack
     too_big = register(base_model_dir, tmp_path, "rank32", seed=3, family="bad", rank=32)
     with pytest.raises(ArtifactError, match="not servable by this fleet: .*rank 32"):
-        deploy(adapter=too_big, gateway_url=url, config=cfg)
+        deploy(override_reason=UNEVALUATED, adapter=too_big, gateway_url=url, config=cfg)
     tampered = register(base_model_dir, tmp_path, "tampered", seed=4, family="bad")
     from charforge import registry
 
     name, number = tampered.removeprefix("models:/").split("/")
     registry.client().set_model_version_tag(name, number, "adapter_sha256", "0" * 64)
     with pytest.raises(ArtifactError, match="is not the registry's 000000000000"):
-        deploy(adapter=tampered, gateway_url=url, config=cfg)
+        deploy(override_reason=UNEVALUATED, adapter=tampered, gateway_url=url, config=cfg)
     for replica in replicas(url):
         assert replica["healthy"] and not any(n.startswith("charforge-bad") for n in replica["loaded"])
 
@@ -301,13 +350,13 @@ def test_replica_killed_mid_rollout(stack, cfg, base_model_dir, tmp_path, prefec
     v2 = register(base_model_dir, tmp_path, "k2", seed=6, family="faults")
     cfg.rollout.routes = ["faults"]
     cfg.rollout.hold_s = 8
-    assert deploy(adapter=v1, gateway_url=url, config=cfg).status == "done"
+    assert deploy(override_reason=UNEVALUATED, adapter=v1, gateway_url=url, config=cfg).status == "done"
     record_file = Path(os.environ["CHARFORGE_STATE_DIR"]) / "serving" / "rollouts" / "charforge-faults.json"
     outcome: dict = {}
 
     def run_v2() -> None:
         try:
-            outcome["record"] = deploy(adapter=v2, gateway_url=url, config=cfg)
+            outcome["record"] = deploy(override_reason=UNEVALUATED, adapter=v2, gateway_url=url, config=cfg)
         except Exception as exc:  # reported by the asserts below
             outcome["error"] = exc
 
@@ -318,7 +367,7 @@ def test_replica_killed_mid_rollout(stack, cfg, base_model_dir, tmp_path, prefec
         while json.loads(record_file.read_text()).get("status") != "canary":
             time.sleep(0.2)
         with pytest.raises(RolloutRefused, match="another rollout of charforge-faults is running"):
-            deploy(adapter=v2, gateway_url=url, config=cfg)
+            deploy(override_reason=UNEVALUATED, adapter=v2, gateway_url=url, config=cfg)
         victim = daemon.read_record()["replicas"][1]
         os.killpg(victim, signal.SIGKILL)  # the replica and its engine process
         killed = time.monotonic()
@@ -396,11 +445,11 @@ def test_gateway_restarted_mid_rollout(stack, cfg, base_model_dir, tmp_path, pre
     v1 = register(base_model_dir, tmp_path, "g1", seed=7, family="gwrestart")
     v2 = register(base_model_dir, tmp_path, "g2", seed=8, family="gwrestart")
     cfg.rollout.routes, cfg.rollout.hold_s, cfg.rollout.gate.min_requests = ["gwrestart"], 6, 1
-    assert deploy(adapter=v1, gateway_url=gw_url, config=cfg).status == "done"
+    assert deploy(override_reason=UNEVALUATED, adapter=v1, gateway_url=gw_url, config=cfg).status == "done"
     record_file = Path(os.environ["CHARFORGE_STATE_DIR"]) / "serving" / "rollouts" / "charforge-gwrestart.json"
     outcome: dict = {}
     rollout = threading.Thread(target=lambda: outcome.update(
-        record=deploy(adapter=v2, gateway_url=gw_url, config=cfg)))
+        record=deploy(override_reason=UNEVALUATED, adapter=v2, gateway_url=gw_url, config=cfg)))
     rollout.start()
     while json.loads(record_file.read_text()).get("status") != "canary":
         time.sleep(0.2)
