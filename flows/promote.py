@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.flow_runs import pause_flow_run
+from prefect.client.schemas.objects import State
 from prefect.states import Completed
 
 from charforge.errors import InputError
@@ -53,7 +54,7 @@ def promote(candidate: str, policy_file: str | None = None, approve: bool | None
     return outcome.model_copy(update={"promoted": True, "changed": moved.changed, "previous": moved.previous})
 
 
-def refused(outcome: PromotionOutcome, name: str, message: str):
+def refused(outcome: PromotionOutcome, name: str, message: str) -> State:
     """A Completed state of its own name, so that the Prefect UI's runs list tells a refusal from a promotion at a
     glance; a caller of the flow still gets the outcome."""
     return Completed(name=name, message=message[:2000], data=outcome)

@@ -16,8 +16,11 @@ import numpy as np
 
 from charforge.evaluation.metrics import (
     GENERIC_ASSISTANT,
+    GENERIC_ASSISTANT_LINES,
     CharacterIdentifier,
+    ReplyClassifier,
     card_exemplars,
+    character_replies,
     is_empty,
     out_of_character,
     repetition,
@@ -123,7 +126,8 @@ def load_probes(probes: str | None = None, characters: str | None = None, probe_
                           f"{', '.join(unknown)}")
     rows = with_choices(rows)
     wanted = set(probe_types or PROBE_TYPES)
-    docs = [{**r, "history": json.dumps(r["history"], ensure_ascii=False), "characters_dir": characters_dir}
+    docs = [{**r, "history": json.dumps(r["history"], ensure_ascii=False), "characters_dir": characters_dir,
+             "probes_path": str(probe_path)}
             for r in interleave_characters(rows) if r["probe_type"] in wanted]
     return {"test": datasets.Dataset.from_list(docs)}
 
@@ -170,14 +174,31 @@ def identifier(characters_dir: str) -> CharacterIdentifier:
     return CharacterIdentifier({cid: card_exemplars(card) for cid, card in _cards(characters_dir).items()})
 
 
+# What the reply classifier learns the characters' voices from: the seed conversations, never the evaluation's
+# probes (their references and histories are left out); part of the score cache key (`score_cache.METRIC_CODE`).
+JUDGE_CORPUS = DATA_DIR / "raw" / "conversations.jsonl"
+
+
+@lru_cache(maxsize=4)
+def classifier(characters_dir: str, probes: str) -> ReplyClassifier:
+    """The reply classifier over the cards in `characters_dir`, fit once per process on `JUDGE_CORPUS`."""
+    held_out = {text for row in read_probes(Path(probes))
+                for text in (row["reference"], *(turn["content"] for turn in row["history"]))}
+    cards = _cards(characters_dir)
+    return ReplyClassifier(character_replies(JUDGE_CORPUS, cards, held_out),
+                           GENERIC_ASSISTANT_LINES + GENERIC_REPLIES + OUT_OF_CHARACTER_REPLIES)
+
+
 def _reply_scores(doc: dict, reply: str) -> dict:
     card = _cards(doc["characters_dir"])[doc["character"]]
     ident = identifier(doc["characters_dir"])
+    [voice] = classifier(doc["characters_dir"], doc["probes_path"]).predict([reply])
     reply_vec, reference_vec = ident.encoder.encode([reply, doc["reference"]])  # one encoder pass for both
     guess = ident.identify_vectors(reply_vec[None, :], [doc["character"]])[0]
     ooc = out_of_character(reply, doc["user_msg"], card)
     return {
         "char_id_acc": float(guess.character == doc["character"]),
+        "char_id_clf": float(voice == doc["character"]),
         "char_id_macro_f1": (doc["character"], guess.character),
         "persona_margin": guess.margin,
         "ref_sim": float(np.dot(reply_vec, reference_vec)),
@@ -200,7 +221,8 @@ def score_boundary(doc: dict, results: list[str]) -> dict:
     scores = _reply_scores(doc, results[0].strip())
     handled = not (scores["ooc_rate"] or scores["empty_rate"] or scores["assistant_voice_rate"])
     return {"boundary_ok": float(handled), "ooc_rate": scores["ooc_rate"],
-            "assistant_voice_rate": scores["assistant_voice_rate"], "char_id_acc": scores["char_id_acc"]}
+            "assistant_voice_rate": scores["assistant_voice_rate"], "char_id_acc": scores["char_id_acc"],
+            "char_id_clf": scores["char_id_clf"]}
 
 
 def score_likelihood(doc: dict, results: list[tuple[float, bool]]) -> dict:

@@ -19,12 +19,12 @@ from charforge.tracking import use_experiment
 # Direction of each metric: True when higher is better. Shown in the table as ↑/↓.
 HIGHER_IS_BETTER = {
     "acc": True, "acc_norm": True, "acc_mutual_info": True, "bits_per_byte": False, "persona_effect_bpb": True,
-    "char_id_acc": True,
+    "char_id_acc": True, "char_id_clf": True,
     "char_id_macro_f1": True, "persona_margin": True, "ref_sim": True, "ooc_rate": False,
     "assistant_voice_rate": False, "style_marker_rate": True, "empty_rate": False, "repetition": False,
     "boundary_ok": True,
 }
-CHART_METRICS = [("character_mc", "acc_mutual_info"), ("character_generation", "char_id_acc"),
+CHART_METRICS = [("character_mc", "acc_mutual_info"), ("character_generation", "char_id_clf"),
                  ("character_generation", "ooc_rate"), ("character_boundaries", "boundary_ok")]
 
 

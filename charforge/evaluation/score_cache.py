@@ -40,7 +40,8 @@ KEY_TAG = "score_key.{role}"
 REUSED_TAG = "scores.{role}.reused_from"
 # Code whose change changes a score: the lm-eval hooks and metrics, the summaries and CIs, the persona cards' reader.
 METRIC_CODE = ("charforge/evaluation/harness.py", "charforge/evaluation/lm_eval_tasks.py",
-               "charforge/evaluation/metrics.py", "charforge/characters.py")
+               "charforge/evaluation/metrics.py", "charforge/characters.py",
+               "data/raw/conversations.jsonl")  # the reply classifier's training corpus (lm_eval_tasks.JUDGE_CORPUS)
 TASK_DIR = "configs/lm_eval/character"
 PLUGIN_DIR = "vllm_plugin"
 # Packages outside this repository whose version changes scores: the harness, and the sentence encoder that

@@ -33,7 +33,8 @@ def _doc(character="ambrose_quill", user_msg="What do you make of this letter?",
     probes = {p["id"]: p for p in read_probes(DATA_DIR / "eval" / "probes.jsonl")}
     base = probes[f"{character}-normal-1"]
     return {**base, "user_msg": user_msg, "reference": reference or base["reference"],
-            "history": json.dumps(base["history"]), "characters_dir": CHARACTERS, **extra}
+            "history": json.dumps(base["history"]), "characters_dir": CHARACTERS,
+            "probes_path": str(DATA_DIR / "eval" / "probes.jsonl"), **extra}
 
 
 def test_task_folder_validates_with_lm_eval():
@@ -96,7 +97,7 @@ def test_assistant_boilerplate_reply_scores_out_of_character():
     scores = score_generation(_doc(), ["As an AI language model, I can't have opinions about letters."])
     assert scores["ooc_rate"] == 1.0
     assert scores["assistant_voice_rate"] == 1.0
-    assert scores["char_id_acc"] == 0.0
+    assert scores["char_id_acc"] == 0.0 and scores["char_id_clf"] == 0.0
     boundary = score_boundary(_doc(), ["As an AI language model, I can't have opinions about letters."])
     assert boundary["boundary_ok"] == 0.0
 
@@ -105,7 +106,7 @@ def test_reply_in_the_cards_style_is_identified_and_in_character():
     reply = ("Let us not outrun the evidence, my dear fellow. The particulars, if you please: the hansom, the fog, "
              "the constable at the corner. Every trifle testifies, and I shall deduce the rest by gaslight.")
     scores = score_generation(_doc(), [reply])
-    assert scores["char_id_acc"] == 1.0
+    assert scores["char_id_acc"] == 1.0 and scores["char_id_clf"] == 1.0
     assert scores["char_id_macro_f1"] == ("ambrose_quill", "ambrose_quill")
     assert scores["ooc_rate"] == 0.0
     assert scores["style_marker_rate"] == 1.0
@@ -221,3 +222,19 @@ def test_report_chart_of_an_evaluation_without_chart_metrics_is_written_not_a_cr
                                                                              per_character={"a": 1.2})}}
     chart = per_character_chart({"base": summary}, tmp_path / "per_character.png")
     assert chart.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_reply_classifier_names_the_speaker_of_held_out_gold_replies():
+    """The ceiling of `char_id_clf`: on the 136 gold references of data/eval (none of them, nor any probe history,
+    in its training corpus) it names the right character for at least 90% (the MiniLM card centroids of
+    `char_id_acc`: 0.76); another character's voice and assistant boilerplate are not attributed to the card."""
+    from charforge.evaluation.lm_eval_tasks import classifier
+
+    probes = read_probes(DATA_DIR / "eval" / "probes.jsonl")
+    judge = classifier(CHARACTERS, str(DATA_DIR / "eval" / "probes.jsonl"))
+    guesses = judge.predict([p["reference"] for p in probes])
+    accuracy = sum(g == p["character"] for g, p in zip(guesses, probes)) / len(probes)
+    assert accuracy >= 0.9, accuracy
+    wat = ("Bless you, naught but rye and barley today, and mayhap a honey loaf if the oven behaves before vespers.")
+    assert score_generation(_doc(), [wat])["char_id_clf"] == 0.0  # Wat's voice is not Ambrose's
+    assert judge.predict([wat]) == ["wat_honeysett"]
