@@ -16,7 +16,7 @@ from prefect import flow
 from charforge.results import Evaluation
 from charforge.schemas.evaluate import EvalConfig
 from tasks.evaluate import (check_parity, find_reusable_scores, measure_decode_speed, plan, register_candidate,
-                            report, score, vllm_serving)
+                            report, reusable_checks, score, vllm_serving)
 
 
 @flow(name="evaluate")
@@ -26,14 +26,21 @@ def evaluate(config: EvalConfig, adapter: str | None = None, base_only: bool = F
 
     `served_base`: a model folder (e.g. a quantized base, with a verified manifest) that vLLM serves in place of
     the bf16 base; adapters are hot-loaded on top of it. `score_base=False` skips scoring the base when an adapter
-    is evaluated. Load time and single-stream decode speed of the primary model are measured either way."""
+    is evaluated. Load time and single-stream decode speed of the primary model are measured either way. When every
+    model's scores are reused and the candidate's come from a run that checked its parity, that run's parity and
+    serving figures are reused too and no vLLM server starts."""
     evaluation_plan = plan(config, adapter, base_only, champion, served_base, score_base)
     scores = find_reusable_scores(config, evaluation_plan)
-    with vllm_serving(config, evaluation_plan) as (server, load_s):
-        parity = check_parity(config, evaluation_plan, server) if evaluation_plan.candidate_dir else None
-        summaries = {display: scores.reused[display].scores if display in scores.reused
-                     else score(config, server, display, evaluation_plan) for display in evaluation_plan.targets}
-        serving = {"load_s": load_s, "tokens_per_s": measure_decode_speed(server, evaluation_plan)}
+    earlier = reusable_checks(config, evaluation_plan, scores)
+    if earlier is not None:  # every score, the parity check and the serving figures exist: vLLM is not started
+        parity, serving = earlier.parity, earlier.serving
+        summaries = {display: scores.reused[display].scores for display in evaluation_plan.targets}
+    else:
+        with vllm_serving(config, evaluation_plan) as (server, load_s):
+            parity = check_parity(config, evaluation_plan, server) if evaluation_plan.candidate_dir else None
+            summaries = {display: scores.reused[display].scores if display in scores.reused
+                         else score(config, server, display, evaluation_plan) for display in evaluation_plan.targets}
+            serving = {"load_s": load_s, "tokens_per_s": measure_decode_speed(server, evaluation_plan)}
     evaluation = report(config, evaluation_plan, summaries, parity, serving, scores)
     if evaluation_plan.candidate_dir and config.register_version:
         evaluation = register_candidate(config, evaluation_plan, evaluation)

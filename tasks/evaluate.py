@@ -47,6 +47,16 @@ def find_reusable_scores(cfg: EvalConfig, plan: EvalPlan) -> ScoreReuse:
     return found
 
 
+@task(name="find-reusable-checks", cache_policy=NONE, **TRANSIENT_RETRIES)
+def reusable_checks(cfg: EvalConfig, plan: EvalPlan, found: ScoreReuse) -> score_cache.ReusedChecks | None:
+    """With every score reused: the parity and serving figures of the run that scored the candidate, if usable."""
+    earlier = score_cache.reusable_checks(cfg, plan, found)
+    if earlier is not None:
+        get_run_logger().info(f"every score is reused; train/serve parity and serving figures from evaluation run "
+                              f"{earlier.run_id}: vLLM is not started")
+    return earlier
+
+
 @task(name="load-adapters", cache_policy=NONE)
 def load_adapters(server: VLLMServer, adapters: dict[str, str]) -> None:
     """Hot-load the candidate (and champion) as their served names; vLLM refusing one is a refusal, not retried."""

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from charforge import tracking
 from charforge.checksums import folder_sha, sha256_file
 from charforge.evaluation.plan import EvalPlan
-from charforge.results import MetricSummary
+from charforge.results import MetricSummary, Parity
 from charforge.schemas.evaluate import EvalConfig
 from charforge.settings import REPO_ROOT, platform, repo_path
 from charforge.vllm_server import served_dtype
@@ -169,3 +169,39 @@ def lookup(cfg: EvalConfig, plan: EvalPlan) -> ScoreReuse:
             if found is not None:
                 reused[role] = found
     return ScoreReuse(score_keys=keys, reused=reused)
+
+
+class ReusedChecks(BaseModel):
+    """Train/serve parity and serving figures of the evaluation run whose candidate scores are reused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run_id: str
+    parity: Parity | None
+    serving: dict[str, float]
+
+
+def reusable_checks(cfg: EvalConfig, plan: EvalPlan, found: ScoreReuse) -> ReusedChecks | None:
+    """When every model of the plan has reusable scores and the candidate's come from a run where it was the
+    candidate (so that run checked its parity, with the same parity settings, and passed), that run's parity and
+    serving figures: then nothing needs vLLM at all. None otherwise (serve and check as usual)."""
+    if not cfg.reuse_scores or set(found.reused) != set(plan.targets) or plan.candidate_dir is None:
+        return None
+    source = found.reused["candidate"]
+    if source.role != "candidate":
+        return None
+    try:
+        with tempfile.TemporaryDirectory(prefix="checks-") as tmp:
+            saved = json.loads(Path(tracking.client().download_artifacts(source.run_id, "scores.json", tmp))
+                               .read_text())
+        metrics = tracking.client().get_run(source.run_id).data.metrics
+    except Exception as exc:  # as for scores: a lost artifact only costs serving again
+        log.warning(f"parity of run {source.run_id} not reusable ({type(exc).__name__}: {exc}); serving again")
+        return None
+    parity = Parity(**saved["parity"]) if saved.get("parity") else None
+    if parity is None or (parity.prompts, parity.tokens) != (cfg.parity.prompts, cfg.parity.tokens):
+        return None
+    if plan.served_base is None and parity.first_token_agreement < cfg.parity.min_first_token_agreement:
+        return None  # served again, so the refusal is raised where it always is
+    serving = {k.removeprefix("serving/"): v for k, v in metrics.items() if k.startswith("serving/")}
+    return ReusedChecks(run_id=source.run_id, parity=parity, serving=serving)

@@ -43,8 +43,11 @@ def test_a_second_evaluation_reuses_every_score_the_first_made_and_names_its_sou
                                     "champion": first.mlflow_run_id}
     assert second.summaries["candidate"] == second.summaries["champion"] == first.summaries["candidate"]
     assert second.summaries["base"] == first.summaries["base"]
-    # Nothing was sent to lm-eval the second time: its files are the first run's, copied
+    # Nothing was sent to lm-eval the second time: its files are the first run's, copied; with every score and the
+    # candidate's parity check already made, no vLLM server was started at all
     run_dir = Path(second.run_dir)
+    assert not (run_dir / "vllm.log").exists() and (Path(first.run_dir) / "vllm.log").exists()
+    assert second.parity == first.parity and second.serving == pytest.approx(first.serving)
     for role, source in (("candidate", "candidate"), ("champion", "candidate"), ("base", "base")):
         assert json.loads((run_dir / "lm_eval" / role / "per_probe.json").read_text()) == json.loads(
             (Path(first.run_dir) / "lm_eval" / source / "per_probe.json").read_text())
