@@ -142,8 +142,7 @@ def main() -> None:
     parser.add_argument("--state", default=str(REPO / ".state" / "gate-fixtures"))
     args = parser.parse_args()
     root = Path(args.state).resolve()
-    os.environ["CHARFORGE_STATE_DIR"] = str(root / "state")
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    os.environ["CHARFORGE_STATE_DIR"] = str(root / "state")  # its own MLflow store too: <state>/mlflow.db
     root.mkdir(parents=True, exist_ok=True)
 
     from charforge.characters import load_characters
@@ -159,7 +158,7 @@ def main() -> None:
 
     started = time.monotonic()
     cards = load_characters(DATA_DIR / "characters")
-    curated = root / "datasets" / "curated"
+    curated = root / "state" / "datasets" / "default"
     curate(inputs=(str(REPO / "data" / "raw"),), out_dir=str(curated))
     demo_cfg = load_yaml_model(REPO / TRAIN_CONFIG, TrainConfig)
 

@@ -21,7 +21,8 @@ from tasks.quantize import build_checkpoint, find_reference, judge, prepare, rec
 
 @flow(name="quantize")
 def quantize(config: QuantizeConfig) -> Quantization:
-    """Quantize, re-evaluate against bf16 through the evaluation flow, record the deltas, register."""
+    """Quantize, re-evaluate against bf16 through the evaluation flow, record the deltas, register (unless the
+    policy's quantized_vs_bf16 rules refuse it)."""
     inputs = prepare(config)
     checkpoint = build_checkpoint(config, inputs)
     reference = find_reference(inputs)
@@ -33,7 +34,9 @@ def quantize(config: QuantizeConfig) -> Quantization:
                                 base_only=not on_base, served_base=checkpoint, score_base=False), checkpoint)
     recorded = record(config, checkpoint, reference, quantized)
     gate = judge(config, recorded)
-    registered = register(config, checkpoint, recorded, inputs) if config.register_version else None
+    # a checkpoint the gate refused stays a recorded MLflow run, never a registry version anything could serve
+    registered = (register(config, checkpoint, recorded, inputs)
+                  if config.register_version and gate.verdict != "refuse" else None)
     get_run_logger().info(f"{config.name}: {checkpoint}\n{recorded.table}")
     return Quantization(checkpoint=checkpoint, mlflow_run_id=recorded.mlflow_run_id, table=recorded.table,
                         deltas=recorded.deltas, gate=gate, registered=registered)

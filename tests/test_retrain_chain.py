@@ -350,3 +350,55 @@ def test_no_gateway_ends_the_chain_as_one_line_with_the_unavailable_code(chain_e
     last = chain_runs(client)[-1]
     summary = json.loads(Path(client.download_artifacts(last.info.run_id, "chain_summary.json")).read_text())
     assert last.info.status == "FAILED" and summary["error"].startswith("GatewayUnavailable: no gateway answers")
+
+
+def looping(text: str) -> str:
+    """A degenerate reply: its first words over and over (the `degenerate` fixture of bench/gate_fixtures.py)."""
+    return " ".join([" ".join(text.split()[:8])] * 6)
+
+
+@pytest.mark.timeout(1800)
+def test_the_chain_refuses_a_flawed_candidate_with_exit_3(chain_env, gateway, prefect_api):
+    """`charforge retrain` on a poisoned copy of the slice (every assistant reply a loop of its first words: it passes
+    curation, which only rejects boilerplate and anachronisms), judged by the demo policy against the first test's
+    champion: the gate refuses it, the chain ends with exit 3 naming the failed checks, and the champion and the
+    fleet's routes stay as they were."""
+    import subprocess
+
+    import yaml
+
+    from tests.training.test_train_flow import CHARFORGE
+
+    poisoned = chain_env / "raw-looping"
+    poisoned.mkdir(exist_ok=True)
+    rows = [json.loads(line) for line in (chain_env / "raw" / "conversations.jsonl").read_text().splitlines()]
+    for row in rows:
+        for message in row["messages"]:
+            if message["role"] == "assistant":
+                message["content"] = looping(message["content"])
+    (poisoned / "conversations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = small_parameters(chain_env, gateway)
+    files = {}
+    for stage in ("curate", "train", "evaluate", "serving"):
+        files[stage] = chain_env / f"looping-{stage}.yaml"
+        files[stage].write_text(yaml.safe_dump(params[stage]))
+    chain = chain_env / "looping-chain.yaml"
+    chain.write_text(yaml.safe_dump({**{k: str(v) for k, v in files.items()}, "inputs": [str(poisoned)],
+                                     "promotion": str(CONFIGS_DIR / "promotion_quick.yaml"),
+                                     "dataset_dir": str(chain_env / "dataset-looping"), "start_fleet": False}))
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    champion = client.get_model_version_by_alias(NAME, "champion").version
+    routes = httpx.get(f"{gateway}/admin/routes", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, "PREFECT_LOCAL_STORAGE_PATH": str(get_current_settings().results.local_storage_path)}
+    result = subprocess.run([CHARFORGE, "retrain", "--config", str(chain), "--gateway", gateway], env=env,
+                            capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
+    candidate = client.get_model_version_by_alias(NAME, "candidate")
+    assert candidate.version != champion and candidate.tags["promotion_decision"] == "reject"
+    assert candidate.description.startswith("REFUSED: "), candidate.description
+    print(f"\nlooping candidate refused: {candidate.description}")
+    assert "NOT promoted" in result.stdout and "FAIL" in result.stdout, result.stdout[-3000:]
+    assert client.get_model_version_by_alias(NAME, "champion").version == champion
+    assert httpx.get(f"{gateway}/admin/routes", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json() == routes

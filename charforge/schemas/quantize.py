@@ -63,7 +63,8 @@ class QuantizeConfig(StageConfig):
     policy: Path = Field(default=Path("configs/promotion.yaml"), description="Promotion policy whose "
                          "quantized_vs_bf16 rules judge the artifact at the end of the run.")
     register_version: bool = Field(default=True, description="Register the quantized model as its own registry version and "
-                           "reference it from the evaluated adapter version.")
+                           "reference it from the evaluated adapter version; a checkpoint the policy refuses is "
+                           "never registered.")
 
     @field_validator("export_format")
     @classmethod

@@ -97,6 +97,8 @@ def test_killed_three_times_at_random_points_resumes_in_the_same_run(tiny_llama_
     resumed = f"checkpoint-{max(survived)}" if survived else None
     assert state["status"] == "finished" and state["result"]["global_step"] == MAX_STEPS
     assert state["result"]["resumed_from"] == resumed
+    if resumed:
+        assert f"resuming from {resumed}" in final.stderr + final.stdout  # what the user reads
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("charforge-train")

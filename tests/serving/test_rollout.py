@@ -190,7 +190,7 @@ def test_rollout_under_load_then_instant_rollback(stack, cfg, base_model_dir, tm
           f"rollback {rollback_s * 1000:.0f} ms")
 
 
-def test_deploy_refuses_a_version_the_gate_did_not_promote(stack, base_model_dir, tmp_path, prefect_harness):
+def test_deploy_refuses_a_version_the_gate_did_not_promote(stack, base_model_dir, tmp_path, prefect_api):
     """No bypass of the promotion gate: a version never judged, one the gate refused, and one still waiting for its
     reviewer are each refused with exit 3 and the rule named, before anything reaches the fleet."""
     from charforge import registry
@@ -325,19 +325,22 @@ def test_an_operator_rollback_mid_canary_stops_the_rollout(stack, base_model_dir
     assert live["weights"] == {"charforge-operator-v1": 100.0} and live["changed_by"].startswith("charforge rollback")
 
 
-def test_bad_adapters_are_refused_before_any_replica_loads_them(stack, cfg, base_model_dir, tmp_path,
-                                                               prefect_harness):
-    url, _ = stack
+def test_bad_adapters_are_refused_before_any_replica_loads_them(stack, cfg, base_model_dir, tmp_path, prefect_api):
+    url, config = stack
     too_big = register(base_model_dir, tmp_path, "rank32", seed=3, family="bad", rank=32)
-    with pytest.raises(ArtifactError, match="not servable by this fleet: .*rank 32"):
-        deploy(override_reason=UNEVALUATED, adapter=too_big, gateway_url=url, config=cfg)
+    unservable = charforge("deploy", "--config", str(config), "--override", "--reason", UNEVALUATED,
+                           "--adapter", too_big)  # the command a user runs: one line, the refusal's exit code
+    assert unservable.returncode == 3, unservable.stderr[-2000:]
+    [line] = [x for x in unservable.stderr.splitlines() if x.startswith("error: ")]
+    assert "not servable by this fleet: " in line and "rank 32" in line, line
     tampered = register(base_model_dir, tmp_path, "tampered", seed=4, family="bad")
     from charforge import registry
 
     name, number = tampered.removeprefix("models:/").split("/")
     registry.client().set_model_version_tag(name, number, "adapter_sha256", "0" * 64)
-    with pytest.raises(ArtifactError, match="is not the registry's 000000000000"):
+    with pytest.raises(ArtifactError, match="is not the registry's 000000000000") as err:
         deploy(override_reason=UNEVALUATED, adapter=tampered, gateway_url=url, config=cfg)
+    assert err.value.exit_code == 3
     for replica in replicas(url):
         assert replica["healthy"] and not any(n.startswith("charforge-bad") for n in replica["loaded"])
 
