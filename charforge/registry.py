@@ -237,9 +237,10 @@ def register_candidate(adapter_dir: Path, lineage: dict[str, str], eval_run_id: 
 
 
 def record_decision(name: str, version: str, decision: Decision, champion_source: str, policy: PromotionPolicy,
-                    markdown: str, flow_tags: dict[str, str]) -> str:
-    """A promotion decision on the version (tags) and in an MLflow run of `charforge-promote` (decision.json, the
-    policy, the table); returns the run id."""
+                    markdown: str, flow_tags: dict[str, str], side_by_side: list[dict] | None = None) -> str:
+    """A promotion decision on the version (tags, a one-line description linking the run) and in an MLflow run of
+    `charforge-promote` (decision.json, the policy, the table, and `where_worse.json`: the probes' replies and
+    scores of candidate, champion and base side by side, worst first); returns the run id."""
     c = client()
     use_experiment("promote")
     with mlflow.start_run(run_name=f"{name}-v{version}") as run:
@@ -250,6 +251,10 @@ def record_decision(name: str, version: str, decision: Decision, champion_source
         mlflow.log_dict(decision.as_dict(), "decision.json")
         mlflow.log_dict(policy.model_dump(mode="json"), "policy.json")
         mlflow.log_text(markdown, "decision.md")
+        if side_by_side:
+            import pandas as pd
+
+            mlflow.log_table(pd.DataFrame(side_by_side), artifact_file="where_worse.json")
     tags = {"promotion_decision": "promote" if decision.promote else "reject",
             "promotion_reasons": "; ".join(decision.reasons)[:5000], "promotion_run_id": run.info.run_id,
             "promotion_decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -262,7 +267,9 @@ def record_decision(name: str, version: str, decision: Decision, champion_source
     for key, value in tags.items():
         c.set_model_version_tag(name, version, key, value)
     # the registry page's description: what a reviewer sees first, instead of truncated tags
-    c.update_model_version(name, version, description=f"{decision.summary()} (policy run {run.info.run_id})")
+    link = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    c.update_model_version(name, version, description=f"{decision.summary()} ([promotion run]({link}): "
+                           f"decision.md, where_worse.json)")
     return run.info.run_id
 
 

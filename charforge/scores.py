@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from charforge import registry
 from charforge.errors import InputError
 from charforge.promotion import Scores
+from charforge.schemas.promote import GATEABLE_METRICS
 from charforge.tracking import client
 
 
@@ -69,3 +70,37 @@ def quantized(version: registry.VersionRef) -> tuple[Scores, Scores] | None:
         return None
     scores = run_scores(run_id)
     return scores["quantized"], scores["bf16"]
+
+
+def side_by_side(eval_run_id: str, metric: str | None) -> list[dict] | None:
+    """"Where did the candidate get worse?": one row per (task, probe) of the candidate's evaluation with the
+    candidate's, champion's and base's replies and scores side by side, the probes where the candidate lost most
+    on `metric` (the deciding rule's, `<task>/<metric>`) first. None when the run has no samples table."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            table = json.loads(Path(client().download_artifacts(eval_run_id, "eval_samples.json", tmp)).read_text())
+    except Exception:  # an evaluation logged before the samples table existed, or a lost artifact
+        return None
+    columns, data = table["columns"], table["data"]
+    rows: dict[tuple[str, str], dict] = {}
+    skip = {"model", "task", "probe", "character", "probe_type", "user_msg", "reference"}
+    for values in data:
+        record = dict(zip(columns, values))
+        key = (record["task"], record["probe"])
+        row = rows.setdefault(key, {"task": record["task"], "probe": record["probe"],
+                                    "character": record["character"], "user_msg": record["user_msg"],
+                                    "reference": record["reference"]})
+        model = record["model"]
+        for name, value in record.items():
+            if name in skip or value is None or value != value:  # NaN: a metric this task does not have
+                continue
+            row[f"{model}_{name}"] = value
+    task, _, name = (metric or "").partition("/")
+    sign = 1.0 if GATEABLE_METRICS.get(metric or "", True) else -1.0
+
+    def loss(row: dict) -> float:
+        if row["task"] != task or f"candidate_{name}" not in row or f"champion_{name}" not in row:
+            return 0.0
+        return sign * (float(row[f"champion_{name}"]) - float(row[f"candidate_{name}"]))
+
+    return sorted(rows.values(), key=lambda r: (-loss(r), r["task"], r["probe"]))

@@ -66,8 +66,10 @@ def record_decision(version: registry.VersionRef, decision: Decision, champion_s
                     policy: PromotionPolicy) -> str:
     """The decision on the version (tags), in an MLflow run (decision.json + table) and as a Prefect artifact."""
     markdown = decision_markdown(version.name, version.version, decision, champion_source)
+    deciding = decision.deciding
+    table = scores.side_by_side(version.tags.get("eval_run_id", ""), deciding.metric if deciding else None)
     run_id = registry.record_decision(version.name, version.version, decision, champion_source, policy, markdown,
-                                      flow_run_tags())
+                                      flow_run_tags(), table)
     create_markdown_artifact(key="promotion-decision", markdown=markdown,
                              description=f"Promotion decision for {version.name} v{version.version}")
     return run_id

@@ -100,7 +100,7 @@ def test_versions_are_promoted_refused_and_rolled_into_previous(registry_env, pr
                                   "champion -0.500"), description
     assert client.get_model_version(NAME, "1").description.startswith(
         "PROMOTE: all 2 checks pass (no champion yet: vs-champion rules skipped); tightest: "
-        "character_generation/ooc_rate max (margin +0.100) (policy run ")
+        "character_generation/ooc_rate max (margin +0.100) ([promotion run](#/experiments/")
     # in the Prefect UI's runs list a refusal is not a green "Completed" like a promotion
     states = asyncio.run(promote_run_states())
     assert states[-2:] == [("COMPLETED", "Completed"), ("COMPLETED", "Refused")], states

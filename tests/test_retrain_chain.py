@@ -399,6 +399,15 @@ def test_the_chain_refuses_a_flawed_candidate_with_exit_3(chain_env, gateway, pr
     assert candidate.version != champion and candidate.tags["promotion_decision"] == "reject"
     assert candidate.description.startswith("REFUSED: "), candidate.description
     print(f"\nlooping candidate refused: {candidate.description}")
+    # "where did it get worse?": from the version's description, the promotion run's side-by-side table
+    run_id = candidate.tags["promotion_run_id"]
+    assert f"/runs/{run_id})" in candidate.description
+    table = json.loads(Path(client.download_artifacts(run_id, "where_worse.json")).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    generated = [r for r in rows if r["task"] == "character_generation"]
+    assert generated and all(r["candidate_response"] and r["champion_response"] and r["base_response"]
+                             for r in generated)
+    assert {"candidate_char_id_clf", "champion_char_id_clf", "base_char_id_clf"} <= set(table["columns"])
     assert "NOT promoted" in result.stdout and "FAIL" in result.stdout, result.stdout[-3000:]
     assert client.get_model_version_by_alias(NAME, "champion").version == champion
     assert httpx.get(f"{gateway}/admin/routes", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json() == routes
