@@ -14,8 +14,10 @@
      prompt (and a helpful-assistant prompt) after the probe's user message; the most likely card wins.
    No judge sees a probe's reference or history while fitting.
 2. With `--eval RUN_DIR` (an evaluation's output folder, e.g. `charforge evaluate --config
-   configs/eval/generation.yaml --trained configs/train/smollm2_lora.yaml`): candidate vs base on every
-   identification metric it scored, paired over the same probes (mean gain and 95% bootstrap CI).
+   configs/eval/generation.yaml --trained configs/train/smollm2_lora.yaml`): every judge re-judges that run's greedy
+   replies of the candidate and the base (lm-eval's samples), paired over the same probes: mean gain and 95%
+   bootstrap CI on all probes and on the 80 normal ones. A judge worth gating on has a high ceiling AND sees what
+   training changed.
 """
 
 from __future__ import annotations
@@ -67,8 +69,11 @@ def likelihood_judge(probes: list[dict], cards: dict, names: list[str]) -> list[
     return guesses
 
 
-def ceilings(with_likelihood: bool) -> None:
+def judges(with_likelihood: bool) -> dict:
+    """name -> predict(replies, probes) -> characters, every judge fit without any probe text."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_union
 
     from charforge.characters import load_characters
     from charforge.evaluation.lm_eval_tasks import GENERIC_REPLIES, JUDGE_CORPUS, OUT_OF_CHARACTER_REPLIES, read_probes
@@ -81,47 +86,81 @@ def ceilings(with_likelihood: bool) -> None:
     held_out = {t for p in probes for t in (p["reference"], *(h["content"] for h in p["history"]))}
     replies = character_replies(JUDGE_CORPUS, cards, held_out)
     generic = GENERIC_ASSISTANT_LINES + GENERIC_REPLIES + OUT_OF_CHARACTER_REPLIES
-    gold, truth = [p["reference"] for p in probes], [p["character"] for p in probes]
-    print(f"{len(gold)} gold replies of {len(cards)} characters; judges fit on {sum(map(len, replies.values()))} "
-          f"seed replies ({JUDGE_CORPUS.relative_to(REPO)}) + {len(generic)} generic-assistant lines\n")
-
-    def report(name: str, guesses: list[str], seconds: float) -> None:
-        accuracy = np.mean([g == t for g, t in zip(guesses, truth)])
-        print(f"| {name} | {accuracy:.3f} | {sum(g == GENERIC_ASSISTANT for g in guesses)} | {seconds:.1f} |",
-              flush=True)
-
-    print("| judge | accuracy on gold | answered generic | seconds |\n|---|---|---|---|")
-    t = time.monotonic()
-    cards_only = CharacterIdentifier({cid: card_exemplars(card) for cid, card in cards.items()})
-    report("minilm-cards (char_id_acc)", [i.character for i in cards_only.identify(gold, truth)], time.monotonic() - t)
-    t = time.monotonic()
-    with_replies = CharacterIdentifier({cid: card_exemplars(card, replies[cid]) for cid, card in cards.items()},
-                                       cards_only.encoder)
-    report("minilm-cards+replies", [i.character for i in with_replies.identify(gold, truth)], time.monotonic() - t)
-    t = time.monotonic()
+    print(f"judges fit on {sum(map(len, replies.values()))} seed replies ({JUDGE_CORPUS.relative_to(REPO)}) + "
+          f"{len(generic)} generic-assistant lines; no probe's reference or history among them\n")
     texts = [r for lines in replies.values() for r in lines] + generic
     labels = [c for c, lines in replies.items() for _ in lines] + [GENERIC_ASSISTANT] * len(generic)
-    logreg = LogisticRegression(C=10.0, max_iter=3000).fit(cards_only.encoder.encode(texts), labels)
-    report("minilm-logreg", list(logreg.predict(cards_only.encoder.encode(gold))), time.monotonic() - t)
-    t = time.monotonic()
-    report("tfidf-logreg (char_id_clf)", ReplyClassifier(replies, generic).predict(gold), time.monotonic() - t)
+    cards_only = CharacterIdentifier({cid: card_exemplars(card) for cid, card in cards.items()})
+    encoder = cards_only.encoder
+    with_replies = CharacterIdentifier({cid: card_exemplars(card, replies[cid]) for cid, card in cards.items()}, encoder)
+    minilm = LogisticRegression(C=10.0, max_iter=3000).fit(encoder.encode(texts), labels)
+    words = make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+                       TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True))
+    tfidf = LogisticRegression(C=10.0, max_iter=3000).fit(words.fit_transform(texts), labels)
+    combined = ReplyClassifier(replies, generic, encoder)
+    found = {
+        "minilm-cards (char_id_acc)": lambda r, p: [i.character for i in cards_only.identify(r, [x["character"] for x in p])],
+        "minilm-cards+replies": lambda r, p: [i.character for i in with_replies.identify(r, [x["character"] for x in p])],
+        "minilm-logreg": lambda r, p: list(minilm.predict(encoder.encode(r))),
+        "tfidf-logreg": lambda r, p: list(tfidf.predict(words.transform(r))),
+        "tfidf+minilm-logreg (char_id_clf)": lambda r, p: combined.predict(r),
+    }
     if with_likelihood:
+        found["likelihood (base model)"] = lambda r, p: likelihood_judge(
+            [{**x, "reference": reply} for reply, x in zip(r, p)], cards, sorted(cards) + [GENERIC_ASSISTANT])
+    return found
+
+
+def ceilings(found: dict) -> None:
+    from charforge.evaluation.lm_eval_tasks import read_probes
+    from charforge.evaluation.metrics import GENERIC_ASSISTANT
+    from charforge.settings import DATA_DIR
+
+    probes = read_probes(DATA_DIR / "eval" / "probes.jsonl")
+    gold, truth = [p["reference"] for p in probes], [p["character"] for p in probes]
+    print(f"| judge | accuracy on the {len(gold)} gold replies | answered generic | seconds |\n|---|---|---|---|")
+    for name, predict in found.items():
         t = time.monotonic()
-        report("likelihood (base model)", likelihood_judge(probes, cards, sorted(cards) + [GENERIC_ASSISTANT]),
-               time.monotonic() - t)
+        guesses = predict(gold, probes)
+        print(f"| {name} | {np.mean([g == c for g, c in zip(guesses, truth)]):.3f} | "
+              f"{sum(g == GENERIC_ASSISTANT for g in guesses)} | {time.monotonic() - t:.1f} |", flush=True)
 
 
-def separation(run_dirs: list[str]) -> None:
+def generated(run_dir: Path, role: str) -> dict[str, tuple[str, dict]]:
+    """probe id -> (greedy reply, probe) from an evaluation's lm-eval samples of the generation tasks."""
+    out = {}
+    for task in ("character_generation", "character_boundaries"):
+        for path in (run_dir / "lm_eval" / role).rglob(f"samples_{task}_*.jsonl"):
+            for line in path.read_text().splitlines():
+                sample = json.loads(line)
+                doc = {**sample["doc"], "history": json.loads(sample["doc"]["history"])}
+                out[doc["id"]] = (sample["filtered_resps"][0].strip(), doc)
+    return out
+
+
+def separation(found: dict, run_dirs: list[str]) -> None:
+    """Every judge re-judges the candidate's and the base's replies of each evaluation, paired over its probes."""
     from charforge.promotion import paired_gain
 
-    print("\n| evaluation | metric | candidate | base | gain (95% CI) | probes |\n|---|---|---|---|---|---|")
-    for run_dir in run_dirs:
-        per_probe = json.loads((Path(run_dir) / "per_probe.json").read_text())
-        candidate, base = per_probe["candidate"], per_probe["base"]
-        for metric in sorted(m for m in candidate if "char_id" in m and "macro" not in m and m in base):
-            gain, low, high, n = paired_gain(candidate[metric], base[metric], True, 0.95, 2000)
-            print(f"| {Path(run_dir).name} | {metric} | {np.mean(list(candidate[metric].values())):.3f} | "
-                  f"{np.mean(list(base[metric].values())):.3f} | {gain:+.3f} ({low:+.3f} .. {high:+.3f}) | {n} |")
+    print("\n| evaluation | judge | candidate | base | gain, all probes (95% CI) | gain, normal probes (95% CI) |\n"
+          "|---|---|---|---|---|---|")
+    for run_dir in map(Path, run_dirs):
+        replies = {role: generated(run_dir, role) for role in ("candidate", "base")}
+        ids = sorted(replies["candidate"].keys() & replies["base"].keys())
+        normal = [i for i in ids if replies["candidate"][i][1]["probe_type"] == "normal"]
+        for name, predict in found.items():
+            right = {}
+            for role in ("candidate", "base"):
+                probes = [replies[role][i][1] for i in ids]
+                guesses = predict([replies[role][i][0] for i in ids], probes)
+                right[role] = {i: float(g == p["character"]) for i, g, p in zip(ids, guesses, probes)}
+            every = paired_gain(right["candidate"], right["base"], True, 0.95, 2000)
+            some = paired_gain({i: right["candidate"][i] for i in normal}, {i: right["base"][i] for i in normal},
+                               True, 0.95, 2000)
+            print(f"| {run_dir.name[-40:]} | {name} | {np.mean(list(right['candidate'].values())):.3f} | "
+                  f"{np.mean(list(right['base'].values())):.3f} | {every[0]:+.3f} ({every[1]:+.3f} .. "
+                  f"{every[2]:+.3f}), {every[3]} | {some[0]:+.3f} ({some[1]:+.3f} .. {some[2]:+.3f}), {some[3]} |",
+                  flush=True)
 
 
 def main() -> None:
@@ -129,9 +168,10 @@ def main() -> None:
     parser.add_argument("--likelihood", action="store_true", help="also the base model's likelihood judge")
     parser.add_argument("--eval", nargs="*", default=[], help="evaluation output folders: candidate vs base")
     args = parser.parse_args()
-    ceilings(args.likelihood)
+    found = judges(args.likelihood)
+    ceilings(found)
     if args.eval:
-        separation(args.eval)
+        separation(found, args.eval)
 
 
 if __name__ == "__main__":

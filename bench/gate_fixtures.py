@@ -148,6 +148,7 @@ def main() -> None:
     from charforge.characters import load_characters
     from charforge.config import load_yaml_model
     from charforge.promotion import decide
+    from charforge.schemas.curate import CurateConfig
     from charforge.schemas.evaluate import EvalConfig
     from charforge.schemas.promote import PromotionPolicy
     from charforge.schemas.train import TrainConfig
@@ -159,7 +160,8 @@ def main() -> None:
     started = time.monotonic()
     cards = load_characters(DATA_DIR / "characters")
     curated = root / "state" / "datasets" / "default"
-    curate(inputs=(str(REPO / "data" / "raw"),), out_dir=str(curated))
+    curate(inputs=(str(REPO / "data" / "raw"),), out_dir=str(curated),
+           config=load_yaml_model(REPO / "configs" / "curate" / "default.yaml", CurateConfig))
     demo_cfg = load_yaml_model(REPO / TRAIN_CONFIG, TrainConfig)
 
     def trained(config: Path, dataset: Path) -> str:
@@ -169,20 +171,15 @@ def main() -> None:
         return adapter
 
     champion = trained(REPO / TRAIN_CONFIG, curated)
-    runs: list[tuple[str, str, str]] = []  # (fixture, dose, adapter)
-    for fixture in args.fixtures.split(","):
-        if fixture == "good":
-            runs.append(("good", "seed7", trained(seeded_config(root, 7), curated)))
-            continue
-        for dose in args.doses.split(","):
-            runs.append((fixture, dose, trained(REPO / TRAIN_CONFIG, flawed_dataset(curated, fixture, dose, root,
-                                                                                     cards))))
+    policies = {name: (load_yaml_model(REPO / POLICIES[name][0], EvalConfig).model_copy(
+                           update={"register_version": False}),
+                       load_yaml_model(REPO / POLICIES[name][1], PromotionPolicy))
+                for name in args.policies.split(",")}
+    results = root / "results.jsonl"  # one line per decision as it is made: a stopped run keeps what it decided
     rows = []
-    for policy_name in args.policies.split(","):
-        eval_file, policy_file = POLICIES[policy_name]
-        eval_cfg = load_yaml_model(REPO / eval_file, EvalConfig).model_copy(update={"register_version": False})
-        policy = load_yaml_model(REPO / policy_file, PromotionPolicy)
-        for fixture, dose, adapter in [("good", "seed13", champion), *runs]:
+
+    def judge(fixture: str, dose: str, adapter: str) -> None:
+        for policy_name, (eval_cfg, policy) in policies.items():
             t = time.monotonic()
             is_champion = adapter == champion
             result = evaluate(config=eval_cfg, adapter=adapter, champion=None if is_champion else champion)
@@ -191,15 +188,30 @@ def main() -> None:
             decision = decide(per_probe["candidate"], None if is_champion else per_probe.get("champion"),
                               per_probe.get("base"), policy)
             deciding = decision.deciding
-            rows.append((fixture, dose, policy_name, "promote" if decision.promote else "REFUSE",
-                         deciding.rule if deciding else "-",
-                         f"{deciding.margin:+.3f}" if deciding and deciding.margin is not None else "-",
-                         f"{time.monotonic() - t:.0f}"))
-            print(f"  {fixture}/{dose} under {policy_name}: {rows[-1][3]} ({rows[-1][4]} {rows[-1][5]})", flush=True)
-    header = ("fixture", "dose", "policy", "decision", "deciding rule", "margin", "eval s")
+            row = {"fixture": fixture, "dose": dose, "policy": policy_name,
+                   "decision": "promote" if decision.promote else "REFUSE",
+                   "deciding_rule": deciding.rule if deciding else "-",
+                   "margin": round(deciding.margin, 4) if deciding and deciding.margin is not None else None,
+                   "failed": [c.rule for c in decision.checks if not c.passed], "eval_s": round(time.monotonic() - t),
+                   "eval_run": result.mlflow_run_id}
+            rows.append(row)
+            with results.open("a") as out:
+                out.write(json.dumps(row) + "\n")
+            print(f"  {fixture}/{dose} under {policy_name}: {row['decision']} ({row['deciding_rule']} "
+                  f"{row['margin']}; failed: {', '.join(row['failed']) or 'none'})", flush=True)
+
+    judge("good", "seed13", champion)
+    for fixture in args.fixtures.split(","):
+        if fixture == "good":
+            judge("good", "seed7", trained(seeded_config(root, 7), curated))
+            continue
+        for dose in args.doses.split(","):
+            judge(fixture, dose, trained(REPO / TRAIN_CONFIG, flawed_dataset(curated, fixture, dose, root, cards)))
+    header = ("fixture", "dose", "policy", "decision", "deciding rule", "margin", "failed checks")
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    for r in rows:
+        print(f"| {r['fixture']} | {r['dose']} | {r['policy']} | {r['decision']} | {r['deciding_rule']} | "
+              f"{r['margin']} | {len(r['failed'])} |")
     print(f"\nbench/gate_fixtures.py: {time.monotonic() - started:.0f} s in all (base model {demo_cfg.base_model})")
 
 

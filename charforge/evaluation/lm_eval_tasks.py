@@ -192,8 +192,8 @@ def classifier(characters_dir: str, probes: str) -> ReplyClassifier:
 def _reply_scores(doc: dict, reply: str) -> dict:
     card = _cards(doc["characters_dir"])[doc["character"]]
     ident = identifier(doc["characters_dir"])
-    [voice] = classifier(doc["characters_dir"], doc["probes_path"]).predict([reply])
     reply_vec, reference_vec = ident.encoder.encode([reply, doc["reference"]])  # one encoder pass for both
+    [voice] = classifier(doc["characters_dir"], doc["probes_path"]).predict([reply], reply_vec[None, :])
     guess = ident.identify_vectors(reply_vec[None, :], [doc["character"]])[0]
     ooc = out_of_character(reply, doc["user_msg"], card)
     return {
