@@ -164,8 +164,7 @@ def promote_aliases(c: MlflowClient, name: str, version: str, crash_hook=None) -
     run, so a half-done promotion is never the registry's final state.
     """
     entry = c.get_model_version(name, version)
-    if (entry.tags.get("eval_status") != "passed" or entry.tags.get("promotion_decision") != "promote"
-            or entry.tags.get("approval") not in ("approved", "not_required")):
+    if entry.tags.get("eval_status") != "passed" or not gate_passed(entry.tags):
         raise Refused(f"{name} version {version} has no passing evaluation, promotion decision and approval "
                       f"recorded; refusing to make it champion")
     old = alias_version(c, name, CHAMPION)
@@ -287,11 +286,16 @@ class NotPromoted(Refused):
     """`deploy` of a version the promotion gate did not pass (and no override)."""
 
 
+def gate_passed(tags: dict[str, str]) -> bool:
+    """The promotion gate said promote and the approval is settled: what champion moves and rollouts both need."""
+    return tags.get("promotion_decision") == "promote" and tags.get("approval") in ("approved", "not_required")
+
+
 def deploy_clearance(version: VersionRef) -> str | None:
-    """None when the version may be rolled out (the gate promoted it and its approval is settled), else why not."""
+    """None when the version may be rolled out (`gate_passed`), else why not."""
     tags = version.tags
     decision, approval = tags.get("promotion_decision"), tags.get("approval")
-    if decision == "promote" and approval in ("approved", "not_required"):
+    if gate_passed(tags):
         return None
     if decision is None:
         return "no promotion decision (it was never through `charforge promote`)"
