@@ -3,10 +3,10 @@
 PYTHON ?= python3
 VENV := .venv
 SERVE_VENV := .venv-serve
-PIP_FLAGS := -q --disable-pip-version-check
+PIP_FLAGS := -q --disable-pip-version-check --no-compile  # bytecode is compiled on first import, for the modules used
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast ui clean-state postgres haproxy lock bench-load bench-capacity
+.PHONY: setup demo test test-fast ui clean-state postgres haproxy test-packages lock bench-load bench-capacity
 
 # Both environments install from the locks in requirements/ (exact versions, --no-deps: no resolver, the set the
 # suite passed with); `make lock` re-resolves them from pyproject.toml and requirements-serve.txt.
@@ -53,20 +53,26 @@ demo: setup
 	$(VENV)/bin/charforge retrain --config configs/retrain/demo.yaml --approve --comment "approved by make demo" \
 	  && echo "make demo: $$(( $$(date +%s) - start )) s (setup excluded); stop the fleet with: $(VENV)/bin/charforge serve down"
 
-# PostgreSQL server binaries for the PostgreSQL-backed MLflow/Prefect test (Debian's package; needs root to install).
-# Installed only when missing, so a second run does nothing.
+# Debian packages two tests need, installed only when missing (needs root), with one `apt-get update` for both:
+# PostgreSQL's server (tests/deploy/test_postgres_stores.py) and HAProxy (tests/reliability/test_two_gateways.py).
+# A second run does nothing.
+HAVE_POSTGRES := ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1
+HAVE_HAPROXY := command -v haproxy >/dev/null 2>&1 || test -x /usr/sbin/haproxy
+APT_INSTALL = test -z "$$missing" || { apt-get update -qq \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing \
+	  || echo "make: could not install$$missing (not root?): tests/deploy/test_postgres_stores.py needs postgresql, tests/reliability/test_two_gateways.py haproxy"; }
+
 postgres:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql \
-	  || echo "make postgres: could not install PostgreSQL (not root?); tests/deploy/test_postgres_stores.py cannot run"; }
+	@missing=""; { $(HAVE_POSTGRES); } || missing=" postgresql"; $(APT_INSTALL)
 
-# HAProxy for the two-gateways-behind-a-TCP-balancer test and bench (Debian's package; needs root to install).
 haproxy:
-	@command -v haproxy >/dev/null 2>&1 || test -x /usr/sbin/haproxy || { \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy \
-	  || echo "make haproxy: could not install HAProxy (not root?); tests/reliability/test_two_gateways.py cannot run"; }
+	@missing=""; { $(HAVE_HAPROXY); } || missing=" haproxy"; $(APT_INSTALL)
 
-test: setup postgres haproxy
+test-packages:
+	@missing=""; { $(HAVE_POSTGRES); } || missing=" postgresql"; { $(HAVE_HAPROXY); } || missing="$$missing haproxy"; \
+	$(APT_INSTALL)
+
+test: setup test-packages
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup

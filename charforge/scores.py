@@ -72,35 +72,56 @@ def quantized(version: registry.VersionRef) -> tuple[Scores, Scores] | None:
     return scores["quantized"], scores["bf16"]
 
 
-def side_by_side(eval_run_id: str, metric: str | None) -> list[dict] | None:
+def side_by_side(eval_run_id: str, metric: str | None, against: str = "champion") -> list[dict] | None:
     """"Where did the candidate get worse?": one row per (task, probe) of the candidate's evaluation with the
-    candidate's, champion's and base's replies and scores side by side, the probes where the candidate lost most
-    on `metric` (the deciding rule's, `<task>/<metric>`) first. None when the run has no samples table."""
+    candidate's, champion's and base's replies and scores side by side. Rows of `metric`'s task (the deciding
+    rule's, `<task>/<metric>`) come first, the probes where the candidate lost most to `against` (the rule's
+    reference: "champion" or "base"; its loss in column `loss`) at the top; the replies come before the other
+    scores, which is what the MLflow table view shows first. None when the run has no samples table."""
     try:
         with tempfile.TemporaryDirectory() as tmp:
             table = json.loads(Path(client().download_artifacts(eval_run_id, "eval_samples.json", tmp)).read_text())
+            per_probe = json.loads(Path(client().download_artifacts(eval_run_id, "per_probe.json", tmp)).read_text())
     except Exception:  # an evaluation logged before the samples table existed, or a lost artifact
         return None
     columns, data = table["columns"], table["data"]
     rows: dict[tuple[str, str], dict] = {}
-    skip = {"model", "task", "probe", "character", "probe_type", "user_msg", "reference"}
+    context = ("character", "user_msg", "reference")
+    skip = {"model", "task", "probe", "probe_type", *context}
     for values in data:
         record = dict(zip(columns, values))
-        key = (record["task"], record["probe"])
-        row = rows.setdefault(key, {"task": record["task"], "probe": record["probe"],
-                                    "character": record["character"], "user_msg": record["user_msg"],
-                                    "reference": record["reference"]})
-        model = record["model"]
+        row = rows.setdefault((record["task"], record["probe"]), {
+            "task": record["task"], "probe": record["probe"], "_context": {k: record[k] for k in context}})
         for name, value in record.items():
             if name in skip or value is None or value != value:  # NaN: a metric this task does not have
                 continue
-            row[f"{model}_{name}"] = value
+            row[f"{record['model']}_{name}"] = value
+    # the scores the gate pairs (bits/byte per reply, the persona effect), which the samples table has no column for
+    for model, by_metric in per_probe.items():
+        for key, values in by_metric.items():
+            task_name, _, metric_name = key.partition("/")
+            for probe, value in values.items():
+                row = rows.setdefault((task_name, probe), {"task": task_name, "probe": probe,
+                                                           "_context": dict.fromkeys(context, "")})
+                row.setdefault(f"{model}_{metric_name}", value)
     task, _, name = (metric or "").partition("/")
     sign = 1.0 if GATEABLE_METRICS.get(metric or "", True) else -1.0
 
-    def loss(row: dict) -> float:
-        if row["task"] != task or f"candidate_{name}" not in row or f"champion_{name}" not in row:
-            return 0.0
-        return sign * (float(row[f"champion_{name}"]) - float(row[f"candidate_{name}"]))
+    def loss(row: dict) -> float | None:
+        if row["task"] != task or f"candidate_{name}" not in row or f"{against}_{name}" not in row:
+            return None
+        return sign * (float(row[f"{against}_{name}"]) - float(row[f"candidate_{name}"]))
 
-    return sorted(rows.values(), key=lambda r: (-loss(r), r["task"], r["probe"]))
+    def ordered(row: dict) -> dict:
+        first = [f"{model}_{name}" for model in ("candidate", against) if name] + [
+            f"{model}_response" for model in ("candidate", "champion", "base")]
+        out = {"task": row["task"], "probe": row["probe"], "loss": loss(row)}
+        out.update({k: row[k] for k in first if k in row})
+        out.update({k: v for k, v in row.items() if k not in out and k != "_context"})
+        return {**out, **row["_context"]}
+
+    def order(row: dict) -> tuple:
+        lost = loss(row)
+        return (lost is None, -(lost or 0.0), row["task"], row["probe"])
+
+    return [ordered(r) for r in sorted(rows.values(), key=order)]

@@ -3,8 +3,11 @@
     .venv/bin/charforge ui &          # after a chain run (make demo)
     .venv/bin/python docs/screenshots.py
 
-Writes docs/img/prefect-retrain-form.png (the `retrain/nightly` deployment's custom-run form) and
-docs/img/mlflow-compare.png (MLflow's compare view of the newest chain run's candidate / base / champion runs).
+Writes docs/img/prefect-retrain-form.png (the `retrain/nightly` deployment's custom-run form),
+docs/img/mlflow-compare.png (MLflow's compare view of the newest chain run's candidate / base / champion runs) and,
+when the registry holds a version the gate refused (e.g. after `tests/test_retrain_chain.py`'s looping candidate, or
+a `charforge promote` that refused), docs/img/refused-version.png (its registry page: the one-line decision and the
+link to the promotion run) and docs/img/where-worse.png (that run's `where_worse.json` in MLflow's table view).
 """
 
 from __future__ import annotations
@@ -64,6 +67,23 @@ def mlflow_compare_url(mlflow: str) -> str:
     raise SystemExit("no chain run with an evaluation yet: run `make demo` first")
 
 
+def refused_version_urls(mlflow: str) -> tuple[str, str] | None:
+    """The newest refused version's registry page and its promotion run's where_worse.json, or None."""
+    from mlflow import MlflowClient
+
+    from charforge.settings import platform
+
+    c = MlflowClient(platform().tracking_uri)
+    refused = [v for v in c.search_model_versions() if v.tags.get("promotion_decision") == "reject"
+               and v.tags.get("promotion_run_id")]
+    if not refused:
+        return None
+    version = max(refused, key=lambda v: v.last_updated_timestamp)
+    run = c.get_run(version.tags["promotion_run_id"])
+    return (f"{mlflow}/#/models/{quote(version.name)}/versions/{version.version}",
+            f"{mlflow}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifacts/where_worse.json")
+
+
 def main() -> None:
     from charforge.settings import platform
 
@@ -73,6 +93,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     shoot(prefect_form_url(prefect), out / "prefect-retrain-form.png")
     shoot(mlflow_compare_url(mlflow), out / "mlflow-compare.png")
+    refused = refused_version_urls(mlflow)
+    if refused is None:
+        print("no refused version in the registry: refused-version.png and where-worse.png not taken")
+        return
+    shoot(refused[0], out / "refused-version.png", size="1900,900")
+    shoot(refused[1], out / "where-worse.png", size="1900,700")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ def record_decision(version: registry.VersionRef, decision: Decision, champion_s
     """The decision on the version (tags), in an MLflow run (decision.json + table) and as a Prefect artifact."""
     markdown = decision_markdown(version.name, version.version, decision, champion_source)
     deciding = decision.deciding
-    table = scores.side_by_side(version.tags.get("eval_run_id", ""), deciding.metric if deciding else None)
+    against = "base" if deciding is not None and deciding.kind == "vs_base" else "champion"
+    table = scores.side_by_side(version.tags.get("eval_run_id", ""), deciding.metric if deciding else None, against)
     run_id = registry.record_decision(version.name, version.version, decision, champion_source, policy, markdown,
                                       flow_run_tags(), table)
     create_markdown_artifact(key="promotion-decision", markdown=markdown,
