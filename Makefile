@@ -43,7 +43,9 @@ lock:
 	mv requirements/pipeline.lock.new requirements/pipeline.lock && mv requirements/serve.lock.new requirements/serve.lock
 	rm -rf .lock-venv .lock-venv-serve
 
-setup: $(VENV)/.installed $(SERVE_VENV)/.installed
+# The two environments install side by side (mostly unpacking wheels: one core each); then the base model.
+setup:
+	@$(MAKE) --no-print-directory -j2 $(VENV)/.installed $(SERVE_VENV)/.installed
 	$(VENV)/bin/charforge setup
 
 # The retrain chain on the embedded default (configs/retrain/demo.yaml): curate, train, evaluate, promote (the demo
