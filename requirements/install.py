@@ -27,18 +27,21 @@ REPEATED = {"extra-index-url": "--extra-index-url", "find-links": "--find-links"
 
 
 def pip_config(venv: Path) -> dict[str, str]:
-    """`pip config list` as {key: value}: later lines (environment variables) override earlier ones (files)."""
+    """`pip config list` as {key: value}, with pip's precedence: PIP_* variables (`:env:.key`) over the files
+    (`global.key`, `install.key`, ...)."""
     out = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "config", "list"], capture_output=True,
                          text=True, check=True).stdout
-    config: dict[str, str] = {}
+    files: dict[str, str] = {}
+    env: dict[str, str] = {}
     for line in out.splitlines():
         name, _, value = line.partition("=")
-        key = name.rsplit(".", 1)[-1]
+        section, _, key = name.rpartition(".")
         try:
-            config[key] = str(ast.literal_eval(value))
+            value = str(ast.literal_eval(value))
         except (ValueError, SyntaxError):
-            config[key] = value.strip("'\"")
-    return config
+            value = value.strip("'\"")
+        (env if section == ":env:" else files)[key] = value
+    return {**files, **env}
 
 
 def uv_arguments(config: dict[str, str]) -> tuple[list[str], dict[str, str]]:
