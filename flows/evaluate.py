@@ -40,7 +40,8 @@ def evaluate(config: EvalConfig, adapter: str | None = None, base_only: bool = F
             parity = check_parity(config, evaluation_plan, server) if evaluation_plan.candidate_dir else None
             summaries = {display: scores.reused[display].scores if display in scores.reused
                          else score(config, server, display, evaluation_plan) for display in evaluation_plan.targets}
-            serving = {"load_s": load_s, "tokens_per_s": measure_decode_speed(server, evaluation_plan)}
+            speed = measure_decode_speed(server, evaluation_plan, config.serving.speed_tokens)
+            serving = {"load_s": load_s, "tokens_per_s": speed}
     evaluation = report(config, evaluation_plan, summaries, parity, serving, scores)
     if evaluation_plan.candidate_dir and config.register_version:
         evaluation = register_candidate(config, evaluation_plan, evaluation)

@@ -105,9 +105,9 @@ def score(cfg: EvalConfig, server: VLLMServer, display: str, plan: EvalPlan) -> 
 
 
 @task(name="measure-decode-speed", cache_policy=NONE)
-def measure_decode_speed(server: VLLMServer, plan: EvalPlan) -> float:
-    """Single-stream greedy decode tokens/s of the primary model (median of 3 after a warm-up)."""
-    return decode_speed(server.url, plan.targets[plan.primary])
+def measure_decode_speed(server: VLLMServer, plan: EvalPlan, tokens: int) -> float:
+    """Single-stream greedy decode tokens/s of the primary model (median of 2 after a warm-up)."""
+    return decode_speed(server.url, plan.targets[plan.primary], tokens=tokens)
 
 
 @task(name="report-evaluation", cache_policy=NONE, **TRANSIENT_RETRIES)

@@ -256,7 +256,8 @@ def test_fleet_serves_the_quantized_base_with_a_rolled_out_lora(base_model_dir, 
     adapter = build_adapter(base_model_dir, tmp_path / "adapter", seed=3, noise=0.1, train_config="w4-lora")
     eval_cfg = yaml.safe_load((CONFIGS_DIR / "eval" / "quantize.yaml").read_text())
     eval_cfg.update(limit=2, tasks=["character_reply_likelihood"], bootstrap_resamples=200,
-                    parity={"prompts": 2, "tokens": 2, "min_first_token_agreement": 0.5})
+                    parity={"prompts": 2, "tokens": 2, "min_first_token_agreement": 0.5},
+                    serving={**eval_cfg.get("serving", {}), "speed_tokens": 4})
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_cfg))
     (tmp_path / "policy.yaml").write_text(yaml.safe_dump({"resamples": 500, "rules": [
         {"metric": "character_reply_likelihood/bits_per_byte", "quantized_vs_bf16": {"max_regression": 0.01}}]}))

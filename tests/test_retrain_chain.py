@@ -60,7 +60,8 @@ def small_parameters(root: Path, gateway_url: str) -> dict:
     train.training.learning_rate = 2e-2
     # register_version: false: the chain still promotes, so it registers the candidate itself (this was a KeyError)
     evaluate = EvalConfig(limit=2, bootstrap_resamples=200, register_version=False,
-                          parity={"prompts": 4, "tokens": 4, "min_first_token_agreement": 0.5})
+                          parity={"prompts": 4, "tokens": 4, "min_first_token_agreement": 0.5},
+                          serving={"speed_tokens": 4})
     # Two probes per task cannot show a difference; the gate's mechanics run, with margins no 2-step adapter fails.
     policy = PromotionPolicy(resamples=200, rules=[
         {"metric": "character_generation/empty_rate", "max": 0.5},

@@ -30,6 +30,8 @@ class ServingSettings(StageConfig):
     max_model_len: int = Field(default=2048, ge=128, description="--max-model-len.")
     kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
     startup_timeout_s: float = Field(default=400, gt=0, description="Seconds to wait for /health.")
+    speed_tokens: int = Field(default=32, ge=1, description="Greedy tokens decoded per run to measure the evaluated "
+                              "model's single-stream tokens/s (median of 2 runs after a 4-token warm-up).")
 
 
 class EvalConfig(StageConfig):

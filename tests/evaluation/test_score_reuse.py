@@ -34,7 +34,8 @@ def test_a_second_evaluation_reuses_every_score_the_first_made_and_names_its_sou
 
     cfg = EvalConfig(limit=1, bootstrap_resamples=100, register_version=False,
                      tasks=["character_reply_likelihood", "character_generation"],
-                     parity={"prompts": 2, "tokens": 2, "min_first_token_agreement": 0.5})
+                     parity={"prompts": 2, "tokens": 2, "min_first_token_agreement": 0.5},
+                     serving={"speed_tokens": 4})
     first = evaluate(cfg, adapter=str(smollm2_adapter))
     assert first.reused_scores == {} and set(first.summaries) == {"candidate", "base"}
 
