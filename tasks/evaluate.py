@@ -16,7 +16,8 @@ from charforge.checksums import sha256_file
 from charforge.evaluation import parity as parity_check
 from charforge.evaluation import report as evaluation_report
 from charforge.evaluation import score_cache
-from charforge.evaluation.harness import decode_speed, score_served_model
+from charforge.evaluation.harness import score_served_model
+from charforge.evaluation.speed import decode_speed
 from charforge.evaluation.plan import EvalPlan, plan_evaluation
 from charforge.evaluation.report import score_table
 from charforge.evaluation.score_cache import ScoreReuse

@@ -6,12 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import statistics
-import time
 from functools import partial
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from charforge.evaluation.metrics import bootstrap_ci
@@ -200,27 +197,3 @@ def score_served_model(cfg: EvalConfig, base_url: str, served_name: str, tokeniz
         {t: {m: e.model_dump() for m, e in metrics.items()} for t, metrics in summary.items()}, indent=2))
     (out_dir / "per_probe.json").write_text(json.dumps(per_probe_scores(samples), indent=1))
     return summary
-
-
-# Single-stream decode speed of the evaluated model, measured once per evaluation (median of 2 after a 4-token
-# warm-up; 68 decoded tokens: about 18 s on a slow 2-core CPU, where 256 took 77 s).
-DECODE_TOKENS, DECODE_REPEATS, WARM_UP_TOKENS = 32, 2, 4
-DECODE_PROMPT = ("<|im_start|>system\nYou are Sherlock Holmes.<|im_end|>\n<|im_start|>user\nHow did you know I "
-                 "was a doctor?<|im_end|>\n<|im_start|>assistant\n")
-
-
-def decode_speed(base_url: str, model: str, tokens: int = DECODE_TOKENS, repeats: int = DECODE_REPEATS,
-                 prompt: str = DECODE_PROMPT) -> float:
-    """Single-stream greedy decode tokens/s through the server's /v1/completions: one short warm-up (the first
-    request's one-off costs), then the median of `repeats` (end-of-text ignored so every run decodes `tokens`)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
-    rates = []
-    for i in range(repeats + 1):
-        started = time.monotonic()
-        response = httpx.post(f"{base_url}/v1/completions", json=body if i else {**body, "max_tokens": WARM_UP_TOKENS},
-                              timeout=600)
-        response.raise_for_status()
-        elapsed = time.monotonic() - started
-        if i:
-            rates.append(response.json()["usage"]["completion_tokens"] / elapsed)
-    return statistics.median(rates)
