@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 SERVE_VENV := .venv-serve
-PIP_FLAGS := -q --disable-pip-version-check --no-compile  # bytecode is compiled on first import, for the modules used
+PIP_FLAGS := -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast ui clean-state postgres haproxy test-packages lock bench-load bench-capacity
