@@ -81,7 +81,7 @@ def side_by_side(eval_run_id: str, metric: str | None, against: str = "champion"
     try:
         with tempfile.TemporaryDirectory() as tmp:
             table = json.loads(Path(client().download_artifacts(eval_run_id, "eval_samples.json", tmp)).read_text())
-            per_probe = json.loads(Path(client().download_artifacts(eval_run_id, "per_probe.json", tmp)).read_text())
+        per_probe = run_scores(eval_run_id)
     except Exception:  # an evaluation logged before the samples table existed, or a lost artifact
         return None
     columns, data = table["columns"], table["data"]

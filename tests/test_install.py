@@ -39,3 +39,11 @@ def test_pips_variables_win_over_its_files(monkeypatch, tmp_path):
     config = install.pip_config(Path(sys.executable).parent.parent)  # this environment's pip, as make calls it
     assert config["find-links"] == "/from/the/variable"
     assert config["extra-index-url"] == "file:///a/simple"
+
+
+def test_without_uv_the_install_goes_to_pip_and_says_so(capfd):
+    venv = Path(sys.executable).parent.parent
+    assert install.main([str(venv), "/nonexistent/uv", "--", "--help"]) == 0  # pip's own `install --help`
+    out, err = capfd.readouterr()
+    assert "install.py: no uv at /nonexistent/uv: installing with pip" in err
+    assert "pip install [options] <requirement specifier>" in out
