@@ -15,7 +15,7 @@ from charforge.schemas.curate import CurateConfig
 from charforge.schemas.evaluate import EvalConfig
 from charforge.schemas.promote import PromotionPolicy
 from charforge.schemas.quantize import QuantizeConfig
-from charforge.schemas.retrain import RetrainConfig
+from charforge.schemas.retrain import ProductionInput, RetrainConfig
 from charforge.schemas.serving import ServingConfig
 from charforge.schemas.train import TrainConfig
 from charforge.settings import CONFIGS_DIR, repo_path
@@ -34,7 +34,7 @@ class ChainParameters(BaseModel):
     promotion: PromotionPolicy
     serving: ServingConfig
     quantize: QuantizeConfig | None = None
-    inputs: list[str]
+    inputs: list[str | ProductionInput]
     dataset_dir: str
     deploy: bool
     start_fleet: bool

@@ -164,9 +164,10 @@ def copy_sample_table(eval_run: str, child: str) -> None:
     c.log_table(child, pd.DataFrame(table["data"], columns=table["columns"]), "eval_samples.json")
 
 
-def lineage_markdown(lineage: dict[str, str], evaluations: dict[str, str], aliases: list[str]) -> str:
+def lineage_markdown(lineage: dict, evaluations: dict[str, str], aliases: list[str]) -> str:
     """Dataset -> training -> adapter -> evaluations -> registry -> serving, with links."""
-    rows = [("dataset", f"`{lineage['dataset_hash'][:16]}` ({lineage['dataset_dir']})", run_url(lineage["curate_run_id"])),
+    rows = [*[("production window", window, "") for window in lineage.get("production_windows", ())],
+            ("dataset", f"`{lineage['dataset_hash'][:16]}` ({lineage['dataset_dir']})", run_url(lineage["curate_run_id"])),
             ("training run", lineage["train_run_id"], run_url(lineage["train_run_id"])),
             ("adapter", f"`{lineage['adapter_sha256'][:16]}`", lineage["adapter_dir"]),
             *[(f"evaluation ({role})", run_id, run_url(run_id)) for role, run_id in evaluations.items()],
@@ -198,6 +199,7 @@ def record_lineage(s: ChainSummary, dataset_dir: str, deployed_at: str | None) -
             "dataset_dir": dataset_dir, "served_by": ",".join(s.replicas) or "none",
             "served_name": s.served_name or "none", "gateway_url": s.gateway_url or "none",
             "retrain_prefect_flow_run_url": s.prefect_flow_run_url or "none",
+            **({"production_windows": " | ".join(s.production_windows)} if s.production_windows else {}),
             **({"deployed_at": deployed_at} if deployed_at else {}),
             **{f"eval_run_id_{role}": run_id for role, run_id in evaluations.items()}}
     tag_version_lineage(s.registered_model, s.version, tags)
@@ -208,7 +210,7 @@ def record_lineage(s: ChainSummary, dataset_dir: str, deployed_at: str | None) -
         "promotion": f"{version_tags.get('promotion_decision', '-')} (approval: {version_tags.get('approval', '-')})",
         "promotion_run_url": run_url(version_tags["promotion_run_id"]) if version_tags.get("promotion_run_id") else "",
         "served": served, "gateway_url": s.gateway_url or "", "chain_run_id": s.chain_run_id,
-        "chain_run_url": s.chain_run_url}, evaluations, aliases)
+        "chain_run_url": s.chain_run_url, "production_windows": s.production_windows}, evaluations, aliases)
     c.log_text(s.chain_run_id, markdown, "lineage.md")
     return markdown
 

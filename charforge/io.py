@@ -10,11 +10,16 @@ from pathlib import Path
 def write_json_atomic(path: Path, data: object, sync: bool = True) -> None:
     """Write JSON to `path` so that a reader (or a crash at any moment) sees the previous content or the new one,
     never a part: written beside it, flushed to disk, then renamed over it."""
+    write_text_atomic(path, json.dumps(data, indent=2), sync)
+
+
+def write_text_atomic(path: Path, text: str, sync: bool = True) -> None:
+    """`text` into `path`, all or nothing (see write_json_atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2)
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
         handle.flush()
         if sync:
             os.fsync(handle.fileno())

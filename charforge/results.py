@@ -7,6 +7,7 @@ machine that reads it; nothing here is `Any`, and maps hold plain values or othe
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -25,6 +26,23 @@ class CuratedDataset(StageResult):
     dataset_hash: str
     mlflow_run_id: str = ""
     cached: bool = False  # the heavy pass was served from Prefect's cache (same inputs, outputs intact)
+
+
+class ProductionWindow(StageResult):
+    """Captured conversations of a window, exported as one curation input (data/raw's JSONL format)."""
+
+    path: str
+    since: str  # UTC, ISO 8601
+    until: str
+    conversations: int
+    rated_up: int
+    rated_down: int
+    sha256: str
+
+    def describe(self) -> str:
+        return (f"{self.since}..{self.until}: {self.conversations} captured conversations ({self.rated_up} rated up, "
+                f"{self.rated_down} rated down, {self.conversations - self.rated_up - self.rated_down} unrated); "
+                f"{Path(self.path).name}")
 
 
 # ---- training ----------------------------------------------------------------------------------------------------
@@ -205,3 +223,4 @@ class ChainSummary(StageResult):
     chain_run_url: str = ""
     wall_s: float = 0.0
     prefect_flow_run_url: str | None = None
+    production_windows: tuple[str, ...] = ()  # the captured-conversation windows curation read (ProductionWindow)

@@ -29,6 +29,7 @@ from charforge.schemas.curate import CurateConfig
 from charforge.schemas.evaluate import EvalConfig
 from charforge.schemas.promote import PromotionPolicy
 from charforge.schemas.quantize import QuantizeConfig
+from charforge.schemas.retrain import ProductionInput
 from charforge.schemas.serving import ServingConfig
 from charforge.schemas.train import TrainConfig
 from flows.curate import curate as curate_flow
@@ -37,6 +38,7 @@ from flows.evaluate import evaluate as evaluate_flow
 from flows.promote import promote as promote_flow
 from flows.quantize import quantize as quantize_flow
 from flows.train import train as train_flow
+from tasks.curate import export_production_window
 from tasks.chain import (ChampionRef, already_serving, approval_hint, cached_evaluation, close_chain_run,
                          find_champion, keep_champion, open_chain_run, quantization_for, reach_gateway,
                          record_deployment, record_evaluation, record_lineage, record_promotion, record_stage,
@@ -53,7 +55,7 @@ def retrain(
     promotion: PromotionPolicy | None = None,
     serving: ServingConfig | None = None,
     quantize: QuantizeConfig | None = None,
-    inputs: list[str] | None = None,
+    inputs: list[str | ProductionInput] | None = None,
     dataset_dir: str | None = None,
     deploy: bool | None = None,
     start_fleet: bool | None = None,
@@ -84,9 +86,12 @@ def retrain(
 
 def run_stages(parent: str, chain: ChainParameters, gateway_url: str | None, approve: bool | None,
                comment: str) -> ChainSummary:
-    curated = curate_flow(inputs=tuple(chain.inputs), out_dir=chain.dataset_dir, config=chain.curate)
-    record_stage(parent, "curate", curated.mlflow_run_id, tags={"dataset_hash": curated.dataset_hash,
-                                                                "cached": str(curated.cached).lower()})
+    windows = [export_production_window(i) for i in chain.inputs if isinstance(i, ProductionInput)]
+    files = [i for i in chain.inputs if isinstance(i, str)] + [w.path for w in windows]
+    curated = curate_flow(inputs=tuple(files), out_dir=chain.dataset_dir, config=chain.curate)
+    record_stage(parent, "curate", curated.mlflow_run_id, tags={
+        "dataset_hash": curated.dataset_hash, "cached": str(curated.cached).lower(),
+        **{f"production_window_{n}": w.describe() for n, w in enumerate(windows)}})
     trained = train_flow(config=chain.train, dataset_dir=chain.dataset_dir)
     record_stage(parent, "train", trained.mlflow_run_id, tags={"adapter_sha256": trained.adapter_sha256,
                                                                "servable": str(trained.servable).lower()})
@@ -97,7 +102,7 @@ def run_stages(parent: str, chain: ChainParameters, gateway_url: str | None, app
     else:
         decision = evaluate_and_promote(parent, chain, trained, champion, approve, comment)
     deployment = deploy_champion(parent, chain, decision, gateway_url) if chain.deploy and decision.promoted else None
-    return record_lineage(parent, chain, curated, trained, decision, deployment)
+    return record_lineage(parent, chain, curated, trained, decision, deployment, tuple(w.describe() for w in windows))
 
 
 def evaluate_and_promote(parent: str, chain: ChainParameters, trained: TrainedAdapter, champion: ChampionRef | None,

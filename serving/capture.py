@@ -493,7 +493,7 @@ def stats(store, since: float = 0) -> list[dict]:
 
 def export_rows(store, since: float, until: float) -> list[dict]:
     """Captured conversations of a window in `data/raw`'s JSONL format (messages, the reply appended as the
-    assistant turn), with the served version, the rating and the capture id on each row."""
+    assistant turn), with the served version, the rating (and the rater's comment) and the capture id on each row."""
     ratings = store.feedback()
     out = []
     for row in store.captures(since, until):
@@ -503,7 +503,7 @@ def export_rows(store, since: float, until: float) -> list[dict]:
         out.append({"messages": [*row["messages"], {"role": "assistant", "content": row["reply"]}],
                     "source": "production", "route": row["route"], "version": row["version"],
                     "rating": rated["rating"] if rated else None, "capture_id": row["id"],
-                    "captured_at": row["at"]})
+                    "captured_at": row["at"], **({"comment": rated["comment"]} if rated and rated.get("comment") else {})})
     return out
 
 

@@ -42,7 +42,8 @@ def open_chain_run(chain: ChainParameters) -> str:
     flow_run_id = current_flow_run_id()
     parent = track.open_chain_run({
         "train_config": chain.train.name, "eval_config": chain.evaluate.name,
-        "eval_limit": chain.evaluate.limit or "all", "inputs": ",".join(chain.inputs), "dataset_dir": chain.dataset_dir,
+        "eval_limit": chain.evaluate.limit or "all",
+        "inputs": ",".join(i if isinstance(i, str) else f"production:{i.hours:g}h" for i in chain.inputs), "dataset_dir": chain.dataset_dir,
         "deploy": chain.deploy, "promotion_rules": len(chain.promotion.rules)},
         {"prefect_flow_run_id": flow_run_id or "none",
          "prefect_flow_run_url": flow_run_url(flow_run_id) if flow_run_id else "none"})
@@ -195,7 +196,8 @@ def record_deployment(parent: str, gw: GatewayAdmin, serving: ServingConfig, dec
 
 @task(name="record-lineage", cache_policy=NONE, **TRANSIENT_RETRIES)
 def record_lineage(parent: str, chain: ChainParameters, curated: CuratedDataset, trained: TrainedAdapter,
-                   decision: ChainDecision, deployment: Deployment | None) -> ChainSummary:
+                   decision: ChainDecision, deployment: Deployment | None,
+                   production_windows: tuple[str, ...] = ()) -> ChainSummary:
     """Lineage as tags on the registry version and as the `lineage` markdown artifact; the chain's summary."""
     summary = ChainSummary(
         registered_model=decision.registered_model, version=decision.version, dataset_hash=curated.dataset_hash,
@@ -203,7 +205,7 @@ def record_lineage(parent: str, chain: ChainParameters, curated: CuratedDataset,
         adapter_sha256=trained.adapter_sha256, adapter_dir=trained.adapter_dir, eval_run_id=decision.eval_run_id,
         eval_table=decision.eval_table, eval_report=decision.eval_report, quantize_run_id=decision.quantize_run_id,
         promoted=decision.promoted, promotion_changed=decision.changed, reasons=decision.reasons,
-        chain_run_id=parent, chain_run_url=track.run_url(parent),
+        production_windows=production_windows, chain_run_id=parent, chain_run_url=track.run_url(parent),
         prefect_flow_run_url=flow_run_url(current_flow_run_id()) if current_flow_run_id() else None,
         **({"gateway_url": deployment.gateway_url, "served_name": deployment.served_name,
             "rollout": deployment.rollout, "replicas": deployment.replicas, "example_route": deployment.example_route,

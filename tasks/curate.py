@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -14,10 +16,43 @@ from charforge.curation import lineage
 from charforge.curation.ingest import expand_inputs
 from charforge.curation.pipeline import CurationPlan, curate_conversations, curation_fingerprint, outputs_intact
 from charforge.curation.synthesize import generate_synthetic
-from charforge.results import CuratedDataset
+from charforge.io import write_text_atomic
+from charforge.results import CuratedDataset, ProductionWindow
 from charforge.schemas.curate import CurateConfig
-from charforge.settings import repo_path
+from charforge.schemas.retrain import ProductionInput
+from charforge.settings import platform, repo_path
+from serving import capture, state_store
 from tasks.runtime import TRANSIENT_RETRIES, flow_run_tags
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+@task(name="export-production-window", cache_policy=NONE, **TRANSIENT_RETRIES)
+def export_production_window(window: ProductionInput) -> ProductionWindow:
+    """The conversations captured in the window, with their ratings, as one curation input in data/raw's format:
+    `<state>/production/window-<sha>.jsonl` (named by its content, kept for lineage). Curation decides what trains."""
+    until = time.time()
+    since = until - window.hours * 3600
+    store = capture.capture_store(platform().state, state_store.store_url(platform().serving_store_url))
+    try:
+        rows = [r for r in capture.export_rows(store, since, until) if window.routes is None or r["route"] in window.routes]
+    finally:
+        store.close()
+    rows.sort(key=lambda r: (r["captured_at"], r["capture_id"]))
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    path = platform().state / "production" / f"window-{sha[:16]}.jsonl"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, text)
+    result = ProductionWindow(path=str(path), since=_utc(since), until=_utc(until), conversations=len(rows),
+                              rated_up=sum(r["rating"] == "up" for r in rows),
+                              rated_down=sum(r["rating"] == "down" for r in rows), sha256=sha)
+    get_run_logger().info(f"production window {result.describe()}"
+                          + ("" if rows else " (nothing captured: is `capture.routes` set in the serving config?)"))
+    return result
 
 
 @task(name="plan-curation", cache_policy=NONE)

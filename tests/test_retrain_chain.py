@@ -49,6 +49,34 @@ def slice_of_raw(path: Path, rows: int = 160) -> Path:
     return path
 
 
+def capture_window(state: Path) -> dict[str, str]:
+    """Three chats captured and rated as the gateway does it (its Capturer, writer thread and file store under
+    `<state>/capture`): one rated up, one rated down, one unrated. Returns reply -> rating."""
+    from charforge.characters import load_characters
+    from charforge.schemas.serving import CaptureSettings
+    from serving.capture import Capturer, Pending, capture_store
+
+    wat = load_characters(DATA_DIR / "characters")["wat_honeysett"].system_prompt
+    chats = {"Bless you, neighbour, the honey cakes come out of the oven at cockcrow, warm as a feast day.": "up",
+             "Naught but trouble, that miller, mayhap he grinds chalk into his flour again.": "down",
+             "Mayhap a crust of rye and a mug of ale for the road, good neighbour.": None}
+    capturer = Capturer(CaptureSettings(routes={"wat_honeysett": 1.0}), capture_store(state, None))
+    capturer.start()
+    ids = {}
+    for n, reply in enumerate(chats):
+        ref = capturer.ids.read(capturer.ids.mint("wat_honeysett", f"{NAME}-v0", None))
+        messages = [{"role": "system", "content": wat}, {"role": "user", "content": "What is in your oven?"},
+                    {"role": "assistant", "content": "Loaves and pies, bless you."},
+                    {"role": "user", "content": f"And for me, friend ({n})?"}]
+        capturer.submit(Pending(ref, "replica-0", messages, 0.2, "200", reply=reply, usage={}))
+        ids[reply] = ref.id
+    capturer.close()
+    for reply, rating in chats.items():
+        if rating:
+            capturer.rate({"id": ids[reply], "rating": rating})
+    return chats
+
+
 def small_parameters(root: Path, gateway_url: str) -> dict:
     """The chain's parameters for a small slice: every stage runs, each as little as it can."""
     train = load_yaml_model(CONFIGS_DIR / "train" / "smollm2_lora.yaml", TrainConfig).model_copy(update={
@@ -72,7 +100,8 @@ def small_parameters(root: Path, gateway_url: str) -> dict:
                                      "admin_key_env": "CHAIN_TEST_GATEWAY_ADMIN_KEY"})
     return {"curate": {"workers": 0}, "train": train.model_dump(mode="json"),
             "evaluate": evaluate.model_dump(mode="json"), "promotion": policy.model_dump(mode="json"),
-            "serving": serving.model_dump(mode="json"), "inputs": [str(root / "raw")],
+            "serving": serving.model_dump(mode="json"),
+            "inputs": [str(root / "raw"), {"source": "production", "hours": 24}],
             "dataset_dir": str(root / "dataset"), "gateway_url": gateway_url, "approve": True,
             "approval_comment": "end-to-end test", "start_fleet": False}
 
@@ -124,6 +153,7 @@ def test_retrain_runs_every_stage_and_the_gateway_serves_the_champion(chain_env,
     from flows.retrain import retrain
 
     params = small_parameters(chain_env, gateway)
+    capture_window(chain_env / "state")
     result = retrain(**params)
 
     assert result.promoted and not result.curation_cached
@@ -170,6 +200,21 @@ def test_retrain_runs_every_stage_and_the_gateway_serves_the_champion(chain_env,
     summary = asyncio.run(artifacts("retrain-summary"))[-1].data  # the terminal's summary, in the Prefect UI
     assert f"{NAME} version {champion.version} (champion)" in summary and "bits_per_byte" in summary
     assert any("| character_mc | acc_norm ↑ |" in (a.data or "") for a in asyncio.run(artifacts("character-eval")))
+
+    # Production data in: the captured window is an input of curation; only the reply rated up trains, and in its
+    # row only that reply carries loss; the window is in the lineage of the version it fed
+    manifest = json.loads((chain_env / "dataset" / "manifest.json").read_text())
+    assert manifest["production"] == {"up": 1, "down": 1, "unrated": 1, "invalid": 0, "kept": 1}
+    rejected = [json.loads(x) for x in (chain_env / "dataset" / "rejected.jsonl").read_text().splitlines()]
+    assert sorted(r["reason"] for r in rejected if r["source"].endswith(".jsonl") and "/production/" in r["source"]) \
+        == ["rated_down", "unrated"]
+    rows = [json.loads(x) for f in ("train.jsonl", "eval.jsonl")
+            for x in (chain_env / "dataset" / f).read_text().splitlines()]
+    (captured,) = [r for r in rows if r.get("source") == "production"]
+    assert [m.get("weight") for m in captured["messages"] if m["role"] == "assistant"] == [0, None]
+    window = stages["curate"].data.tags["production_window_0"]
+    assert "3 captured conversations (1 rated up, 1 rated down, 1 unrated)" in window
+    assert tags["production_windows"] == window and window in markdown
 
     assert_candidate_scored_against_base(client, result, EvalConfig(**params["evaluate"]))
 

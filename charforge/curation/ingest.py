@@ -20,6 +20,27 @@ class Drop:
     detail: str
 
 
+# Captured production conversations (`charforge capture export`, the retrain chain's `source: production` input): only
+# a reply a user rated up becomes a training target; the others are quarantined with their reason (rated-down ones are
+# the preference stage's negatives).
+RATINGS = ("up", "down")
+
+
+def production_drop(obj: dict) -> Drop | None:
+    """None for a captured reply a user rated up; otherwise why it may not be a supervised training target."""
+    rating = obj.get("rating")
+    if rating == "up":
+        return None
+    if rating == "down":
+        comment = obj.get("comment")
+        return Drop("rated_down", "a user rated this reply down" + (f" ({str(comment)[:120]!r})" if comment else "")
+                    + ": kept as a negative for preference tuning, never a training target")
+    if rating is None:
+        return Drop("unrated", "a captured model reply no user rated: the model is never trained on its own "
+                               "unjudged output")
+    return Drop("unknown_rating", f"rating {json.dumps(rating)[:40]}; expected \"up\", \"down\" or null")
+
+
 def expand_inputs(paths: list[Path]) -> list[Path]:
     """Files as given, directories as their `*.jsonl` files in name order; unusable paths raise InputError."""
     files: list[Path] = []

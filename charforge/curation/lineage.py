@@ -14,6 +14,7 @@ def manifest_metrics(manifest: dict) -> dict[str, float]:
     metrics |= {f"rejected.{k}": v for k, v in manifest["rejected_by_reason"].items()}
     metrics |= {f"pii.{k}": v for k, v in manifest["pii_redactions"].items()}
     metrics |= {f"rows.{k}": v for k, v in manifest["rows"].items()}
+    metrics |= {f"production.{k}": v for k, v in manifest.get("production", {}).items()}
     metrics |= {f"tokens.{k}": v for k, v in manifest["token_lengths"].items()}
     return metrics
 

@@ -26,7 +26,7 @@ from charforge.characters import CharacterCard
 from charforge.schemas.curate import CurateConfig
 from charforge.curation.dedup import ExactDeduper, NearDeduper, content_key, minhash_signatures
 from charforge.errors import InputError
-from charforge.curation.ingest import Drop, parse_conversation, raw_text, read_line_at, read_lines
+from charforge.curation.ingest import RATINGS, Drop, parse_conversation, production_drop, raw_text, read_line_at, read_lines
 from charforge.curation.persona import PersonaIndex, make_ooc_checker
 from charforge.curation.scrub import normalize_text, scrub_pii
 from charforge.curation.split import OVER_CAP, TRAIN, assign_splits
@@ -45,6 +45,7 @@ class Row:
     character: str | None = None
     messages: list[dict] | None = None
     synthetic: bool = False
+    production: dict | None = None  # a captured conversation: its capture id, served version and rating
     length: int = 0
     key: bytes = b""
     signature: object = None
@@ -58,6 +59,8 @@ class Tally:
     reasons: Counter = field(default_factory=Counter)
     pii: Counter = field(default_factory=Counter)
     rows_per_input: Counter = field(default_factory=Counter)
+    production: Counter = field(default_factory=Counter)  # captured rows read, by rating
+    kept_production: bytearray = field(default_factory=bytearray)  # per kept row: 1 if captured in production
 
 
 class ChunkPreparer:
@@ -74,6 +77,11 @@ class ChunkPreparer:
         obj, row.drop = parse_conversation(row.raw)
         if row.drop:
             return
+        if obj.get("source") == "production":
+            row.production = {k: obj.get(k) for k in ("capture_id", "version", "rating")}
+            row.drop = production_drop(obj)
+            if row.drop:
+                return
         row.character, row.drop = self.index.resolve(obj)
         if row.drop:
             return
@@ -83,6 +91,11 @@ class ChunkPreparer:
             text, counts = scrub_pii(normalize_text(msg["content"]), self.pii_kinds)
             pii.update(counts)
             messages.append({"role": msg["role"], "content": text})
+        if row.production:
+            # The rating judged the last reply only: earlier assistant turns (the model's own, unjudged) stay as
+            # context with weight 0, which the training chat template leaves out of the loss.
+            for msg in [m for m in messages if m["role"] == "assistant"][:-1]:
+                msg["weight"] = 0
         if messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.cards[row.character].system_prompt})
         if any(m["role"] == "assistant" and not m["content"] for m in messages):
@@ -147,6 +160,9 @@ class Deduplicator:
 def record(chunk: list[Row], dedup: Deduplicator, tally: Tally, kept, rejected) -> None:
     """Deduplicate a prepared chunk and write each row to the staging file or rejected.jsonl."""
     for row in chunk:
+        if row.production is not None:
+            rating = row.production["rating"]
+            tally.production[rating if rating in RATINGS else "unrated" if rating is None else "invalid"] += 1
         if not row.drop:
             dedup.check(row)
         if row.drop:
@@ -156,9 +172,13 @@ def record(chunk: list[Row], dedup: Deduplicator, tally: Tally, kept, rejected) 
         out = {"messages": row.messages, "character": row.character}
         if row.synthetic:
             out["source"] = "synthetic"
+        if row.production:
+            out.update(source="production", capture_id=row.production["capture_id"],
+                       version=row.production["version"])
         # Staged as "source<TAB>line<TAB>offset<TAB>row-json": the split pass copies the JSON through as is.
         kept.write(f"{row.source}\t{row.line}\t{row.offset}\t{json.dumps(out, ensure_ascii=False)}\n")
         tally.kept_characters.append(row.character)
+        tally.kept_production.append(row.production is not None)
         tally.token_lengths.append(row.length)
 
 
@@ -272,6 +292,7 @@ def split_kept_rows(staging, assignment: bytearray, rejected, cfg: CurateConfig,
                 tally.reasons["over_cap"] += 1
                 continue
             (train if where == TRAIN else evaluation).write(row_json)
+            tally.production["kept"] += tally.kept_production[position]
             per_character.setdefault(character, Counter())["train" if where == TRAIN else "eval"] += 1
     return {c: {"train": n["train"], "eval": n["eval"]} for c, n in sorted(per_character.items())}
 
@@ -288,6 +309,8 @@ def build_manifest(out_dir: Path, files, cfg: CurateConfig, tokenizer, tally: Ta
         "duplicates_removed": duplicates,
         "balanced": tally.rows_read == kept + rejected + duplicates,
         "rejected_by_reason": dict(sorted(tally.reasons.items())),
+        # Captured conversations read, by rating, and how many became training rows (rated up, in character, new).
+        "production": {k: tally.production.get(k, 0) for k in ("up", "down", "unrated", "invalid", "kept")},
         "pii_redactions": {k: tally.pii.get(k, 0) for k in ("email", "phone", "ip_address")},
         "per_character": per_character,
         "rows": {"train": sum(c["train"] for c in per_character.values()),

@@ -4,17 +4,30 @@ and how far the chain goes. The stage configs stay in their own folders; this fi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
 from charforge.config import StageConfig
 
 
+class ProductionInput(StageConfig):
+    """Conversations captured at the gateway (`capture` in the serving config) as an input of curation: a window
+    ending when the chain runs. Only replies a user rated up become training targets; rated-down and unrated ones
+    are quarantined with their reason (`rejected.jsonl`)."""
+
+    source: Literal["production"] = Field(description="The kind of input: captured conversations.")
+    hours: float = Field(gt=0, description="The window: conversations captured in the last `hours` before the run "
+                         "(168: a week).")
+    routes: list[str] | None = Field(default=None, description="Only these gateway routes (null: every route).")
+
+
 class RetrainConfig(StageConfig):
     """One chain run: curate -> train -> evaluate -> [quantize] -> promote -> deploy."""
 
-    inputs: list[str] = Field(default=["data/raw"], min_length=1,
-                              description="Raw JSONL files or folders to curate; relative paths are from the repo.")
+    inputs: list[str | ProductionInput] = Field(
+        default=["data/raw"], min_length=1, description="Raw JSONL files or folders to curate (relative paths are "
+        "from the repo), and captured conversations: `{source: production, hours: 168}`.")
     dataset_dir: str = Field(default=".state/datasets/default", description="Where the curated dataset goes (and "
                              "what training reads, whatever the training config's dataset_dir says).")
     curate: Path = Field(default=Path("configs/curate/default.yaml"), description="Curation config.")

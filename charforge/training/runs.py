@@ -23,7 +23,7 @@ from charforge.results import TrainedAdapter
 from charforge.schemas.train import TrainConfig
 from charforge.settings import platform, repo_path
 from charforge.tracking import log_dataset_inputs, use_experiment
-from charforge.training.trainer import FitResult, resolve_dtype
+from charforge.training.trainer import FitResult, require_turn_weights, resolve_dtype
 
 __all__ = ["FitResult", "TrainingRun"]
 
@@ -76,6 +76,8 @@ def locate_run(cfg: TrainConfig, dataset_dir: str | None = None) -> TrainingRun:
     else:
         base_dir, _ = prepare_base_model(preset)
         base_sha = folder_sha(base_dir) if preset.source == "embedded" else preset.hf_id
+    if manifest.get("production", {}).get("kept"):
+        require_turn_weights(cfg, base_dir)
     identity = run_identity(cfg, manifest["dataset_hash"], base_sha)
     return TrainingRun(name=cfg.name, identity=identity,
                        run_dir=str(platform().state / "training" / f"{cfg.name}-{identity}"),

@@ -22,7 +22,9 @@ from peft.helpers import disable_input_dtype_casting
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
 from pydantic import BaseModel, ConfigDict
 from trl import SFTConfig, SFTTrainer
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
+from charforge.errors import InputError
 from charforge.schemas.train import TrainConfig, TrainingSettings
 from charforge.settings import repo_path
 
@@ -223,6 +225,34 @@ def last_complete_checkpoint(checkpoints: Path, logger=None) -> str | None:
             if logger:
                 logger.warning(f"{folder.name} was not completely written (crash while saving); moved to {aside.name}")
     return None
+
+
+# A rated production reply is the only target of its row: the model's earlier replies in the conversation carry
+# `"weight": 0` (the convention Axolotl's chat datasets use), and the training chat template must leave them out.
+WEIGHT_PROBE = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "unjudged reply", "weight": 0},
+                {"role": "user", "content": "b"}, {"role": "assistant", "content": "rated reply"}]
+
+
+def require_turn_weights(cfg: TrainConfig, model_dir: Path) -> None:
+    """Refuse, before any work, a training setup that would train on turns marked `weight: 0`: the loss must be
+    assistant-only and the chat template TRL will use (the config's, or TRL's training variant) must honour it."""
+    if not cfg.training.assistant_only_loss:
+        raise InputError("the dataset has captured production rows, whose earlier model replies must not be trained "
+                         "on (weight 0), and training.assistant_only_loss is false (the loss would cover every turn); "
+                         "set training.assistant_only_loss: true")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if cfg.chat_template:
+        tokenizer.chat_template = repo_path(cfg.chat_template).read_text()
+    elif not has_generation_markers(tokenizer.chat_template or ""):
+        tokenizer.chat_template = get_training_chat_template(tokenizer)
+    out = tokenizer.apply_chat_template(WEIGHT_PROBE, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    trained = tokenizer.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m])
+    if "unjudged" in trained or "rated reply" not in trained:
+        where = cfg.chat_template or "TRL's training template for this model"
+        raise InputError(f"{where}: the chat template trains on assistant turns marked \"weight\": 0 (captured "
+                         f"production rows mark the model's earlier replies so); wrap only turns without weight 0 in "
+                         f"{{% generation %}} (see configs/train/templates/chatml_training.jinja)")
 
 
 def load_conversations(dataset_dir: Path):
