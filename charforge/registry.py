@@ -10,6 +10,7 @@ rollback). Moving `champion` is the only way a version goes live, and `promote_a
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -154,6 +155,21 @@ def alias_version(c: MlflowClient, name: str, alias: str) -> ModelVersion | None
         return c.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+
+
+def served_role(c: MlflowClient, served: str) -> str:
+    """What a served name (`<registered model>-v<N>`, as the gateway routes it) is now: `champion` when the registry's
+    champion alias points at it, `canary` for any other registered version, `base` for anything else (the base model,
+    a name the registry does not hold)."""
+    match = re.fullmatch(r"(.+)-v(\d+)", served)
+    if match is None:
+        return "base"
+    try:
+        c.get_model_version(match[1], match[2])
+    except MlflowException:
+        return "base"
+    champion = alias_version(c, match[1], CHAMPION)
+    return "champion" if champion is not None and str(champion.version) == match[2] else "canary"
 
 
 def promote_aliases(c: MlflowClient, name: str, version: str, crash_hook=None) -> AliasMove:

@@ -224,3 +224,51 @@ class ChainSummary(StageResult):
     wall_s: float = 0.0
     prefect_flow_run_url: str | None = None
     production_windows: tuple[str, ...] = ()  # the captured-conversation windows curation read (ProductionWindow)
+
+
+# ---- monitoring --------------------------------------------------------------------------------------------------
+class Crossing(StageResult):
+    """A window's value beyond its limit."""
+
+    metric: str
+    value: float
+    limit: str  # "max 0.1" / "min 0.4"
+
+
+class WindowJudgement(StageResult):
+    """One route and served version over one monitor window."""
+
+    route: str
+    version: str
+    since: float
+    until: float
+    captured: int  # captured conversations of the window
+    replies: int  # those the judges could score (a known character, a 200 answer)
+    ratings: int
+    judged: bool  # at least min_replies replies: the per-reply metrics count (the thumbs-down ratio has its own min)
+    reason: str = ""
+    values: dict[str, float] = {}
+    crossings: tuple[Crossing, ...] = ()
+
+
+class DriftEvent(StageResult):
+    """A Prefect event the monitor emitted (or held back in cooldown)."""
+
+    event: str
+    route: str
+    version: str
+    role: str  # champion / canary / base
+    metrics: tuple[str, ...]
+    emitted: bool
+    event_id: str | None = None
+
+
+class MonitorSummary(StageResult):
+    """What one monitor run judged, where it logged it and what it announced."""
+
+    since: str
+    until: str
+    judgements: tuple[WindowJudgement, ...]
+    events: tuple[DriftEvent, ...]
+    mlflow_run_id: str = ""
+

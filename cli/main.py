@@ -539,6 +539,37 @@ def retrain(
 
 
 @app.command()
+def monitor(
+    config: Path = typer.Option(CONFIGS_DIR / "monitor.yaml", help="Monitor config YAML (window, limits)."),
+    serving: Path = typer.Option(CONFIGS_DIR / "serving.yaml", help="Serving config YAML (the gateway to publish "
+                                 "the figures on)."),
+) -> None:
+    """Judge the last window of captured replies per route and version; announce drift as a Prefect event.
+    Exit 3 when a route and version drifted."""
+    from charforge.schemas.monitor import MonitorConfig
+
+    cfg = load_yaml_model(config, MonitorConfig)
+    _serving_config(serving)  # a bad file fails here, before any work
+    require_tracking()
+    from flows.monitor import monitor as monitor_flow
+
+    result = run_flow(monitor_flow, config=cfg, serving_file=str(serving.resolve()))
+    for j in result.judgements:
+        figures = ", ".join(f"{k} {v:g}" for k, v in sorted(j.values.items())) or "no figures"
+        state = ("DRIFT: " + ", ".join(f"{c.metric} {c.value:g} ({c.limit})" for c in j.crossings) if j.crossings
+                 else "ok" if j.judged else j.reason)
+        typer.echo(f"{j.route} / {j.version}: {j.replies} replies, {j.ratings} ratings; {figures}; {state}")
+    if not result.judgements:
+        typer.echo(f"nothing captured between {result.since} and {result.until} (capture.routes in the serving "
+                   "config opts routes in)")
+    for e in result.events:
+        typer.echo(f"event {e.event} for {e.route} / {e.version} ({e.role}): "
+                   + ("emitted" if e.emitted else "held back (cooldown)"))
+    if any(j.crossings for j in result.judgements):
+        raise typer.Exit(3)
+
+
+@app.command()
 def ui(
     deploy: bool = typer.Option(True, "--deploy/--no-deploy", help="Also deploy prefect.yaml to the Prefect server "
                                 "and start a worker for its pool, so runs started in the UI execute here."),

@@ -29,7 +29,7 @@ from charforge.results import Rollout
 from charforge.schemas.serving import ServingConfig
 from tasks.deploy import (canary_step, exclusive_rollout, finish_rollout, gateway_admin, list_replicas,
                           prepare_rollout, record_staging, require_promoted, require_runtime_lora, require_staged,
-                          resolve_version, retire_old_versions, stage)
+                          resolve_version, retire_old_versions, roll_back_version, stage)
 
 
 @flow(name="deploy")
@@ -55,3 +55,16 @@ def deploy(adapter: str, gateway_url: str, config: ServingConfig | None = None,
             if record.status in ("done", "rolled_back"):
                 break
         return finish_rollout(plan, record)
+
+
+@flow(name="rollback")
+def rollback(version: str, reason: str = "", gateway_url: str | None = None,
+             config: ServingConfig | None = None) -> tuple[str, ...]:
+    """Take `version` (a served name, `<registered model>-v<N>`) out of traffic: every route that sends it requests
+    goes back to its previous weights. The `rollback` deployment runs it when the monitor reports a drifting canary
+    (prefect.yaml); a rollout still stepping that version stops at its next step (its route changed under it)."""
+    cfg = config or ServingConfig()
+    gw = gateway_admin(gateway_url or f"http://{cfg.gateway.host}:{cfg.gateway.port}", cfg,
+                       f"rollback flow ({reason or 'no reason given'})")
+    return roll_back_version(gw, version, reason)
+

@@ -116,6 +116,10 @@ class GatewayAdmin:
         """Flip a route back to its previous weights; returns the weights now in force."""
         return self.call("POST", f"/admin/routes/{route}/rollback", retry_s=0).json()["weights"]
 
+    def publish_monitor(self, windows: list[dict]) -> int:
+        """The character monitor's window as the gateway's `charforge_monitor_*` gauges; returns how many."""
+        return self.call("PUT", "/admin/monitor", retry_s=0, json={"windows": windows}).json()["windows"]
+
     def probe(self, route: str, version: str, prompt: str, max_tokens: int, timeout: float = 120) -> int | str:
         """One probe request through the gateway, pinned to `version` (admin-only header; counted apart from user
         traffic). Returns the HTTP status, or the name of the connection error."""

@@ -157,6 +157,13 @@ class Metrics:
                                        ["reason"], registry=self.registry)
         self.feedback = Counter("gateway_feedback_total", "Ratings stored", ["route", "version", "rating"],
                                 registry=self.registry)
+        # The character monitor's last window (flows/monitor.py publishes it here): what a dashboard alerts on.
+        self.monitor = Gauge("charforge_monitor_value", "Character monitor: the last judged window's value",
+                             ["route", "version", "metric"], registry=self.registry)
+        self.monitor_replies = Gauge("charforge_monitor_replies", "Character monitor: replies in the last window",
+                                     ["route", "version"], registry=self.registry)
+        self.monitor_drift = Gauge("charforge_monitor_drift", "Character monitor: 1 when the last window crossed a "
+                                   "limit", ["route", "version"], registry=self.registry)
 
     def observe(self, route: str, version: str, status: str, elapsed: float, probe: bool) -> None:
         requests, latency = (self.probe_requests, self.probe_latency) if probe else (self.requests, self.latency)
@@ -755,6 +762,25 @@ def create_app(gateway: Gateway) -> FastAPI:
         return change(who, "set_weights", name, weights, system_prompt=optional_field(body, "system_prompt", str),
                       previous=previous_weights(body.get("previous")),
                       expected_generation=optional_field(body, "expected_generation", int))
+
+    @app.put("/admin/monitor")
+    async def monitor(request: Request) -> dict:
+        """The character monitor's window, as gauges: {"windows": [{route, version, replies, values, drift}]}."""
+        gateway.check_admin(request)
+        body = await gateway.read_json(request)
+        try:
+            windows = [(str(w["route"]), str(w["version"]), int(w["replies"]), bool(w["drift"]),
+                        {str(k): float(v) for k, v in w["values"].items()}) for w in body["windows"]]
+        except (KeyError, AttributeError, TypeError, ValueError):
+            raise HTTPException(400, detail='body must hold "windows": [{"route", "version", "replies", "drift", '
+                                            '"values": {metric: number}}]') from None
+        m = gateway.metrics
+        for route, version, replies, drift, values in windows:
+            m.monitor_replies.labels(route, version).set(replies)
+            m.monitor_drift.labels(route, version).set(float(drift))
+            for metric, value in values.items():
+                m.monitor.labels(route, version, metric).set(value)
+        return {"windows": len(windows)}
 
     @app.post("/admin/routes/{name}/rollback")
     async def rollback(name: str, request: Request) -> dict:

@@ -139,3 +139,26 @@ def canary_step(gw: GatewayAdmin, plan: rollout.RolloutPlan, record: Rollout, pc
 @task(name="finish-rollout", cache_policy=NONE)
 def finish_rollout(plan: rollout.RolloutPlan, record: Rollout) -> Rollout:
     return record if record.status in ("done", "rolled_back") else rollout.finish(plan, record)
+
+
+@task(name="roll-back-version", cache_policy=NONE, **TRANSIENT_RETRIES)
+def roll_back_version(gw: GatewayAdmin, version: str, reason: str) -> tuple[str, ...]:
+    """Every route that gives `version` traffic flipped back to its previous weights (the previous version is still
+    loaded: one routing-table write per route). A route without previous weights is named in the log, not changed.
+    Returns the routes rolled back."""
+    log = get_run_logger()
+    done = []
+    for name, route in gw.routes().items():
+        if route.weights.get(version, 0) <= 0:
+            continue
+        if not route.previous:
+            log.warning(f"route {name}: {version} has {route.weights[version]:g}% and there is no previous state to "
+                        f"roll back to; left as it is")
+            continue
+        weights = gw.rollback(name)
+        log.warning(f"route {name}: {version} rolled back ({reason}); weights now {weights}")
+        done.append(name)
+    if not done:
+        log.info(f"no route gives {version} traffic: nothing to roll back")
+    return tuple(done)
+

@@ -308,6 +308,14 @@ def test_prefect_deployment_run_from_the_api_is_picked_up_by_a_worker(chain_env,
         assert form["serving"]["default"]["rollout"]["steps"] == [5, 25, 100] and form["quantize"]["default"] is None
         assert deployment["parameters"] == {}  # a scheduled run reads configs/retrain/default.yaml when it starts
 
+        automations = httpx.post(f"{api}/automations/filter", json={}).json()
+        assert {"roll back a drifting canary", "retrain when the champion drifts"} <= {a["name"] for a in automations}
+        assert httpx.get(f"{api}/deployments/name/monitor/hourly").json()["schedules"][0]["schedule"]["cron"] \
+            == "5 * * * *"
+
+        # the rollback deployment a drift event runs takes the gateway from the event and its key from the
+        # environment, as a production worker has it
+        env["CHARFORGE_GATEWAY_ADMIN_KEY"] = ADMIN_KEY
         worker = Service(name="Worker", command=deployments.worker_command(), health_url=api,
                          env=deployments.prefect_env(api, env))
         services.append(worker)
@@ -316,6 +324,7 @@ def test_prefect_deployment_run_from_the_api_is_picked_up_by_a_worker(chain_env,
         run_id = create_run_like_the_ui(api, deployment["id"], small_parameters(chain_env, gateway))
         state = wait_final(api, run_id, timeout=900)
         assert state["type"] == "COMPLETED", (state, (chain_env / "logs" / "worker.log").read_text()[-4000:])
+        assert_drift_event_rolls_back_through_the_automation(api, gateway, chain_env)
     finally:
         stop(services)
 
@@ -327,6 +336,31 @@ def test_prefect_deployment_run_from_the_api_is_picked_up_by_a_worker(chain_env,
     assert stages["train"].data.tags["charforge.stage_run_id"] == children(client, first)["train"].data.tags[
         "charforge.stage_run_id"]  # the finished training run was reused
     assert stages["evaluate"].data.tags["skipped"] == "already champion"
+
+
+def assert_drift_event_rolls_back_through_the_automation(api: str, gateway: str, chain_env: Path) -> None:
+    """The monitor's event for a drifting canary, posted to the server: the automation declared in prefect.yaml
+    creates a run of the `rollback` deployment with the version and gateway from the event, and the worker runs it
+    to completion (the version has no previous weights to go back to here, which the run reports)."""
+    from prefect.events import Event
+
+    version = f"{NAME}-v1"
+    event = Event(event="charforge.character.drift", payload={"crossings": [
+        {"metric": "ooc_rate", "value": 0.5, "limit": "max 0.1"}]}, resource={
+        "prefect.resource.id": "charforge.route.characters", "prefect.resource.name": "characters",
+        "charforge.version": version, "charforge.role": "canary", "charforge.gateway": gateway})
+    assert httpx.post(f"{api}/events", json=[event.model_dump(mode="json")]).status_code == 204
+    rollback = httpx.get(f"{api}/deployments/name/rollback/rollback").json()
+    deadline = time.monotonic() + 120
+    runs = []
+    while not runs and time.monotonic() < deadline:
+        runs = httpx.post(f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": [rollback["id"]]}}}).json()
+        time.sleep(1)
+    assert len(runs) == 1, "the automation created no run of rollback/rollback within 120 s"
+    assert runs[0]["parameters"] == {"version": version, "gateway_url": gateway,
+                                     "reason": "character drift on characters: ooc_rate"}
+    state = wait_final(api, runs[0]["id"], timeout=300)
+    assert state["type"] == "COMPLETED", (state, (chain_env / "logs" / "worker.log").read_text()[-4000:])
 
 
 def create_run_like_the_ui(api: str, deployment_id: str, parameters: dict) -> str:

@@ -37,6 +37,10 @@ STAGES = {
     "deploy": (["deploy", "--adapter", "models:/charforge-x@champion", "--config", "{cfg}"],
                "rollout:\n  gate:\n    max_latency_ratio: 0.5\n",
                "key 'rollout.gate.max_latency_ratio': Input should be greater than 1 (got 0.5)"),
+    "monitor": (["monitor", "--config", "{cfg}"], "limits:\n  ooc_rat: {max: 0.1}\n",
+                "key 'limits': Value error, unknown metric 'ooc_rat'; the monitor measures ooc_rate, "
+                "assistant_voice_rate, char_id_clf, repetition, empty_rate, thumbs_down_ratio (got {'ooc_rat': "
+                "{'max': 0.1}})"),
 }
 # Mistakes any YAML file can have (one per stage, in turn).
 GENERIC = {

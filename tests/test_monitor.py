@@ -1,0 +1,106 @@
+"""The character monitor on literal captured rows: a window below the minimum is not judged, a drifting window
+crosses its limits while an in-character one does not, and a crossing emits exactly one event per cooldown."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from charforge.monitoring import judge_window
+from charforge.schemas.monitor import MonitorConfig
+from charforge.settings import DATA_DIR
+
+PROBES = [json.loads(line) for line in (DATA_DIR / "eval" / "probes.jsonl").read_text().splitlines()]
+WAT = [p for p in PROBES if p["character"] == "wat_honeysett" and p["probe_type"] == "normal"]
+BOILERPLATE = [  # three of them trip the out-of-character phrases, all sound like an assistant
+               "As an AI language model, I don't have personal experiences, but I can share some general information.",
+               "I'm sorry, but I can't help with that request. Is there anything else I can help you with?",
+               "Great question! There are several factors to consider, and the best choice depends on your situation.",
+               "I'd be happy to help with that. Let me know if you have any other questions.",
+               "I hope this helps! Feel free to ask if you need anything else.",
+               "Sure! Here's a summary of the key points: plan ahead, stay organized, and ask for help when you need it."]
+NOW = 1_800_000_000.0
+
+
+def row(probe: dict, reply: str, version: str, at: float, n: int) -> dict:
+    """A captured conversation as serving/capture.py writes it (the card's prompt, the user's turn, the reply)."""
+    return {"schema": 1, "id": f"cfr-{version}-{n}", "at": at, "route": probe["character"], "version": version,
+            "replica": "replica-0", "user_hash": None, "latency_s": 0.4, "status": "200",
+            "messages": [{"role": "system", "content": probe["system_prompt"]},
+                         {"role": "user", "content": probe["user_msg"]}], "reply": reply, "tokens": {}}
+
+
+def window(version: str, replies: list[str], at: float = NOW - 600) -> list[dict]:
+    return [row(WAT[n % len(WAT)], reply, version, at, n) for n, reply in enumerate(replies)]
+
+
+GOLD = [p["reference"] for p in WAT]  # held-out gold replies: the classifier never learned from them
+
+
+def test_a_window_below_the_minimum_is_reported_but_not_judged():
+    cfg = MonitorConfig(min_replies=7, min_ratings=3)
+    rows = window("charforge-lora-v2", BOILERPLATE)  # 6 replies, every one out of character
+    ratings = [{"id": f"cfr-charforge-lora-v2-{n}", "at": NOW - 600, "route": "wat_honeysett",
+                "version": "charforge-lora-v2", "rating": "down"} for n in range(2)]
+    (j,) = judge_window(rows, ratings, cfg, NOW - 3600, NOW)
+    assert (j.route, j.version, j.captured, j.replies, j.ratings) == ("wat_honeysett", "charforge-lora-v2", 6, 6, 2)
+    assert not j.judged and j.reason == "6 judgeable replies < min_replies 7: not judged"
+    assert j.values["ooc_rate"] == 0.5 and j.crossings == ()  # measured, shown, but no drift from 6 replies
+    assert "thumbs_down_ratio" not in j.values  # 2 ratings < min_ratings 3
+
+
+def test_an_assistant_voiced_window_crosses_and_an_in_character_one_does_not():
+    cfg = MonitorConfig(min_replies=6, min_ratings=3)
+    rows = window("charforge-lora-v3", BOILERPLATE) + window("charforge-lora-v2", GOLD[:6])
+    ratings = [{"id": f"r{n}", "at": NOW - 60, "route": "wat_honeysett", "version": "charforge-lora-v3",
+                "rating": "down" if n else "up"} for n in range(4)]
+    ratings.append({"id": "old", "at": NOW - 7200, "route": "wat_honeysett", "version": "charforge-lora-v3",
+                    "rating": "up"})  # before the window: not counted
+    good, bad = judge_window(rows, ratings, cfg, NOW - 3600, NOW)
+    assert bad.version == "charforge-lora-v3" and bad.judged and bad.ratings == 4
+    assert {c.metric for c in bad.crossings} >= {"ooc_rate", "char_id_clf", "thumbs_down_ratio"}
+    assert next(c for c in bad.crossings if c.metric == "thumbs_down_ratio").model_dump() == {
+        "metric": "thumbs_down_ratio", "value": 0.75, "limit": "max 0.3"}
+    assert good.version == "charforge-lora-v2" and good.judged and good.crossings == (), good.values
+    assert good.values["ooc_rate"] == 0.0 and good.values["char_id_clf"] >= 0.5
+
+
+def test_replies_under_no_card_and_failed_answers_are_not_judged():
+    rows = window("charforge-lora-v2", GOLD[:3])
+    stranger = dict(rows[0], id="x1", messages=[{"role": "system", "content": "You are a pirate."},
+                                                  {"role": "user", "content": "Hi"}])
+    failed = dict(rows[1], id="x2", status="502", reply="")
+    (j,) = judge_window(rows + [stranger, failed], [], MonitorConfig(min_replies=3), NOW - 3600, NOW)
+    assert (j.captured, j.replies, j.judged) == (5, 3, True)
+
+
+def test_a_crossing_emits_exactly_one_event_per_cooldown(tmp_path, monkeypatch, mlflow_store, prefect_harness):
+    """The monitor flow over a drifting window, three times: the first run emits the event, the second (30 minutes
+    later, inside the 60-minute cooldown) emits none, the third (61 minutes after the first) emits it again. Each
+    run logs its window to MLflow."""
+    from serving.capture import FileCaptureStore
+    from flows.monitor import monitor
+
+    monkeypatch.setenv("CHARFORGE_STATE_DIR", str(tmp_path / "state"))
+    start = time.time()
+    FileCaptureStore(tmp_path / "state" / "capture").write(window("charforge-lora-v3", BOILERPLATE * 2, start - 60))
+    cfg = MonitorConfig(window_minutes=180, min_replies=10, cooldown_minutes=60)
+    serving = tmp_path / "serving.yaml"
+    serving.write_text("gateway: {port: 9}\n")  # nothing listens there: publishing is reported, not fatal
+    runs = [monitor(config=cfg, serving_file=str(serving), until=start + offset) for offset in (0, 1800, 3660)]
+
+    assert [[e.emitted for e in r.events] for r in runs] == [[True], [False], [True]]
+    first = runs[0].events[0]
+    assert first.route == "wat_honeysett" and first.version == "charforge-lora-v3" and first.role == "base"
+    assert set(first.metrics) >= {"ooc_rate", "char_id_clf"} and first.event_id
+    cooldown = json.loads((tmp_path / "state" / "monitor" / "cooldown.json").read_text())
+    assert cooldown["wat_honeysett|charforge-lora-v3|ooc_rate"] == pytest.approx(start + 3660)
+
+    client = MlflowClient(mlflow_store)
+    logged = [client.get_run(r.mlflow_run_id) for r in runs]
+    assert all(run.data.tags["drift"] == "true" for run in logged)
+    assert logged[0].data.metrics["wat_honeysett/charforge-lora-v3/ooc_rate"] == 0.5
+    assert logged[0].data.metrics["wat_honeysett/charforge-lora-v3/replies"] == 12
