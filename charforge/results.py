@@ -263,6 +263,16 @@ class DriftEvent(StageResult):
     event_id: str | None = None
 
 
+class FeedbackReady(StageResult):
+    """Replies rated up since the last production window a retrain curated, and whether that was announced."""
+
+    rated_up_since: str
+    rated_up: int
+    needed: int  # retrain_after_ratings (0: never announced)
+    emitted: bool
+    event_id: str | None = None
+
+
 class MonitorSummary(StageResult):
     """What one monitor run judged, where it logged it and what it announced."""
 
@@ -270,5 +280,6 @@ class MonitorSummary(StageResult):
     until: str
     judgements: tuple[WindowJudgement, ...]
     events: tuple[DriftEvent, ...]
+    feedback: FeedbackReady | None = None
     mlflow_run_id: str = ""
 

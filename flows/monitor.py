@@ -1,6 +1,7 @@
 """Monitor flow: the replies captured at the gateway in the last window, judged per route and served version with the
 evaluation's character judges; one MLflow run per window, the figures on the gateway's /metrics, and a Prefect event
-when a limit is crossed (once per cooldown), which the automations in prefect.yaml act on.
+when a limit is crossed (once per cooldown), which the automations in prefect.yaml act on; and an event when enough
+replies have been rated up since the last production window a retrain curated.
 
 Run it:  charforge monitor [--config configs/monitor.yaml]      or the hourly `monitor/hourly` deployment.
 """
@@ -13,7 +14,7 @@ from prefect import flow
 
 from charforge.results import MonitorSummary
 from charforge.schemas.monitor import MonitorConfig
-from tasks.monitor import (announce_drift, gateway_url, judge_window, load_configs, log_window, publish_on_gateway,
+from tasks.monitor import (announce_drift, announce_new_ratings, gateway_url, judge_window, load_configs, log_window, publish_on_gateway,
                            utc)
 
 
@@ -29,4 +30,4 @@ def monitor(config: MonitorConfig | None = None, config_file: str = "configs/mon
     publish_on_gateway(serving, judgements)
     events = announce_drift(cfg, judgements, end, gateway_url(serving))
     return MonitorSummary(since=utc(since), until=utc(end), judgements=judgements, events=events,
-                          mlflow_run_id=run_id)
+                          feedback=announce_new_ratings(cfg, end), mlflow_run_id=run_id)

@@ -16,7 +16,7 @@ from charforge.curation import lineage
 from charforge.curation.ingest import expand_inputs
 from charforge.curation.pipeline import CurationPlan, curate_conversations, curation_fingerprint, outputs_intact
 from charforge.curation.synthesize import generate_synthetic
-from charforge.io import write_text_atomic
+from charforge.io import write_json_atomic, write_text_atomic
 from charforge.results import CuratedDataset, ProductionWindow
 from charforge.schemas.curate import CurateConfig
 from charforge.schemas.retrain import ProductionInput
@@ -47,6 +47,8 @@ def export_production_window(window: ProductionInput) -> ProductionWindow:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, text)
+    # the newest window a retrain read: the monitor counts new ratings from here (`feedback.ready`)
+    write_json_atomic(platform().state / "production" / "last_window.json", {"until": until, "file": path.name})
     result = ProductionWindow(path=str(path), since=_utc(since), until=_utc(until), conversations=len(rows),
                               rated_up=sum(r["rating"] == "up" for r in rows),
                               rated_down=sum(r["rating"] == "down" for r in rows), sha256=sha)

@@ -12,7 +12,7 @@ from prefect.cache_policies import NONE
 from prefect.events import emit_event
 
 from charforge import monitoring, registry
-from charforge.results import DriftEvent, WindowJudgement
+from charforge.results import DriftEvent, FeedbackReady, WindowJudgement
 from charforge.schemas.monitor import MonitorConfig
 from charforge.schemas.serving import ServingConfig
 from charforge.config import load_yaml_model
@@ -23,6 +23,7 @@ from serving.admin import GatewayAdmin, GatewayUnavailable, GatewayRefused
 from tasks.runtime import TRANSIENT_RETRIES, flow_run_tags
 
 DRIFT_EVENT = "charforge.character.drift"
+FEEDBACK_EVENT = "charforge.feedback.ready"
 
 
 def gateway_url(serving: ServingConfig) -> str:
@@ -135,3 +136,33 @@ def announce_drift(cfg: MonitorConfig, judgements: tuple[WindowJudgement, ...], 
                               emitted=True, event_id=str(event.id) if event is not None else None))
         get_run_logger().warning(f"{j.route} / {j.version} ({role}): drift on {', '.join(due)}: event {DRIFT_EVENT}")
     return tuple(out)
+
+
+@task(name="announce-new-ratings", cache_policy=NONE, **TRANSIENT_RETRIES)
+def announce_new_ratings(cfg: MonitorConfig, now: float) -> FeedbackReady:
+    """`charforge.feedback.ready` once `retrain_after_ratings` replies have been rated up since the newest production
+    window a retrain curated (`<state>/production/last_window.json`): the nightly retrain's trigger. Announced once
+    per curated window (the next retrain moves the window on)."""
+    last = platform().state / "production" / "last_window.json"
+    since = json.loads(last.read_text())["until"] if last.is_file() else 0.0
+    store = capture.capture_store(platform().state, state_store.store_url(platform().serving_store_url))
+    try:
+        fresh = sum(r["rating"] == "up" and r["rated_at"] > since for r in store.feedback().values())
+    finally:
+        store.close()
+    ready = FeedbackReady(rated_up_since=utc(since) if since else "the first capture", rated_up=fresh,
+                          needed=cfg.retrain_after_ratings or 0, emitted=False)
+    if cfg.retrain_after_ratings is None or fresh < cfg.retrain_after_ratings:
+        return ready
+    cooldown = monitoring.Cooldown(platform().state / "monitor" / "cooldown.json")
+    key = f"feedback|{since}"
+    if not cooldown.due(key, float("inf"), now):
+        return ready
+    event = emit_event(event=FEEDBACK_EVENT, resource={"prefect.resource.id": "charforge.capture",
+                                                       "prefect.resource.name": "captured conversations"},
+                       payload={"rated_up": fresh, "since": ready.rated_up_since})
+    cooldown.mark(key, now)
+    get_run_logger().info(f"{fresh} replies rated up since {ready.rated_up_since} (>= {cfg.retrain_after_ratings}): "
+                          f"event {FEEDBACK_EVENT}")
+    return ready.model_copy(update={"emitted": True, "event_id": str(event.id) if event is not None else None})
+

@@ -1,5 +1,6 @@
 """The character monitor on literal captured rows: a window below the minimum is not judged, a drifting window
-crosses its limits while an in-character one does not, and a crossing emits exactly one event per cooldown."""
+crosses its limits while an in-character one does not, a crossing emits exactly one event per cooldown, and new
+ratings since the last curated production window are announced once."""
 
 from __future__ import annotations
 
@@ -86,11 +87,21 @@ def test_a_crossing_emits_exactly_one_event_per_cooldown(tmp_path, monkeypatch, 
 
     monkeypatch.setenv("CHARFORGE_STATE_DIR", str(tmp_path / "state"))
     start = time.time()
-    FileCaptureStore(tmp_path / "state" / "capture").write(window("charforge-lora-v3", BOILERPLATE * 2, start - 60))
-    cfg = MonitorConfig(window_minutes=180, min_replies=10, cooldown_minutes=60)
+    store = FileCaptureStore(tmp_path / "state" / "capture")
+    store.write(window("charforge-lora-v3", BOILERPLATE * 2, start - 60))
+    for n in range(3):  # three replies rated up: enough for this config's retrain_after_ratings
+        store.put_feedback({"id": f"cfr-charforge-lora-v2-{n}", "at": start - 90, "rated_at": start - 80,
+                            "route": "wat_honeysett", "version": "charforge-lora-v2", "rating": "up", "comment": None})
+    cfg = MonitorConfig(window_minutes=180, min_replies=10, cooldown_minutes=60, retrain_after_ratings=3)
     serving = tmp_path / "serving.yaml"
     serving.write_text("gateway: {port: 9}\n")  # nothing listens there: publishing is reported, not fatal
-    runs = [monitor(config=cfg, serving_file=str(serving), until=start + offset) for offset in (0, 1800, 3660)]
+    runs = [monitor(config=cfg, serving_file=str(serving), until=start + offset) for offset in (0, 1800)]
+    # a retrain curates a production window ending now: the ratings before it are no longer new
+    (tmp_path / "state" / "production").mkdir(parents=True)
+    (tmp_path / "state" / "production" / "last_window.json").write_text(json.dumps({"until": start}))
+    runs.append(monitor(config=cfg, serving_file=str(serving), until=start + 3660))
+
+    assert [(r.feedback.rated_up, r.feedback.emitted) for r in runs] == [(3, True), (3, False), (0, False)]
 
     assert [[e.emitted for e in r.events] for r in runs] == [[True], [False], [True]]
     first = runs[0].events[0]
@@ -104,3 +115,29 @@ def test_a_crossing_emits_exactly_one_event_per_cooldown(tmp_path, monkeypatch, 
     assert all(run.data.tags["drift"] == "true" for run in logged)
     assert logged[0].data.metrics["wat_honeysett/charforge-lora-v3/ooc_rate"] == 0.5
     assert logged[0].data.metrics["wat_honeysett/charforge-lora-v3/replies"] == 12
+
+
+def test_the_gateway_shows_the_window_as_gauges_and_refuses_what_it_must(tmp_path):
+    """The monitor's figures on a real gateway's /metrics (what a dashboard alerts on); the admin endpoint refuses
+    the inference key (403) and a malformed body (400) and keeps the last good figures."""
+    import httpx
+
+    from serving.admin import GatewayAdmin, GatewayRefused
+    from serving.gateway import Gateway, RouteTable
+    from tests.gateways import running
+
+    gw = Gateway([], RouteTable(tmp_path / "routes.json"), api_key="app-key", admin_key="admin-key")
+    with running(gw) as url:
+        admin = GatewayAdmin(url, "admin-key", "test")
+        assert admin.publish_monitor([{"route": "wat_honeysett", "version": "charforge-lora-v3", "replies": 12,
+                                       "drift": True, "values": {"ooc_rate": 0.5, "char_id_clf": 0.0}}]) == 1
+        with pytest.raises(GatewayRefused, match="400"):
+            admin.publish_monitor([{"route": "wat_honeysett", "values": {"ooc_rate": "high"}}])
+        with pytest.raises(GatewayRefused, match="403"):
+            GatewayAdmin(url, "app-key").publish_monitor([])
+        text = httpx.get(f"{url}/metrics").text
+    labels = 'route="wat_honeysett",version="charforge-lora-v3"'
+    assert f'charforge_monitor_value{{metric="ooc_rate",{labels}}} 0.5' in text or \
+        f'charforge_monitor_value{{{labels},metric="ooc_rate"}} 0.5' in text
+    assert f"charforge_monitor_replies{{{labels}}} 12.0" in text
+    assert f"charforge_monitor_drift{{{labels}}} 1.0" in text

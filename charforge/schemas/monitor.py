@@ -41,6 +41,9 @@ class MonitorConfig(StageConfig):
     cooldown_minutes: float = Field(default=360, ge=0, description="After a drift event for a route, version and "
                                     "metric, the same crossing emits no event for this long (one drift starts one "
                                     "run, not one per window).")
+    retrain_after_ratings: int | None = Field(default=200, ge=1, description="Emit `charforge.feedback.ready` (the "
+                                              "nightly retrain's trigger) once this many replies have been rated up "
+                                              "since the last production window a retrain curated; null: never.")
     limits: dict[str, Limit] = Field(default_factory=lambda: {
         "ooc_rate": Limit(max=0.10), "assistant_voice_rate": Limit(max=0.15), "char_id_clf": Limit(min=0.40),
         "repetition": Limit(max=0.60), "empty_rate": Limit(max=0.05), "thumbs_down_ratio": Limit(max=0.30)},
