@@ -15,6 +15,9 @@ def manifest_metrics(manifest: dict) -> dict[str, float]:
     metrics |= {f"pii.{k}": v for k, v in manifest["pii_redactions"].items()}
     metrics |= {f"rows.{k}": v for k, v in manifest["rows"].items()}
     metrics |= {f"production.{k}": v for k, v in manifest.get("production", {}).items()}
+    pairs = manifest.get("pairs") or {}
+    metrics |= {f"pairs.{split}.{kind}": n for split in ("train", "eval") for kind, n in pairs.get(split, {}).items()}
+    metrics |= {f"pairs.dropped.{reason}": n for reason, n in pairs.get("dropped", {}).items()}
     metrics |= {f"tokens.{k}": v for k, v in manifest["token_lengths"].items()}
     return metrics
 

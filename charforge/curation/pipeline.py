@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
 from charforge.base_models import load_preset, model_dir
+from charforge.settings import repo_path
 
 from charforge.checksums import sha256_file
 from charforge.characters import CharacterCard
@@ -27,11 +28,13 @@ from charforge.schemas.curate import CurateConfig
 from charforge.curation.dedup import ExactDeduper, NearDeduper, content_key, minhash_signatures
 from charforge.errors import InputError
 from charforge.curation.ingest import RATINGS, Drop, parse_conversation, production_drop, raw_text, read_line_at, read_lines
+from charforge.curation.pairs import build_pairs, probe_texts, require_negatives
 from charforge.curation.persona import PersonaIndex, make_ooc_checker
 from charforge.curation.scrub import normalize_text, scrub_pii
 from charforge.curation.split import OVER_CAP, TRAIN, assign_splits
 
 OUTPUTS = ("train.jsonl", "eval.jsonl", "rejected.jsonl")
+PAIR_OUTPUTS = ("pairs_train.jsonl", "pairs_eval.jsonl")  # with `pairs.enabled`
 DUPLICATE_REASONS = {"duplicate", "near_duplicate"}
 
 
@@ -272,7 +275,42 @@ def curate_conversations(
     for name in OUTPUTS:
         os.replace(staging[name], out_dir / name)
     staging["kept.jsonl"].unlink()
-    return build_manifest(out_dir, files, cfg, tokenizer, tally, per_character)
+    pairs = write_pairs(out_dir, cards, cfg, tokenizer) if cfg.pairs.enabled else None
+    for name in PAIR_OUTPUTS if pairs is None else ():  # pairs of an earlier run would no longer match the split
+        (out_dir / name).unlink(missing_ok=True)
+    return build_manifest(out_dir, files, cfg, tokenizer, tally, per_character, pairs)
+
+
+def write_pairs(out_dir: Path, cards: dict[str, CharacterCard], cfg: CurateConfig, tokenizer) -> dict:
+    """pairs_train.jsonl and pairs_eval.jsonl from the split just written (and the rated-down production replies
+    quarantined in rejected.jsonl); their counts for the manifest."""
+    index = PersonaIndex(cards)
+    rated_down = []
+    for line in (out_dir / "rejected.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record["reason"] == "rated_down":
+            row = json.loads(record["raw"])
+            row["character"], _ = index.resolve(row)
+            if row["character"] is not None:
+                rated_down.append(row)
+    held_out = probe_texts(repo_path(cfg.pairs.probes))
+    counts: dict = {"dropped": Counter()}
+    for split in ("train", "eval"):
+        rows = [json.loads(x) for x in (out_dir / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+        pairs, kept, dropped = build_pairs(rows, cards, cfg.pairs.kinds, rated_down, held_out, tokenizer,
+                                           cfg.max_tokens)
+        if split == "train":
+            require_negatives(pairs, sorted({r["character"] for r in rows}), split)
+        with open(out_dir / f".pairs_{split}.jsonl.partial", "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+        os.replace(out_dir / f".pairs_{split}.jsonl.partial", out_dir / f"pairs_{split}.jsonl")
+        counts[split] = dict(sorted(kept.items()))
+        counts["dropped"].update(dropped)
+    unpaired = len(rated_down) - sum(counts[split].get("rated_down", 0) for split in ("train", "eval"))
+    if "rated_down" in cfg.pairs.kinds and unpaired > 0:  # no gold reply to the same character and turn anywhere
+        counts["dropped"]["rated_down_unpaired"] += unpaired
+    counts["dropped"] = dict(sorted(counts["dropped"].items()))
+    return counts
 
 
 def split_kept_rows(staging, assignment: bytearray, rejected, cfg: CurateConfig, tally: Tally) -> dict:
@@ -297,8 +335,9 @@ def split_kept_rows(staging, assignment: bytearray, rejected, cfg: CurateConfig,
     return {c: {"train": n["train"], "eval": n["eval"]} for c, n in sorted(per_character.items())}
 
 
-def build_manifest(out_dir: Path, files, cfg: CurateConfig, tokenizer, tally: Tally, per_character: dict) -> dict:
-    hashes = {name: sha256_file(out_dir / name) for name in OUTPUTS}
+def build_manifest(out_dir: Path, files, cfg: CurateConfig, tokenizer, tally: Tally, per_character: dict,
+                   pairs: dict | None = None) -> dict:
+    hashes = {name: sha256_file(out_dir / name) for name in OUTPUTS + (PAIR_OUTPUTS if pairs is not None else ())}
     duplicates = sum(n for r, n in tally.reasons.items() if r in DUPLICATE_REASONS)
     rejected = sum(n for r, n in tally.reasons.items() if r not in DUPLICATE_REASONS)
     kept = sum(c["train"] + c["eval"] for c in per_character.values())
@@ -311,6 +350,8 @@ def build_manifest(out_dir: Path, files, cfg: CurateConfig, tokenizer, tally: Ta
         "rejected_by_reason": dict(sorted(tally.reasons.items())),
         # Captured conversations read, by rating, and how many became training rows (rated up, in character, new).
         "production": {k: tally.production.get(k, 0) for k in ("up", "down", "unrated", "invalid", "kept")},
+        # Preference pairs per split by negative kind, and the pairs dropped by reason (null: not built).
+        "pairs": pairs,
         "pii_redactions": {k: tally.pii.get(k, 0) for k in ("email", "phone", "ip_address")},
         "per_character": per_character,
         "rows": {"train": sum(c["train"] for c in per_character.values()),
@@ -361,4 +402,5 @@ def outputs_intact(out_dir: Path) -> bool:
     if not manifest_path.is_file():
         return False
     recorded = json.loads(manifest_path.read_text()).get("sha256", {})
-    return all((Path(out_dir) / n).is_file() and sha256_file(Path(out_dir) / n) == recorded.get(n) for n in OUTPUTS)
+    names = OUTPUTS + tuple(n for n in PAIR_OUTPUTS if n in recorded)
+    return all((Path(out_dir) / n).is_file() and sha256_file(Path(out_dir) / n) == recorded.get(n) for n in names)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 from pydantic import Field, SecretStr
 
 from charforge.config import StageConfig
@@ -42,6 +45,18 @@ class SyntheticConfig(StageConfig):
                                       "the manifest, MLflow and Prefect).")
 
 
+class PairsConfig(StageConfig):
+    enabled: bool = Field(default=False, description="Also write preference pairs (pairs_train.jsonl, "
+                          "pairs_eval.jsonl) for the preference stage: the gold reply chosen, a free negative "
+                          "rejected (charforge/curation/pairs.py).")
+    kinds: list[Literal["other_character", "boilerplate", "boundary_break", "rated_down"]] = Field(
+        default_factory=lambda: ["other_character", "boilerplate", "boundary_break", "rated_down"], min_length=1,
+        description="Negatives: another character's reply to the same user turn, assistant boilerplate, the gold "
+        "reply plus a sentence crossing a card boundary, production replies rated down.")
+    probes: Path = Field(default=Path("data/eval/probes.jsonl"), description="Evaluation probes: a pair carrying "
+                         "any of their text (reference or history) is dropped (probe_text).")
+
+
 class CurateConfig(StageConfig):
     """What the curation stage keeps, drops and how it splits."""
 
@@ -62,5 +77,6 @@ class CurateConfig(StageConfig):
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and near-duplicate removal.")
     split: SplitConfig = Field(default_factory=SplitConfig, description="Train/eval split.")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="Optional synthetic expansion.")
+    pairs: PairsConfig = Field(default_factory=PairsConfig, description="Preference pairs for the preference stage.")
     workers: int = Field(default=2, ge=0, description="Processes for the per-row steps (0 or 1: in-process).")
     chunk_size: int = Field(default=2000, ge=1, description="Rows per batch for tokenization (memory vs speed).")
