@@ -135,6 +135,33 @@ def train(
 
 
 @app.command()
+def prefer(
+    config: Path = typer.Option(CONFIGS_DIR / "prefer" / "smollm2_dpo.yaml", help="Preference config YAML."),
+    dataset: Path = typer.Option(None, help="Curated dataset folder with pairs_train.jsonl (overrides the "
+                                 "config's)."),
+) -> None:
+    """Preference-tune (DPO or KTO) the finished SFT adapter on curation's pairs; resumes; logs to MLflow."""
+    from charforge.curation.manifest import read_dataset_manifest
+    from charforge.curation.pairs import pairs_file
+    from charforge.schemas.prefer import PreferConfig
+    from charforge.schemas.train import TrainConfig
+    from charforge.settings import repo_path
+
+    cfg = load_yaml_model(config, PreferConfig)
+    load_yaml_model(repo_path(cfg.sft), TrainConfig)
+    folder = dataset.resolve() if dataset else repo_path(cfg.dataset_dir)
+    read_dataset_manifest(folder)
+    pairs_file(folder)
+    require_tracking()
+    from flows.prefer import prefer as prefer_flow
+
+    result = run_flow(prefer_flow, config=cfg, dataset_dir=str(dataset.resolve()) if dataset else None)
+    typer.echo(f"adapter {result.adapter_sha256[:12]} after {result.global_step} steps -> {result.adapter_dir}")
+    if not result.servable:
+        fail("adapter is not servable: " + "; ".join(result.reasons), code=3)
+
+
+@app.command()
 def evaluate(
     adapter: str = typer.Option(None, help="Adapter folder, or models:/<name>/<version> from the MLflow registry."),
     base_only: bool = typer.Option(False, "--base-only", help="Evaluate the base model alone (no adapter)."),

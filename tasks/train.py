@@ -52,17 +52,20 @@ def fit(cfg: TrainConfig, run: TrainingRun, run_id: str) -> FitResult:
 
 
 @task(name="export-and-check-adapter", cache_policy=NONE, **TRANSIENT_RETRIES)
-def export_and_check(cfg: TrainConfig, run: TrainingRun, run_id: str, fit_result: FitResult) -> TrainedAdapter:
-    """bf16 adapter + manifest, the servability verdict, and both logged to the MLflow run."""
+def export_and_check(cfg: TrainConfig, run: TrainingRun, run_id: str, fit_result: FitResult,
+                     extra_lineage: dict[str, str] | None = None, stage: str = "train") -> TrainedAdapter:
+    """bf16 adapter + manifest, the servability verdict, and both logged to the MLflow run (in the `stage`
+    experiment). `extra_lineage`: what the manifest records beyond the SFT lineage (a preference run's parent
+    adapter and pairs)."""
     run_dir = Path(run.run_dir)
     adapter_dir = run_dir / "adapter"
     template = repo_path(cfg.chat_template) if cfg.chat_template else None
     export_adapter(run_dir / "adapter-raw", adapter_dir, "bfloat16",  # vLLM serves bf16/fp16; bf16 keeps fp32's range
-                   {**run.lineage(cfg), "mlflow_run_id": run_id}, template)
+                   {**run.lineage(cfg), **(extra_lineage or {}), "mlflow_run_id": run_id}, template)
     reasons = check_servable(adapter_dir, cfg.max_lora_rank, run.architecture)
     (run_dir / "servability.json").write_text(json.dumps({"servable": not reasons, "reasons": reasons}, indent=2))
     sha = folder_sha(adapter_dir)
-    use_experiment("train")
+    use_experiment(stage)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"final_{k}": v for k, v in fit_result.metrics.items()})
         mlflow.log_artifacts(str(adapter_dir), "adapter")

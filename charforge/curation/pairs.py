@@ -26,6 +26,7 @@ from pathlib import Path
 from charforge.characters import CharacterCard
 from charforge.errors import InputError
 
+PAIRS_TRAIN = "pairs_train.jsonl"
 KINDS = ("other_character", "boilerplate", "boundary_break", "rated_down")
 BOILERPLATE = [
     "As an AI language model, I don't have personal experiences, but I'm happy to share some general information.",
@@ -133,3 +134,14 @@ def require_negatives(pairs: list[dict], characters: list[str], split: str) -> N
         raise InputError(f"no negatives for {', '.join(missing)} in the {split} split: the preference stage would "
                          f"leave their voice untouched; add a kind that covers them (boilerplate covers every "
                          f"character)")
+
+
+def pairs_file(dataset_dir: Path) -> Path:
+    """The training pairs curation wrote beside the dataset; a one-line error naming the fix when there are none."""
+    path = Path(dataset_dir) / PAIRS_TRAIN
+    if not path.is_file():
+        raise InputError(f"{path}: no preference pairs; curate with `pairs: {{enabled: true}}` in the curate config "
+                         f"(charforge curate --config ...) to write them beside the dataset")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: no preference pairs in the file; enable more negative kinds (pairs.kinds)")
+    return path
