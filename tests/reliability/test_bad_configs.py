@@ -37,6 +37,8 @@ STAGES = {
     "deploy": (["deploy", "--adapter", "models:/charforge-x@champion", "--config", "{cfg}"],
                "rollout:\n  gate:\n    max_latency_ratio: 0.5\n",
                "key 'rollout.gate.max_latency_ratio': Input should be greater than 1 (got 0.5)"),
+    "prefer": (["prefer", "--config", "{cfg}"], "name: p\nmethod: ipo\n",
+               "key 'method': Input should be 'dpo' or 'kto' (got 'ipo')"),
     "monitor": (["monitor", "--config", "{cfg}"], "limits:\n  ooc_rat: {max: 0.1}\n",
                 "key 'limits': Value error, unknown metric 'ooc_rat'; the monitor measures ooc_rate, "
                 "assistant_voice_rate, char_id_clf, repetition, empty_rate, thumbs_down_ratio (got {'ooc_rat': "
