@@ -67,7 +67,11 @@ def judge_window(cfg: MonitorConfig, since: float, until: float) -> tuple[Window
 @task(name="log-window", cache_policy=NONE, **TRANSIENT_RETRIES)
 def log_window(cfg: MonitorConfig, judgements: tuple[WindowJudgement, ...], since: float, until: float) -> str:
     """One MLflow run per window in `charforge-monitor`: each route/version's figures as metrics, the judgements as
-    `window.json`, and whether anything drifted as a tag (a reviewer filters on it)."""
+    `window.json`, and whether anything drifted as a tag (a reviewer filters on it). An empty window (nothing
+    captured or rated) logs nothing: an idle fleet does not fill MLflow with a run an hour."""
+    if not judgements:
+        get_run_logger().info("nothing captured or rated in the window: no MLflow run")
+        return ""
     use_experiment("monitor")
     with mlflow.start_run(run_name=f"{cfg.name}-{utc(until)}") as run:
         mlflow.set_tags({"stage": "monitor", "window_since": utc(since), "window_until": utc(until),
@@ -92,6 +96,8 @@ def publish_on_gateway(serving: ServingConfig, judgements: tuple[WindowJudgement
     """The figures as the gateway's `charforge_monitor_*` gauges; a gateway that is down is reported, not fatal (the
     window is in MLflow and the events either way)."""
     gw = serving.gateway
+    if not judgements:
+        return False
     try:
         GatewayAdmin(gateway_url(serving), gw.admin_key(), "charforge monitor").publish_monitor([
             {"route": j.route, "version": j.version, "replies": j.replies, "drift": bool(j.crossings),

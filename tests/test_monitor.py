@@ -87,14 +87,16 @@ def test_a_crossing_emits_exactly_one_event_per_cooldown(tmp_path, monkeypatch, 
 
     monkeypatch.setenv("CHARFORGE_STATE_DIR", str(tmp_path / "state"))
     start = time.time()
+    serving = tmp_path / "serving.yaml"
+    serving.write_text("gateway: {port: 9}\n")  # nothing listens there: publishing is reported, not fatal
+    idle = monitor(config=MonitorConfig(), serving_file=str(serving), until=start)
+    assert idle.judgements == () and idle.events == () and idle.mlflow_run_id == ""  # an idle hour logs nothing
     store = FileCaptureStore(tmp_path / "state" / "capture")
     store.write(window("charforge-lora-v3", BOILERPLATE * 2, start - 60))
     for n in range(3):  # three replies rated up: enough for this config's retrain_after_ratings
         store.put_feedback({"id": f"cfr-charforge-lora-v2-{n}", "at": start - 90, "rated_at": start - 80,
                             "route": "wat_honeysett", "version": "charforge-lora-v2", "rating": "up", "comment": None})
     cfg = MonitorConfig(window_minutes=180, min_replies=10, cooldown_minutes=60, retrain_after_ratings=3)
-    serving = tmp_path / "serving.yaml"
-    serving.write_text("gateway: {port: 9}\n")  # nothing listens there: publishing is reported, not fatal
     runs = [monitor(config=cfg, serving_file=str(serving), until=start + offset) for offset in (0, 1800)]
     # a retrain curates a production window ending now: the ratings before it are no longer new
     (tmp_path / "state" / "production").mkdir(parents=True)
