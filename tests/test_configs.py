@@ -10,7 +10,9 @@ from charforge.base_models import BaseModelPreset
 from charforge.config import ConfigError, load_yaml_model
 from charforge.schemas.curate import CurateConfig
 from charforge.schemas.evaluate import EvalConfig
+from charforge.schemas.monitor import MonitorConfig
 from charforge.schemas.planning import PlanningConfig
+from charforge.schemas.prefer import PreferConfig
 from charforge.schemas.promote import PromotionPolicy
 from charforge.schemas.quantize import QuantizeConfig
 from charforge.schemas.retrain import RetrainConfig
@@ -31,6 +33,8 @@ SCHEMAS = {
     "retrain": RetrainConfig,
     "serving.yaml": ServingConfig,
     "planning.yaml": PlanningConfig,
+    "monitor.yaml": MonitorConfig,
+    "prefer": PreferConfig,
 }
 NOT_OURS = {"lm_eval"}
 
