@@ -143,3 +143,11 @@ def test_the_gateway_shows_the_window_as_gauges_and_refuses_what_it_must(tmp_pat
         f'charforge_monitor_value{{{labels},metric="ooc_rate"}} 0.5' in text
     assert f"charforge_monitor_replies{{{labels}}} 12.0" in text
     assert f"charforge_monitor_drift{{{labels}}} 1.0" in text
+
+
+def test_a_limit_must_name_exactly_one_bound():
+    from pydantic import ValidationError
+
+    for bad in ({"max": 0.1, "min": 0.0}, {}):
+        with pytest.raises(ValidationError, match="give exactly one of max or min"):
+            MonitorConfig(limits={"ooc_rate": bad})
