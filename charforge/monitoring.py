@@ -20,7 +20,7 @@ from charforge.evaluation.lm_eval_tasks import classifier, identifier
 from charforge.evaluation.metrics import GENERIC_ASSISTANT, is_empty, out_of_character, repetition
 from charforge.io import write_json_atomic
 from charforge.results import Crossing, WindowJudgement
-from charforge.schemas.monitor import MONITOR_METRICS, MonitorConfig
+from charforge.schemas.monitor import MONITOR_METRICS, Limit, MonitorConfig
 from charforge.settings import repo_path
 
 
@@ -46,18 +46,40 @@ def reply_scores(rows: list[dict], cfg: MonitorConfig) -> list[dict]:
     vectors = ident.encoder.encode(replies)
     voices = classifier(cards_dir, str(repo_path(cfg.probes))).predict(replies, vectors)
     guesses = ident.identify_vectors(vectors, [c for _, c, _ in known])
-    return [{"route": row["route"], "version": row["version"], "id": row.get("id"), "character": character,
+    return [{"route": row["route"], "version": row["version"], "id": row.get("id"), "at": row.get("at"),
+             "user_hash": row.get("user_hash"), "character": character,
              "ooc_rate": out_of_character(reply, user, cards[character]),
              "assistant_voice_rate": float(guess.character == GENERIC_ASSISTANT),
              "char_id_clf": float(voice == character), "repetition": repetition(reply), "empty_rate": is_empty(reply)}
             for (row, character, user), reply, voice, guess in zip(known, replies, voices, guesses)]
 
 
-def judge_window(rows: list[dict], ratings: list[dict], cfg: MonitorConfig, since: float,
-                 until: float) -> list[WindowJudgement]:
-    """One judgement per (route, version) seen in the window's captures or ratings."""
+def crossing(value: float, limit: Limit) -> bool:
+    return (limit.max is not None and value > limit.max) or (limit.min is not None and value < limit.min)
+
+
+def flagged_replies(scores: list[dict], cfg: MonitorConfig, now: float) -> list[dict]:
+    """The replies whose own value crosses a limit named in `flag_replies` (an out-of-character line, an assistant
+    voice, a loop, an empty answer), as the capture store keeps them: the capture id, its route, version and user
+    hash (a user's purge removes the flags too), when it was captured and flagged, and the metrics that flagged it.
+    Curation never trains on a flagged reply."""
+    out = []
+    for s in scores:
+        reasons = [m for m in cfg.flag_replies if m in s and crossing(s[m], cfg.limits[m])]
+        if reasons and s.get("id"):
+            out.append({"id": s["id"], "at": s["at"], "flagged_at": now, "route": s["route"], "version": s["version"],
+                        "user_hash": s.get("user_hash"), "reasons": reasons})
+    return out
+
+
+def judge_window(rows: list[dict], ratings: list[dict], cfg: MonitorConfig, since: float, until: float,
+                 scores: list[dict] | None = None) -> list[WindowJudgement]:
+    """One judgement per (route, version) seen in the window's captures or ratings (`scores`: `reply_scores(rows)`
+    when the caller already has them)."""
+    scores = reply_scores(rows, cfg) if scores is None else scores
+    flags = {f["id"] for f in flagged_replies(scores, cfg, until)}
     scored: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for s in reply_scores(rows, cfg):
+    for s in scores:
         scored[(s["route"], s["version"])].append(s)
     captured: dict[tuple[str, str], int] = defaultdict(int)
     for row in rows:
@@ -78,12 +100,13 @@ def judge_window(rows: list[dict], ratings: list[dict], cfg: MonitorConfig, sinc
             value = values.get(metric)
             if value is None or (not judged and metric != "thumbs_down_ratio"):
                 continue
-            if (limit.max is not None and value > limit.max) or (limit.min is not None and value < limit.min):
+            if crossing(value, limit):
                 crossings.append(Crossing(metric=metric, value=round(value, 4),
                                           limit=f"max {limit.max}" if limit.max is not None else f"min {limit.min}"))
         reason = ("" if judged else f"{len(replies)} judgeable replies < min_replies {cfg.min_replies}: not judged")
         out.append(WindowJudgement(route=key[0], version=key[1], since=since, until=until, captured=captured.get(key, 0),
                                    replies=len(replies), ratings=len(votes), judged=judged, reason=reason,
+                                   flagged=sum(s["id"] in flags for s in replies),
                                    values={k: round(v, 4) for k, v in values.items()}, crossings=tuple(crossings)))
     return out
 

@@ -247,6 +247,7 @@ class WindowJudgement(StageResult):
     ratings: int
     judged: bool  # at least min_replies replies: the per-reply metrics count (the thumbs-down ratio has its own min)
     reason: str = ""
+    flagged: int = 0  # replies flagged one by one (`flag_replies`): never training targets
     values: dict[str, float] = {}
     crossings: tuple[Crossing, ...] = ()
 

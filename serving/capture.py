@@ -218,6 +218,19 @@ class FileCaptureStore:
     def drops(self, since: float = 0) -> list[dict]:
         return [row for _, row in self._lines("dropped") if row["at"] >= since]
 
+    def put_flags(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        path = self.folder / "flagged" / f"{time.strftime('%Y-%m-%d', time.gmtime(rows[0]['flagged_at']))}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def flags(self) -> dict[str, dict]:
+        return {row["id"]: row for _, row in self._lines("flagged")}  # a later flag of a reply replaces the earlier
+
     def _lines(self, kind: str) -> Iterator[tuple[Path, dict]]:
         for path in sorted((self.folder / kind).glob("**/*.jsonl")):
             for line in path.read_text().splitlines():
@@ -238,7 +251,7 @@ class FileCaptureStore:
     def purge(self, keep) -> Counter:
         """Rewrite every file without the rows `keep(row)` refuses; counts removed by kind."""
         removed: Counter = Counter()
-        for kind in ("conversations", "feedback"):
+        for kind in ("conversations", "feedback", "flagged"):
             for path in sorted((self.folder / kind).glob("**/*.jsonl")):
                 lines = path.read_text().splitlines()
                 kept = [line for line in lines if _keep_line(line, keep)]
@@ -284,6 +297,9 @@ class PostgresCaptureStore:
     CREATE TABLE IF NOT EXISTS charforge_capture_secret (one boolean PRIMARY KEY DEFAULT true, secret text NOT NULL);
     CREATE TABLE IF NOT EXISTS charforge_capture_drops (
         at timestamptz NOT NULL, route text NOT NULL, version text NOT NULL, count integer NOT NULL);
+    CREATE TABLE IF NOT EXISTS charforge_capture_flags (
+        id text PRIMARY KEY, at timestamptz NOT NULL, flagged_at timestamptz NOT NULL, route text NOT NULL,
+        version text NOT NULL, user_hash text, reasons jsonb NOT NULL);
     """
 
     def __init__(self, store) -> None:  # a serving.state_store.PostgresStore (its connection and locking)
@@ -333,6 +349,24 @@ class PostgresCaptureStore:
             "SELECT extract(epoch FROM at), route, version, count FROM charforge_capture_drops "
             "WHERE at >= to_timestamp(%s)", (since,))])
 
+    def put_flags(self, rows: list[dict]) -> None:
+        from psycopg.types.json import Jsonb
+
+        if rows:
+            self._run(lambda c: c.cursor().executemany(
+                "INSERT INTO charforge_capture_flags (id, at, flagged_at, route, version, user_hash, reasons) VALUES "
+                "(%s, to_timestamp(%s), to_timestamp(%s), %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+                "flagged_at = excluded.flagged_at, reasons = excluded.reasons",
+                [(r["id"], r["at"], r["flagged_at"], r["route"], r["version"], r.get("user_hash"), Jsonb(r["reasons"]))
+                 for r in rows]))
+
+    def flags(self) -> dict[str, dict]:
+        rows = self._run(lambda c: c.execute(
+            "SELECT id, extract(epoch FROM at), extract(epoch FROM flagged_at), route, version, user_hash, reasons "
+            "FROM charforge_capture_flags").fetchall())
+        return {r[0]: {"id": r[0], "at": float(r[1]), "flagged_at": float(r[2]), "route": r[3], "version": r[4],
+                       "user_hash": r[5], "reasons": list(r[6])} for r in rows}
+
     def captures(self, since: float = 0, until: float = float("inf")) -> list[dict]:
         until = min(until, 4e9)
         return self._run(lambda c: [r for (r,) in c.execute(
@@ -350,14 +384,16 @@ class PostgresCaptureStore:
         def purge(conn):
             a = conn.execute("DELETE FROM charforge_captures WHERE user_hash = %s", (user_hash,)).rowcount
             b = conn.execute("DELETE FROM charforge_feedback WHERE user_hash = %s", (user_hash,)).rowcount
-            return Counter({"conversations": a, "feedback": b})
+            c = conn.execute("DELETE FROM charforge_capture_flags WHERE user_hash = %s", (user_hash,)).rowcount
+            return Counter({"conversations": a, "feedback": b, "flagged": c})
         return self._run(purge)
 
     def drop_days_before(self, cutoff: float) -> Counter:
         def drop(conn):
             a = conn.execute("DELETE FROM charforge_captures WHERE at < to_timestamp(%s)", (cutoff,)).rowcount
             b = conn.execute("DELETE FROM charforge_feedback WHERE rated_at < to_timestamp(%s)", (cutoff,)).rowcount
-            return Counter({"conversations": a, "feedback": b})
+            c = conn.execute("DELETE FROM charforge_capture_flags WHERE at < to_timestamp(%s)", (cutoff,)).rowcount
+            return Counter({"conversations": a, "feedback": b, "flagged": c})
         return self._run(drop)
 
     def close(self) -> None:
@@ -493,8 +529,9 @@ def stats(store, since: float = 0) -> list[dict]:
 
 def export_rows(store, since: float, until: float) -> list[dict]:
     """Captured conversations of a window in `data/raw`'s JSONL format (messages, the reply appended as the
-    assistant turn), with the served version, the rating (and the rater's comment) and the capture id on each row."""
-    ratings = store.feedback()
+    assistant turn), with the served version, the rating (and the rater's comment), the monitor's flags (`flagged`)
+    and the capture id on each row."""
+    ratings, flags = store.feedback(), store.flags()
     out = []
     for row in store.captures(since, until):
         if row.get("status") != "200" or not row.get("reply"):
@@ -503,7 +540,8 @@ def export_rows(store, since: float, until: float) -> list[dict]:
         out.append({"messages": [*row["messages"], {"role": "assistant", "content": row["reply"]}],
                     "source": "production", "route": row["route"], "version": row["version"],
                     "rating": rated["rating"] if rated else None, "capture_id": row["id"],
-                    "captured_at": row["at"], **({"comment": rated["comment"]} if rated and rated.get("comment") else {})})
+                    "captured_at": row["at"], **({"comment": rated["comment"]} if rated and rated.get("comment") else {}),
+                    **({"flagged": flags[row["id"]]["reasons"]} if row["id"] in flags else {})})
     return out
 
 

@@ -50,9 +50,12 @@ def judge_window(cfg: MonitorConfig, since: float, until: float) -> tuple[Window
     try:
         rows = store.captures(since, until)
         ratings = list(store.feedback().values())
+        scores = monitoring.reply_scores(rows, cfg)
+        judgements = monitoring.judge_window(rows, ratings, cfg, since, until, scores)
+        flags = monitoring.flagged_replies(scores, cfg, until)
+        store.put_flags(flags)  # curation quarantines these replies as `monitor_flagged`
     finally:
         store.close()
-    judgements = monitoring.judge_window(rows, ratings, cfg, since, until)
     log = get_run_logger()
     log.info(f"window {utc(since)}..{utc(until)}: {len(rows)} captured conversations, "
              f"{sum(since <= r['at'] < until for r in ratings)} ratings, {len(judgements)} route/version pairs")
@@ -60,7 +63,8 @@ def judge_window(cfg: MonitorConfig, since: float, until: float) -> tuple[Window
         figures = ", ".join(f"{k} {v:g}" for k, v in sorted(j.values.items())) or "no figures"
         state = ("DRIFT " + ", ".join(f"{c.metric} {c.value:g} ({c.limit})" for c in j.crossings) if j.crossings
                  else "ok" if j.judged else j.reason)
-        log.info(f"  {j.route} / {j.version}: {j.replies} replies, {j.ratings} ratings; {figures}; {state}")
+        log.info(f"  {j.route} / {j.version}: {j.replies} replies ({j.flagged} flagged), {j.ratings} ratings; "
+                 f"{figures}; {state}")
     return tuple(judgements)
 
 
@@ -77,13 +81,14 @@ def log_window(cfg: MonitorConfig, judgements: tuple[WindowJudgement, ...], sinc
         mlflow.set_tags({"stage": "monitor", "window_since": utc(since), "window_until": utc(until),
                          "drift": str(any(j.crossings for j in judgements)).lower(), **flow_run_tags()})
         mlflow.log_params({"window_minutes": cfg.window_minutes, "min_replies": cfg.min_replies,
+                           "flag_replies": ",".join(cfg.flag_replies),
                            "min_ratings": cfg.min_ratings, "cooldown_minutes": cfg.cooldown_minutes,
                            "limits": json.dumps({k: v.model_dump(exclude_none=True) for k, v in cfg.limits.items()})})
         metrics = {}
         for j in judgements:
             prefix = f"{j.route}/{j.version}"
             metrics |= {f"{prefix}/replies": j.replies, f"{prefix}/ratings": j.ratings,
-                        f"{prefix}/drift": float(bool(j.crossings))}
+                        f"{prefix}/flagged": j.flagged, f"{prefix}/drift": float(bool(j.crossings))}
             metrics |= {f"{prefix}/{k}": v for k, v in j.values.items()}
         if metrics:
             mlflow.log_metrics(metrics)

@@ -118,6 +118,18 @@ def test_a_crossing_emits_exactly_one_event_per_cooldown(tmp_path, monkeypatch, 
     assert logged[0].data.metrics["wat_honeysett/charforge-lora-v3/ooc_rate"] == 0.5
     assert logged[0].data.metrics["wat_honeysett/charforge-lora-v3/replies"] == 12
 
+    # every boilerplate reply is flagged one by one in the capture store, and exported with its flag: curation
+    # quarantines it (`monitor_flagged`) even where a user rated it up
+    from serving.capture import export_rows
+
+    assert [j.flagged for j in runs[0].judgements if j.version == "charforge-lora-v3"] == [12]
+    assert logged[0].data.metrics["wat_honeysett/charforge-lora-v3/flagged"] == 12
+    flags = store.flags()
+    assert sorted(flags) == sorted(f"cfr-charforge-lora-v3-{n}" for n in range(12))
+    assert flags["cfr-charforge-lora-v3-0"]["reasons"] == ["ooc_rate", "assistant_voice_rate"]
+    exported = export_rows(store, start - 3600, start)
+    assert [r["flagged"] for r in exported][:2] == [["ooc_rate", "assistant_voice_rate"], ["assistant_voice_rate"]]
+
 
 def test_the_gateway_shows_the_window_as_gauges_and_refuses_what_it_must(tmp_path):
     """The monitor's figures on a real gateway's /metrics (what a dashboard alerts on); the admin endpoint refuses
@@ -151,3 +163,30 @@ def test_a_limit_must_name_exactly_one_bound():
     for bad in ({"max": 0.1, "min": 0.0}, {}):
         with pytest.raises(ValidationError, match="give exactly one of max or min"):
             MonitorConfig(limits={"ooc_rate": bad})
+    with pytest.raises(ValidationError, match="flag_replies: 'thumbs_down_ratio' is not a per-reply metric; choose "
+                                              "from ooc_rate, assistant_voice_rate, char_id_clf, repetition, "
+                                              "empty_rate"):
+        MonitorConfig(flag_replies=["thumbs_down_ratio"])
+    with pytest.raises(ValidationError, match="flag_replies: 'assistant_voice_rate' has no limit to flag a reply by; "
+                                              "add it to limits"):
+        MonitorConfig(limits={"ooc_rate": {"max": 0.1}})
+
+
+def test_the_monitor_flags_single_bad_replies_and_almost_no_gold_reply():
+    """Calibration on literal rows: the 136 held-out gold replies of the probes flag 1 reply (a 1940s news-stand
+    girl's "Can I what you? I can mail it to you, kiddo..." read as an assistant's offer) and no window drifts;
+    each boilerplate line is flagged, and a looping reply for its repetition."""
+    from charforge.monitoring import flagged_replies, reply_scores
+
+    cfg = MonitorConfig(min_replies=10)
+    gold = [row(p, p["reference"], "gold", NOW - 60, n) for n, p in enumerate(PROBES)]
+    bad = window("charforge-lora-v3", BOILERPLATE)
+    loop = dict(bad[0], id="loop", reply="the lamp, the lamp, the lamp, the lamp, the lamp, the lamp")
+    scores = reply_scores(gold + bad + [loop], cfg)
+    flags = {f["id"]: f["reasons"] for f in flagged_replies(scores, cfg, NOW)}
+    assert len(scores) == 136 + 7
+    assert [i for i in flags if i.startswith("cfr-gold")] == ["cfr-gold-45"]
+    assert all(f"cfr-charforge-lora-v3-{n}" in flags for n in range(6)) and flags["loop"] == ["repetition"]
+    judged = judge_window(gold, [], cfg, NOW - 3600, NOW, [s for s in scores if s["version"] == "gold"])
+    assert len(judged) == 8 and all(j.judged and not j.crossings for j in judged)
+    assert sum(j.flagged for j in judged) == 1

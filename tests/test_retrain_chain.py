@@ -204,7 +204,7 @@ def test_retrain_runs_every_stage_and_the_gateway_serves_the_champion(chain_env,
     # Production data in: the captured window is an input of curation; only the reply rated up trains, and in its
     # row only that reply carries loss; the window is in the lineage of the version it fed
     manifest = json.loads((chain_env / "dataset" / "manifest.json").read_text())
-    assert manifest["production"] == {"up": 1, "down": 1, "unrated": 1, "invalid": 0, "kept": 1}
+    assert manifest["production"] == {"up": 1, "down": 1, "unrated": 1, "invalid": 0, "flagged": 0, "kept": 1}
     rejected = [json.loads(x) for x in (chain_env / "dataset" / "rejected.jsonl").read_text().splitlines()]
     assert sorted(r["reason"] for r in rejected if r["source"].endswith(".jsonl") and "/production/" in r["source"]) \
         == ["rated_down", "unrated"]

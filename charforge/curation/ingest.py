@@ -21,14 +21,21 @@ class Drop:
 
 
 # Captured production conversations (`charforge capture export`, the retrain chain's `source: production` input): only
-# a reply a user rated up becomes a training target; the others are quarantined with their reason (rated-down ones are
-# the preference stage's negatives).
+# a reply a user rated up, and the monitor did not flag, becomes a training target; the others are quarantined with
+# their reason (rated-down and monitor-flagged ones are the preference stage's negatives).
 RATINGS = ("up", "down")
 
 
 def production_drop(obj: dict) -> Drop | None:
-    """None for a captured reply a user rated up; otherwise why it may not be a supervised training target."""
-    rating = obj.get("rating")
+    """None for a captured reply a user rated up that the monitor did not flag; otherwise why it may not be a
+    supervised training target. A user's thumbs-down names the row first; a flag outranks a thumbs-up (a user who
+    pushed a character out of persona may like the break)."""
+    rating, flagged = obj.get("rating"), obj.get("flagged")
+    if flagged and rating != "down":
+        reasons = ", ".join(map(str, flagged)) if isinstance(flagged, list) else str(flagged)
+        return Drop("monitor_flagged", f"the monitor flagged this reply ({reasons[:80]}; rated "
+                                       f"{json.dumps(rating)[:20]}): kept as a negative for preference tuning, never "
+                                       f"a training target")
     if rating == "up":
         return None
     if rating == "down":

@@ -9,7 +9,9 @@ The rejected side costs nothing in character chat:
 - `boundary_break`: the gold reply followed by a sentence that crosses one of the card's `boundaries` (anachronisms:
   the card says what the character cannot know);
 - `rated_down`: a production reply a user rated down (curation quarantined it), paired with the gold reply to the
-  same character and user turn when the split has one.
+  same character and user turn when the split has one;
+- `monitor_flagged`: likewise, a production reply the character monitor flagged (out of character, assistant voice,
+  a loop, empty: `flag_replies` in configs/monitor.yaml).
 
 Pairs of one split are built from that split only (train pairs from train rows, evaluation pairs from evaluation
 rows), and none may carry a probe's text (`data/eval/probes.jsonl`: its reference or history): those are dropped
@@ -27,7 +29,8 @@ from charforge.characters import CharacterCard
 from charforge.errors import InputError
 
 PAIRS_TRAIN = "pairs_train.jsonl"
-KINDS = ("other_character", "boilerplate", "boundary_break", "rated_down")
+KINDS = ("other_character", "boilerplate", "boundary_break", "rated_down", "monitor_flagged")
+PRODUCTION_KINDS = ("rated_down", "monitor_flagged")  # negatives curation quarantined from captured conversations
 BOILERPLATE = [
     "As an AI language model, I don't have personal experiences, but I'm happy to share some general information.",
     "I'm sorry, but I can't pretend to be a character. Is there anything else I can help you with?",
@@ -63,10 +66,11 @@ def probe_texts(probes: Path) -> set[str]:
     return texts
 
 
-def build_pairs(rows: list[dict], cards: dict[str, CharacterCard], kinds: list[str], rated_down: list[dict],
+def build_pairs(rows: list[dict], cards: dict[str, CharacterCard], kinds: list[str], production: list[dict],
                 held_out: set[str], tokenizer, max_tokens: int) -> tuple[list[dict], Counter, Counter]:
     """Pairs of one split: one per (row, kind) that has a negative. Returns (pairs, kept by kind, dropped by reason).
-    `rows` are curated rows of that split; `rated_down` the production rows curation quarantined as rated down."""
+    `rows` are curated rows of that split; `production` the captured rows curation quarantined as negatives, each
+    with its kind (`negative`: rated_down or monitor_flagged)."""
     by_turn: dict[str, list[tuple[str, str]]] = defaultdict(list)  # user turn -> (character, gold reply)
     gold_of: dict[tuple[str, str], str] = {}
     for row in rows:
@@ -112,14 +116,13 @@ def build_pairs(rows: list[dict], cards: dict[str, CharacterCard], kinds: list[s
         if "boundary_break" in kinds and cards[character].boundaries:
             term = _pick(key + "term", cards[character].boundaries)
             add(prompt, gold, f"{gold} {_pick(key, BOUNDARY_LINES).format(term=term)}", character, "boundary_break")
-    if "rated_down" in kinds:
-        for row in rated_down:
-            messages = row["messages"]
-            gold = gold_of.get((row["character"], _norm(messages[-2]["content"])))
-            if gold is None:  # no gold reply to this turn in this split (the caller counts those paired nowhere)
-                continue
-            add([{"role": m["role"], "content": m["content"]} for m in messages[:-1]], gold, messages[-1]["content"],
-                row["character"], "rated_down")
+    for row in production:
+        messages = row["messages"]
+        gold = gold_of.get((row["character"], _norm(messages[-2]["content"])))
+        if row["negative"] not in kinds or gold is None:  # no gold reply to this turn in this split: the caller
+            continue                                     # counts those paired nowhere
+        add([{"role": m["role"], "content": m["content"]} for m in messages[:-1]], gold, messages[-1]["content"],
+            row["character"], row["negative"])
     return pairs, kept, dropped
 
 

@@ -20,18 +20,18 @@ from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
 from charforge.base_models import load_preset, model_dir
-from charforge.settings import repo_path
-
-from charforge.checksums import sha256_file
 from charforge.characters import CharacterCard
-from charforge.schemas.curate import CurateConfig
+from charforge.checksums import sha256_file
 from charforge.curation.dedup import ExactDeduper, NearDeduper, content_key, minhash_signatures
-from charforge.errors import InputError
-from charforge.curation.ingest import RATINGS, Drop, parse_conversation, production_drop, raw_text, read_line_at, read_lines
-from charforge.curation.pairs import build_pairs, probe_texts, require_negatives
+from charforge.curation.ingest import (RATINGS, Drop, parse_conversation, production_drop, raw_text, read_line_at,
+                                       read_lines)
+from charforge.curation.pairs import PRODUCTION_KINDS, build_pairs, probe_texts, require_negatives
 from charforge.curation.persona import PersonaIndex, make_ooc_checker
 from charforge.curation.scrub import normalize_text, scrub_pii
 from charforge.curation.split import OVER_CAP, TRAIN, assign_splits
+from charforge.errors import InputError
+from charforge.schemas.curate import CurateConfig
+from charforge.settings import repo_path
 
 OUTPUTS = ("train.jsonl", "eval.jsonl", "rejected.jsonl")
 PAIR_OUTPUTS = ("pairs_train.jsonl", "pairs_eval.jsonl")  # with `pairs.enabled`
@@ -82,6 +82,7 @@ class ChunkPreparer:
             return
         if obj.get("source") == "production":
             row.production = {k: obj.get(k) for k in ("capture_id", "version", "rating")}
+            row.production["flagged"] = bool(obj.get("flagged"))
             row.drop = production_drop(obj)
             if row.drop:
                 return
@@ -166,6 +167,7 @@ def record(chunk: list[Row], dedup: Deduplicator, tally: Tally, kept, rejected) 
         if row.production is not None:
             rating = row.production["rating"]
             tally.production[rating if rating in RATINGS else "unrated" if rating is None else "invalid"] += 1
+            tally.production["flagged"] += row.production["flagged"]
         if not row.drop:
             dedup.check(row)
         if row.drop:
@@ -282,22 +284,22 @@ def curate_conversations(
 
 
 def write_pairs(out_dir: Path, cards: dict[str, CharacterCard], cfg: CurateConfig, tokenizer) -> dict:
-    """pairs_train.jsonl and pairs_eval.jsonl from the split just written (and the rated-down production replies
-    quarantined in rejected.jsonl); their counts for the manifest."""
+    """pairs_train.jsonl and pairs_eval.jsonl from the split just written (and the rated-down and monitor-flagged
+    production replies quarantined in rejected.jsonl); their counts for the manifest."""
     index = PersonaIndex(cards)
-    rated_down = []
+    production = []
     for line in (out_dir / "rejected.jsonl").read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
-        if record["reason"] == "rated_down":
+        if record["reason"] in PRODUCTION_KINDS:
             row = json.loads(record["raw"])
             row["character"], _ = index.resolve(row)
             if row["character"] is not None:
-                rated_down.append(row)
+                production.append(dict(row, negative=record["reason"]))
     held_out = probe_texts(repo_path(cfg.pairs.probes))
     counts: dict = {"dropped": Counter()}
     for split in ("train", "eval"):
         rows = [json.loads(x) for x in (out_dir / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
-        pairs, kept, dropped = build_pairs(rows, cards, cfg.pairs.kinds, rated_down, held_out, tokenizer,
+        pairs, kept, dropped = build_pairs(rows, cards, cfg.pairs.kinds, production, held_out, tokenizer,
                                            cfg.max_tokens)
         if split == "train":
             require_negatives(pairs, sorted({r["character"] for r in rows}), split)
@@ -306,9 +308,10 @@ def write_pairs(out_dir: Path, cards: dict[str, CharacterCard], cfg: CurateConfi
         os.replace(out_dir / f".pairs_{split}.jsonl.partial", out_dir / f"pairs_{split}.jsonl")
         counts[split] = dict(sorted(kept.items()))
         counts["dropped"].update(dropped)
-    unpaired = len(rated_down) - sum(counts[split].get("rated_down", 0) for split in ("train", "eval"))
-    if "rated_down" in cfg.pairs.kinds and unpaired > 0:  # no gold reply to the same character and turn anywhere
-        counts["dropped"]["rated_down_unpaired"] += unpaired
+    for kind in PRODUCTION_KINDS:  # no gold reply to the same character and turn anywhere
+        unpaired = sum(r["negative"] == kind for r in production) - sum(counts[s].get(kind, 0) for s in ("train", "eval"))
+        if kind in cfg.pairs.kinds and unpaired > 0:
+            counts["dropped"][f"{kind}_unpaired"] += unpaired
     counts["dropped"] = dict(sorted(counts["dropped"].items()))
     return counts
 
@@ -348,8 +351,9 @@ def build_manifest(out_dir: Path, files, cfg: CurateConfig, tokenizer, tally: Ta
         "duplicates_removed": duplicates,
         "balanced": tally.rows_read == kept + rejected + duplicates,
         "rejected_by_reason": dict(sorted(tally.reasons.items())),
-        # Captured conversations read, by rating, and how many became training rows (rated up, in character, new).
-        "production": {k: tally.production.get(k, 0) for k in ("up", "down", "unrated", "invalid", "kept")},
+        # Captured conversations read, by rating, how many the monitor flagged, and how many became training rows
+        # (rated up, not flagged, in character, new).
+        "production": {k: tally.production.get(k, 0) for k in ("up", "down", "unrated", "invalid", "flagged", "kept")},
         # Preference pairs per split by negative kind, and the pairs dropped by reason (null: not built).
         "pairs": pairs,
         "pii_redactions": {k: tally.pii.get(k, 0) for k in ("email", "phone", "ip_address")},

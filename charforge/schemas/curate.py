@@ -49,10 +49,11 @@ class PairsConfig(StageConfig):
     enabled: bool = Field(default=False, description="Also write preference pairs (pairs_train.jsonl, "
                           "pairs_eval.jsonl) for the preference stage: the gold reply chosen, a free negative "
                           "rejected (charforge/curation/pairs.py).")
-    kinds: list[Literal["other_character", "boilerplate", "boundary_break", "rated_down"]] = Field(
-        default_factory=lambda: ["other_character", "boilerplate", "boundary_break", "rated_down"], min_length=1,
-        description="Negatives: another character's reply to the same user turn, assistant boilerplate, the gold "
-        "reply plus a sentence crossing a card boundary, production replies rated down.")
+    kinds: list[Literal["other_character", "boilerplate", "boundary_break", "rated_down", "monitor_flagged"]] = Field(
+        default_factory=lambda: ["other_character", "boilerplate", "boundary_break", "rated_down", "monitor_flagged"],
+        min_length=1, description="Negatives: another character's reply to the same user turn, assistant "
+        "boilerplate, the gold reply plus a sentence crossing a card boundary, production replies rated down or "
+        "flagged by the character monitor.")
     probes: Path = Field(default=Path("data/eval/probes.jsonl"), description="Evaluation probes: a pair carrying "
                          "any of their text (reference or history) is dropped (probe_text).")
 

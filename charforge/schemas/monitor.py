@@ -48,6 +48,11 @@ class MonitorConfig(StageConfig):
         "ooc_rate": Limit(max=0.10), "assistant_voice_rate": Limit(max=0.15), "char_id_clf": Limit(min=0.40),
         "repetition": Limit(max=0.60), "empty_rate": Limit(max=0.05), "thumbs_down_ratio": Limit(max=0.30)},
         description="Per metric, the bound whose crossing is drift.")
+    flag_replies: list[str] = Field(
+        default_factory=lambda: ["ooc_rate", "assistant_voice_rate", "repetition", "empty_rate"],
+        description="Per-reply metrics whose limit flags a single captured reply (its own value beyond the bound): "
+        "a flagged reply is never a training target, even rated up; curation quarantines it as `monitor_flagged` "
+        "and the preference stage may use it as a negative. [] flags nothing.")
     probes: Path = Field(default=Path("data/eval/probes.jsonl"), description="Evaluation probes the reply "
                          "classifier never learns from (as in evaluation).")
     characters_dir: Path = Field(default=Path("data/characters"), description="Persona cards (a reply's character "
@@ -60,3 +65,13 @@ class MonitorConfig(StageConfig):
             if metric not in MONITOR_METRICS:
                 raise ValueError(f"unknown metric {metric!r}; the monitor measures {', '.join(MONITOR_METRICS)}")
         return limits
+
+    @model_validator(mode="after")
+    def _flags_have_limits(self) -> MonitorConfig:
+        for metric in self.flag_replies:
+            if metric == "thumbs_down_ratio" or metric not in MONITOR_METRICS:
+                raise ValueError(f"flag_replies: {metric!r} is not a per-reply metric; choose from "
+                                 f"{', '.join(m for m in MONITOR_METRICS if m != 'thumbs_down_ratio')}")
+            if metric not in self.limits:
+                raise ValueError(f"flag_replies: {metric!r} has no limit to flag a reply by; add it to limits")
+        return self

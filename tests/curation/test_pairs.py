@@ -34,6 +34,8 @@ LINES = [
     chat(MARA, "What do you dream of?", "A little shop with a bell on the door, guv."),  # a probe's reference
     chat(MARA, "Where do you live?", "Somewhere warm, I expect, but I'm not sure where.", source="production",
          rating="down", capture_id="cfr-1", version="charforge-v2"),
+    chat(BO, "Lonely up there?", "As an AI, I don't feel lonely, but thanks for asking!", source="production",
+         rating="up", flagged=["assistant_voice_rate", "ooc_rate"], capture_id="cfr-2", version="charforge-v2"),
 ]
 
 
@@ -55,8 +57,8 @@ def curated(tmp_path, cards, base_model_dir):
 
 def test_pairs_take_the_gold_reply_and_a_free_negative_of_each_kind(curated, tmp_path, cards):
     manifest = curated()
-    assert manifest["pairs"] == {"train": {"boilerplate": 4, "boundary_break": 4, "other_character": 2,
-                                           "rated_down": 1},
+    assert manifest["pairs"] == {"train": {"boilerplate": 4, "boundary_break": 4, "monitor_flagged": 1,
+                                           "other_character": 2, "rated_down": 1},
                                  "eval": {}, "dropped": {"probe_text": 2}}
     pairs = [json.loads(x) for x in (tmp_path / "out" / "pairs_train.jsonl").read_text().splitlines()]
     by = {(p["character"], p["negative"], p["prompt"][-1]["content"]): p for p in pairs}
@@ -74,6 +76,10 @@ def test_pairs_take_the_gold_reply_and_a_free_negative_of_each_kind(curated, tmp
     down = by[("mara", "rated_down", "Where do you live?")]
     assert down["chosen"][0]["content"] == "Two rooms over the cooper's yard, with a window that rattles."
     assert down["rejected"][0]["content"] == "Somewhere warm, I expect, but I'm not sure where."
+    # a reply the character monitor flagged (a user rated it up; the flag wins), likewise
+    flagged = by[("bo", "monitor_flagged", "Lonely up there?")]
+    assert (flagged["chosen"][0]["content"], flagged["rejected"][0]["content"]) == (
+        "No. The wind talks enough.", "As an AI, I don't feel lonely, but thanks for asking!")
     # the probe's reference is in no pair (its row is trained on by SFT; evaluation scores it held out)
     assert not any("bell on the door" in json.dumps(p) for p in pairs)
 
@@ -101,4 +107,4 @@ def test_pair_sets_a_preference_stage_cannot_use_are_one_line_errors(curated, tm
     with pytest.raises(InputError) as err:
         curated(kinds=["other_character"], probes=str(probes))
     assert str(err.value) == ("no preference pairs in the train split: enable more negative kinds (pairs.kinds: "
-                              "other_character, boilerplate, boundary_break, rated_down) or curate more rows")
+                              "other_character, boilerplate, boundary_break, rated_down, monitor_flagged) or curate more rows")

@@ -50,6 +50,10 @@ def test_only_replies_rated_up_train_and_only_the_rated_turn_carries_loss(cards,
         captured("A warm bed and a dry pair of boots, right you are.", None),
         captured("Gaslight and a sing-song at the Feathers on a Saturday night.", "meh"),
         captured("As an AI language model, I do not dream.", "up"),  # rated up, yet out of character
+        # the monitor flagged these (`flagged`, as `charforge capture export` writes it)
+        captured("A lamp that lights itself, guv, and a lie-in till noon.", "up", flagged=["assistant_voice_rate"]),
+        captured("Dreams, dreams, dreams, dreams, dreams, dreams, dreams, dreams.", None, flagged=["repetition"]),
+        captured("I dream of the internet, guv.", "down", flagged=["ooc_rate"]),
     ]
     raw = tmp_path / "window.jsonl"
     raw.write_text("\n".join(lines) + "\n")
@@ -57,9 +61,9 @@ def test_only_replies_rated_up_train_and_only_the_rated_turn_carries_loss(cards,
     manifest = curate_conversations([raw], out, cards, CurateConfig(), AutoTokenizer.from_pretrained(base_model_dir),
                                     progress=False)
 
-    assert manifest["production"] == {"up": 2, "down": 1, "unrated": 1, "invalid": 1, "kept": 1}
-    assert manifest["rejected_by_reason"] == {"rated_down": 1, "unrated": 1, "unknown_rating": 1,
-                                              "breaks_character": 1}
+    assert manifest["production"] == {"up": 3, "down": 2, "unrated": 2, "invalid": 1, "flagged": 3, "kept": 1}
+    assert manifest["rejected_by_reason"] == {"rated_down": 2, "unrated": 1, "unknown_rating": 1,
+                                              "breaks_character": 1, "monitor_flagged": 2}
     rejected = {r["line"]: r for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}
     assert rejected[7]["detail"] == ("a user rated this reply down ('she forgot the lamp was a lamp'): kept as a "
                                      "negative for preference tuning, never a training target")
@@ -68,6 +72,12 @@ def test_only_replies_rated_up_train_and_only_the_rated_turn_carries_loss(cards,
                                      "unjudged output")
     assert rejected[9]["detail"] == 'rating "meh"; expected "up", "down" or null'
     assert rejected[10]["reason"] == "breaks_character"
+    # a flag outranks a thumbs-up and names what flagged the reply; a thumbs-down names the row first
+    assert rejected[11]["detail"] == ('the monitor flagged this reply (assistant_voice_rate; rated "up"): kept as a '
+                                      'negative for preference tuning, never a training target')
+    assert rejected[12]["detail"] == ('the monitor flagged this reply (repetition; rated null): kept as a negative '
+                                      'for preference tuning, never a training target')
+    assert rejected[13]["reason"] == "rated_down"
 
     rows = [json.loads(x) for name in ("train.jsonl", "eval.jsonl") for x in (out / name).read_text().splitlines()]
     (production,) = [r for r in rows if r.get("source") == "production"]

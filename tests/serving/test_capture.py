@@ -225,12 +225,17 @@ def test_a_purge_leaves_nothing_of_that_user(tmp_path, capture_store):
     for row in rows[:4]:
         capture_store.put_feedback({**{k: row[k] for k in ("id", "at", "route", "version", "user_hash")},
                                     "rated_at": time.time(), "rating": "up", "comment": None})
+    capture_store.put_flags([{"id": row["id"], "at": row["at"], "flagged_at": time.time(), "route": "nell",
+                              "version": VERSION, "user_hash": row["user_hash"], "reasons": ["ooc_rate"]}
+                             for row in rows])  # what the monitor flagged: their ids are the users' too
+    assert capture_store.flags()[rows[0]["id"]]["reasons"] == ["ooc_rate"]
     removed = purge_user(capture_store, ids.user_hash("alice"))
-    assert (removed["conversations"], removed["feedback"]) == (3, 2)
+    assert (removed["conversations"], removed["feedback"], removed["flagged"]) == (3, 2, 3)
     alice = ids.user_hash("alice")
     assert all(r["user_hash"] != alice for r in capture_store.captures()) and len(capture_store.captures()) == 2
     assert all(r["user_hash"] != alice for r in capture_store.feedback().values())
     assert len(capture_store.feedback()) == 2
+    assert sorted(capture_store.flags()) == sorted(r["id"] for r in rows if r["user_hash"] != alice)
 
 
 def test_the_purge_command_says_what_it_removed(tmp_path):
