@@ -20,6 +20,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict
 
+from charforge.clock import utc
 from charforge.checksums import folder_sha, verify_manifest
 from charforge.errors import InputError, Refused
 from charforge.promotion import Decision
@@ -197,8 +198,7 @@ def _apply(c: MlflowClient, name: str, move: dict) -> AliasMove:
     if move["old_champion"] and move["old_champion"] != move["version"]:
         c.set_registered_model_alias(name, PREVIOUS, move["old_champion"])
     c.set_registered_model_alias(name, CHAMPION, move["version"])
-    c.set_model_version_tag(name, move["version"], "champion_since", time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                   time.gmtime()))
+    c.set_model_version_tag(name, move["version"], "champion_since", utc())
     c.delete_registered_model_tag(name, PENDING)
     return AliasMove(champion=move["version"], previous=move["old_champion"], changed=True)
 
@@ -272,7 +272,7 @@ def record_decision(name: str, version: str, decision: Decision, champion_source
             mlflow.log_table(pd.DataFrame(side_by_side), artifact_file="where_worse.json")
     tags = {"promotion_decision": "promote" if decision.promote else "reject",
             "promotion_reasons": "; ".join(decision.reasons)[:5000], "promotion_run_id": run.info.run_id,
-            "promotion_decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "promotion_decided_at": utc(),
             "approval": "pending" if decision.needs_approval else "not_required",
             "promotion_margins": json.dumps(decision.margins())[:5000]}
     deciding = decision.deciding
@@ -333,7 +333,7 @@ def require_deployable(version: VersionRef, override_reason: str | None, actor: 
                           f"(models:/{version.name}@champion), or pass --override --reason TEXT to record who "
                           f"deploys it anyway and why")
     override = {"by": actor, "reason": override_reason.strip()[:1000], "overridden": why,
-                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "at": utc()}
     c = client()
     for key, value in override.items():
         c.set_model_version_tag(version.name, version.version, f"deploy_override_{key}", value)

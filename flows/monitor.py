@@ -12,10 +12,11 @@ import time
 
 from prefect import flow
 
+from charforge.clock import utc
 from charforge.results import MonitorSummary
 from charforge.schemas.monitor import MonitorConfig
-from tasks.monitor import (announce_drift, announce_new_ratings, gateway_url, judge_window, load_configs, log_window, publish_on_gateway,
-                           utc)
+from tasks.monitor import (announce_drift, announce_new_ratings, gateway_url, judge_window, load_configs, log_window,
+                           publish_on_gateway)
 
 
 @flow(name="monitor")

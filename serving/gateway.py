@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from charforge.clock import utc
 from charforge.errors import CharforgeError
 from charforge.keys import KeyRing, presented_key
 from serving.fleet import replica_headers
@@ -104,7 +105,7 @@ class RouteTable:
             old = Route(**stored) if stored else None
             generation = old.generation if old else 0
             if expected_generation is not None and expected_generation != generation:
-                when = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(old.changed_at or 0)) if old else '-'
+                when = utc(old.changed_at or 0) if old else '-'
                 raise RouteChanged(f"route {name!r} is at generation {generation}, not {expected_generation}: "
                                    f"changed by {old.changed_by if old else 'nobody'} at {when}")
             return Route(weights=dict(weights), system_prompt=system_prompt if system_prompt is not None else
@@ -392,7 +393,7 @@ class Gateway:
     def audit(self, who: str, action: str, route: str, before: Route | None, after: Route) -> None:
         """One line per admin change, in the log and appended (fsync'd) to this gateway's audit.jsonl (beside
         routes.json by default)."""
-        line = json.dumps({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "who": who, "action": action,
+        line = json.dumps({"at": utc(), "who": who, "action": action,
                            "route": route, "before": before.weights if before else None, "after": after.weights,
                            "generation": after.generation}, sort_keys=True)
         audit_log.info(line)

@@ -3,7 +3,6 @@ through, reused evaluations, the lineage and the summary."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -13,6 +12,7 @@ from prefect.cache_policies import NONE
 from charforge import chain_tracking as track
 from charforge import registry
 from charforge.chain import ChainParameters, chain_with, evaluation_key, summary_text
+from charforge.clock import utc
 from charforge.checksums import MANIFEST, sha256_file
 from charforge.errors import Refused
 from charforge.results import (ChainDecision, ChainSummary, CuratedDataset, Deployment, Evaluation, PromotionOutcome,
@@ -191,7 +191,7 @@ def record_deployment(parent: str, gw: GatewayAdmin, serving: ServingConfig, dec
     routes = [r for r in route_names(serving, family) if r != family]
     return Deployment(gateway_url=gw.url, served_name=record.served, rollout=record.status, replicas=tuple(replicas),
                       example_route=routes[0] if routes else family, api_key_env=serving.gateway.api_key_env,
-                      deployed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                      deployed_at=utc())
 
 
 @task(name="record-lineage", cache_policy=NONE, **TRANSIENT_RETRIES)

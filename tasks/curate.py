@@ -12,6 +12,7 @@ from prefect.cache_policies import NONE
 
 from charforge.base_models import load_tokenizer
 from charforge.characters import load_characters
+from charforge.clock import utc
 from charforge.curation import lineage
 from charforge.curation.ingest import expand_inputs
 from charforge.curation.pipeline import CurationPlan, curate_conversations, curation_fingerprint, outputs_intact
@@ -23,10 +24,6 @@ from charforge.schemas.retrain import ProductionInput
 from charforge.settings import platform, repo_path
 from serving import capture, state_store
 from tasks.runtime import TRANSIENT_RETRIES, flow_run_tags
-
-
-def _utc(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 @task(name="export-production-window", cache_policy=NONE, **TRANSIENT_RETRIES)
@@ -49,7 +46,7 @@ def export_production_window(window: ProductionInput) -> ProductionWindow:
         write_text_atomic(path, text)
     # the newest window a retrain read: the monitor counts new ratings from here (`feedback.ready`)
     write_json_atomic(platform().state / "production" / "last_window.json", {"until": until, "file": path.name})
-    result = ProductionWindow(path=str(path), since=_utc(since), until=_utc(until), conversations=len(rows),
+    result = ProductionWindow(path=str(path), since=utc(since), until=utc(until), conversations=len(rows),
                               rated_up=sum(r["rating"] == "up" for r in rows),
                               rated_down=sum(r["rating"] == "down" for r in rows), sha256=sha)
     get_run_logger().info(f"production window {result.describe()}"

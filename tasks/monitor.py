@@ -4,7 +4,6 @@ gateway, and announce drift as Prefect events (with a cooldown)."""
 from __future__ import annotations
 
 import json
-import time
 
 import mlflow
 from prefect import get_run_logger, task
@@ -12,6 +11,7 @@ from prefect.cache_policies import NONE
 from prefect.events import emit_event
 
 from charforge import monitoring, registry
+from charforge.clock import utc
 from charforge.results import DriftEvent, FeedbackReady, WindowJudgement
 from charforge.schemas.monitor import MonitorConfig
 from charforge.schemas.serving import ServingConfig
@@ -31,7 +31,7 @@ def gateway_url(serving: ServingConfig) -> str:
 
 
 def utc(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+    return utc(t)
 
 
 @task(name="load-monitor-configs", cache_policy=NONE)
