@@ -10,9 +10,11 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from charforge.config import load_yaml_model
+from charforge.errors import InputError
 from charforge.results import ChainSummary
 from charforge.schemas.curate import CurateConfig
 from charforge.schemas.evaluate import EvalConfig
+from charforge.schemas.prefer import PreferConfig
 from charforge.schemas.promote import PromotionPolicy
 from charforge.schemas.quantize import QuantizeConfig
 from charforge.schemas.retrain import ProductionInput, RetrainConfig
@@ -34,6 +36,7 @@ class ChainParameters(BaseModel):
     promotion: PromotionPolicy
     serving: ServingConfig
     quantize: QuantizeConfig | None = None
+    prefer: PreferConfig | None = None
     inputs: list[str | ProductionInput]
     dataset_dir: str
     deploy: bool
@@ -49,8 +52,25 @@ def load_chain(path: Path) -> ChainParameters:
     cfg = load_yaml_model(path, RetrainConfig)
     stages = {stage: load_yaml_model(repo_path(getattr(cfg, stage)), schema) for stage, schema in STAGE_SCHEMAS.items()}
     quantize = load_yaml_model(repo_path(cfg.quantize), QuantizeConfig) if cfg.quantize else None
-    return ChainParameters(**stages, quantize=quantize, inputs=list(cfg.inputs), dataset_dir=cfg.dataset_dir,
-                           deploy=cfg.deploy, start_fleet=cfg.start_fleet)
+    prefer = load_yaml_model(repo_path(cfg.prefer), PreferConfig) if cfg.prefer else None
+    return ChainParameters(**stages, quantize=quantize, prefer=prefer, inputs=list(cfg.inputs),
+                           dataset_dir=cfg.dataset_dir, deploy=cfg.deploy, start_fleet=cfg.start_fleet)
+
+
+def check_stages(chain: ChainParameters) -> ChainParameters:
+    """What no single stage config can see: the preference stage needs the pairs curation writes."""
+    if chain.prefer is not None and not chain.curate.pairs.enabled:
+        raise InputError(f"the chain has a preference stage ({chain.prefer.name}, {chain.prefer.method}) but its "
+                         f"curate config writes no pairs; set `pairs: {{enabled: true}}` in the curate config")
+    return chain
+
+
+def preference_stage(chain: ChainParameters, sft_adapter: str) -> PreferConfig:
+    """The chain's preference config on the SFT adapter it just trained and its dataset, under the training config's
+    name: the preference adapter is a version of the family the fleet serves and the champion is looked up in."""
+    assert chain.prefer is not None
+    return chain.prefer.model_copy(update={"adapter": sft_adapter, "dataset_dir": Path(chain.dataset_dir),
+                                           "name": chain.train.name})
 
 
 def chain_with(path: Path, overrides: dict[str, object]) -> ChainParameters:

@@ -246,6 +246,8 @@ def register_candidate(adapter_dir: Path, lineage: dict[str, str], eval_run_id: 
         "train_run_id": lineage.get("mlflow_run_id", "none"), "eval_run_id": eval_run_id, "eval_status": "passed",
         "eval_probes_sha256": probes_sha, "quantized_base": lineage.get("quantized_base", "none"),
         "prefect_flow_run_url": flow_tags.get("prefect_flow_run_url", flow_tags.get("prefect_flow_run_id", "none")),
+        # a preference-tuned adapter: the SFT adapter it started from and the pairs it learned from
+        **{k: lineage[k] for k in ("sft_parent_sha", "pairs_hash") if k in lineage},
     })
     c.set_registered_model_alias(name, CANDIDATE, version.version)
     return RegisteredVersion(name=name, version=str(version.version), uri=f"models:/{name}/{version.version}")

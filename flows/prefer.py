@@ -13,18 +13,20 @@ from prefect import flow
 
 from charforge.results import TrainedAdapter
 from charforge.schemas.prefer import PreferConfig
-from tasks.prefer import fit_preference, locate_preference_run, sft_config, start_preference_run
+from charforge.schemas.train import TrainConfig
+from tasks.prefer import fit_preference, locate_preference_run, start_preference_run
 from tasks.train import export_and_check, finished_adapter, record_finished
 
 
 @flow(name="prefer")
-def prefer(config: PreferConfig, dataset_dir: str | None = None) -> TrainedAdapter:
-    """Move the SFT adapter towards the chosen replies of the pairs; the frozen SFT adapter is the reference."""
-    located = locate_preference_run(config, dataset_dir)
+def prefer(config: PreferConfig, dataset_dir: str | None = None, sft: TrainConfig | None = None) -> TrainedAdapter:
+    """Move the SFT adapter towards the chosen replies of the pairs; the frozen SFT adapter is the reference.
+    `sft`: the SFT training config itself instead of the file `config.sft` (the retrain chain passes its own)."""
+    located = locate_preference_run(config, dataset_dir, sft)
     done = finished_adapter(located.run)
     if done is not None:
         return done
     run_id = start_preference_run(config, located)
     fitted = fit_preference(config, located, run_id)
-    adapter = export_and_check(sft_config(config), located.run, run_id, fitted, located.lineage, "prefer")
+    adapter = export_and_check(located.sft, located.run, run_id, fitted, located.lineage, "prefer")
     return record_finished(located.run, adapter)

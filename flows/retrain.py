@@ -1,6 +1,6 @@
-"""The retrain chain: curate -> train -> evaluate (candidate vs base vs champion) -> [quantize + evaluate quantized]
--> promote -> deploy, each stage its own flow called here as a subflow; what passes between them is typed results
-(paths, hashes and registry URIs).
+"""The retrain chain: curate -> train -> [prefer: DPO/KTO on the SFT adapter] -> evaluate (candidate vs base vs
+champion) -> [quantize + evaluate quantized] -> promote -> deploy, each stage its own flow called here as a
+subflow; what passes between them is typed results (paths, hashes and registry URIs).
 
 Run it:  charforge retrain [--config configs/retrain/default.yaml] [--approve --comment TEXT]
          or "Run" on the `retrain/nightly` deployment in the Prefect UI (prefect.yaml): the stage configs are its form.
@@ -23,10 +23,11 @@ import time
 
 from prefect import flow
 
-from charforge.chain import ChainParameters
+from charforge.chain import ChainParameters, preference_stage
 from charforge.results import ChainDecision, ChainSummary, Deployment, TrainedAdapter
 from charforge.schemas.curate import CurateConfig
 from charforge.schemas.evaluate import EvalConfig
+from charforge.schemas.prefer import PreferConfig
 from charforge.schemas.promote import PromotionPolicy
 from charforge.schemas.quantize import QuantizeConfig
 from charforge.schemas.retrain import ProductionInput
@@ -35,6 +36,7 @@ from charforge.schemas.train import TrainConfig
 from flows.curate import curate as curate_flow
 from flows.deploy import deploy as deploy_flow
 from flows.evaluate import evaluate as evaluate_flow
+from flows.prefer import prefer as prefer_flow
 from flows.promote import promote as promote_flow
 from flows.quantize import quantize as quantize_flow
 from flows.train import train as train_flow
@@ -55,6 +57,7 @@ def retrain(
     promotion: PromotionPolicy | None = None,
     serving: ServingConfig | None = None,
     quantize: QuantizeConfig | None = None,
+    prefer: PreferConfig | None = None,
     inputs: list[str | ProductionInput] | None = None,
     dataset_dir: str | None = None,
     deploy: bool | None = None,
@@ -72,7 +75,7 @@ def retrain(
     started = time.monotonic()
     chain = resolve_parameters(config, {
         "curate": curate, "train": train, "evaluate": evaluate, "promotion": promotion, "serving": serving,
-        "quantize": quantize, "inputs": inputs, "dataset_dir": dataset_dir, "deploy": deploy,
+        "quantize": quantize, "prefer": prefer, "inputs": inputs, "dataset_dir": dataset_dir, "deploy": deploy,
         "start_fleet": start_fleet})
     parent = open_chain_run(chain)
     try:
@@ -96,6 +99,13 @@ def run_stages(parent: str, chain: ChainParameters, gateway_url: str | None, app
     record_stage(parent, "train", trained.mlflow_run_id, tags={"adapter_sha256": trained.adapter_sha256,
                                                                "servable": str(trained.servable).lower()})
     require_servable(trained)
+    if chain.prefer is not None:  # the preference adapter, not the SFT one, is the candidate from here on
+        trained = prefer_flow(config=preference_stage(chain, trained.adapter_dir), dataset_dir=chain.dataset_dir,
+                              sft=chain.train)
+        record_stage(parent, "prefer", trained.mlflow_run_id, tags={
+            "method": chain.prefer.method, "adapter_sha256": trained.adapter_sha256,
+            "servable": str(trained.servable).lower()})
+        require_servable(trained)
     champion = find_champion(chain.train.name)
     if champion is not None and champion.tags.get("adapter_sha256") == trained.adapter_sha256:
         decision = keep_champion(parent, champion)

@@ -11,7 +11,7 @@ from prefect.cache_policies import NONE
 
 from charforge import chain_tracking as track
 from charforge import registry
-from charforge.chain import ChainParameters, chain_with, evaluation_key, summary_text
+from charforge.chain import ChainParameters, chain_with, check_stages, evaluation_key, summary_text
 from charforge.clock import utc
 from charforge.checksums import MANIFEST, sha256_file
 from charforge.errors import Refused
@@ -33,7 +33,7 @@ class ChampionRef(registry.VersionRef):
 @task(name="resolve-chain-parameters", cache_policy=NONE)
 def resolve_parameters(config: str, overrides: dict[str, object]) -> ChainParameters:
     """The stage configs given to the flow, the rest from the chain file (read now, not when the flow is imported)."""
-    return chain_with(repo_path(config), overrides)
+    return check_stages(chain_with(repo_path(config), overrides))
 
 
 @task(name="open-chain-run", cache_policy=NONE, **TRANSIENT_RETRIES)

@@ -18,10 +18,11 @@ from tasks.runtime import TRANSIENT_RETRIES, flow_run_tags
 
 
 @task(name="locate-preference-run", cache_policy=NONE)
-def locate_preference_run(cfg: PreferConfig, dataset_dir: str | None) -> PreferenceRun:
+def locate_preference_run(cfg: PreferConfig, dataset_dir: str | None, sft: TrainConfig | None) -> PreferenceRun:
     """The SFT adapter, the pairs, the run identity and its folder: every missing input fails here."""
-    run, sft_adapter = preference.locate_run(cfg, dataset_dir)
-    return PreferenceRun(run=run, sft_adapter=sft_adapter, lineage=preference.lineage(run, sft_adapter))
+    run, sft_adapter = preference.locate_run(cfg, dataset_dir, sft)
+    return PreferenceRun(run=run, sft_adapter=sft_adapter, lineage=preference.lineage(run, sft_adapter),
+                         sft=preference.sft_config(cfg, sft))
 
 
 @task(name="start-preference-run", cache_policy=NONE, **TRANSIENT_RETRIES)
@@ -35,13 +36,6 @@ def fit_preference(cfg: PreferConfig, located: PreferenceRun, run_id: str) -> Fi
     run = located.run
     use_experiment("prefer")
     with mlflow.start_run(run_id=run_id, log_system_metrics=True):
-        return preference.fit_preference(cfg, preference.sft_config(cfg), Path(located.sft_adapter),
+        return preference.fit_preference(cfg, located.sft, Path(located.sft_adapter),
                                          Path(run.base_dir), Path(run.dataset_dir), Path(run.run_dir),
                                          logger=get_run_logger())
-
-
-@task(name="sft-config", cache_policy=NONE)
-def sft_config(cfg: PreferConfig) -> TrainConfig:
-    """The SFT config under the preference run's name: what export and servability read (rank, template)."""
-    return preference.sft_config(cfg)
-

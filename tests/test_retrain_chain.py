@@ -98,7 +98,11 @@ def small_parameters(root: Path, gateway_url: str) -> dict:
     serving = ServingConfig(rollout={"steps": [50, 100], "hold_s": 2, "routes": ["characters"]},
                             gateway={"api_key_env": "CHAIN_TEST_GATEWAY_KEY",
                                      "admin_key_env": "CHAIN_TEST_GATEWAY_ADMIN_KEY"})
-    return {"curate": {"workers": 0}, "train": train.model_dump(mode="json"),
+    # the preference stage on top of SFT: one DPO step on the pairs curation writes (its adapter is the candidate)
+    prefer = {"name": "chain-test-dpo", "method": "dpo", "training": {
+        "max_steps": 1, "warmup_ratio": 0, "batch_size": 2, "max_length": 256, "save_steps": 1, "learning_rate": 1e-3}}
+    return {"curate": {"workers": 0, "pairs": {"enabled": True}}, "train": train.model_dump(mode="json"),
+            "prefer": prefer,
             "evaluate": evaluate.model_dump(mode="json"), "promotion": policy.model_dump(mode="json"),
             "serving": serving.model_dump(mode="json"),
             "inputs": [str(root / "raw"), {"source": "production", "hours": 24}],
@@ -177,7 +181,13 @@ def test_retrain_runs_every_stage_and_the_gateway_serves_the_champion(chain_env,
     # The reviewer's view: one parent, a child per stage, a grandchild per scored model with the same metric names
     (parent,) = chain_runs(client)
     stages = children(client, parent)
-    assert set(stages) == {"curate", "train", "evaluate", "promote", "deploy"}
+    assert set(stages) == {"curate", "train", "prefer", "evaluate", "promote", "deploy"}
+    # the candidate is the DPO adapter trained on top of the chain's SFT adapter, a version of the same family
+    sft_sha = stages["train"].data.tags["adapter_sha256"]
+    assert stages["prefer"].data.tags["adapter_sha256"] == result.adapter_sha256 != sft_sha
+    assert tags["sft_parent_sha"] == sft_sha and len(tags["pairs_hash"]) == 64
+    assert client.get_run(result.train_run_id).data.tags["stage"] == "prefer"
+    assert json.loads((chain_env / "dataset" / "manifest.json").read_text())["pairs"]["train"]["boilerplate"] > 0
     models = children(client, stages["evaluate"])
     assert set(models) == {"candidate", "base"}
     assert set(models["candidate"].data.metrics) == set(models["base"].data.metrics)
@@ -409,7 +419,7 @@ def test_no_gateway_ends_the_chain_as_one_line_with_the_unavailable_code(chain_e
 
     params = small_parameters(chain_env, "unused")
     files = {}
-    for stage in ("curate", "train", "evaluate", "promotion", "serving"):
+    for stage in ("curate", "train", "prefer", "evaluate", "promotion", "serving"):
         files[stage] = chain_env / f"{stage}.yaml"
         files[stage].write_text(yaml.safe_dump(params[stage]))
     chain = chain_env / "chain.yaml"

@@ -23,7 +23,7 @@ class ProductionInput(StageConfig):
 
 
 class RetrainConfig(StageConfig):
-    """One chain run: curate -> train -> evaluate -> [quantize] -> promote -> deploy."""
+    """One chain run: curate -> train -> [prefer] -> evaluate -> [quantize] -> promote -> deploy."""
 
     inputs: list[str | ProductionInput] = Field(
         default=["data/raw"], min_length=1, description="Raw JSONL files or folders to curate (relative paths are "
@@ -34,6 +34,11 @@ class RetrainConfig(StageConfig):
     train: Path = Field(default=Path("configs/train/smollm2_lora.yaml"), description="Training config.")
     evaluate: Path = Field(default=Path("configs/eval/default.yaml"), description="Evaluation config (candidate, "
                            "base and champion are scored on the same probes).")
+    prefer: Path | None = Field(default=None, description="Preference-tuning config (configs/prefer/*.yaml): DPO or "
+                                "KTO on top of the SFT adapter the chain just trained, on the pairs curation writes "
+                                "(the curate config needs `pairs: {enabled: true}`); its adapter is the candidate "
+                                "evaluated, gated and rolled out, a version of the training config's family. Null "
+                                "skips the stage.")
     quantize: Path | None = Field(default=None, description="Quantization config; null skips quantization and the "
                                   "evaluation of the quantized artifact.")
     promotion: Path = Field(default=Path("configs/promotion.yaml"), description="Promotion policy.")

@@ -47,6 +47,7 @@ class PreferenceRun(BaseModel):
     run: TrainingRun
     sft_adapter: str
     lineage: dict[str, str]
+    sft: TrainConfig  # the SFT config under the preference run's name: base, LoRA shape, dtype, template, export
 
 
 def preference_dataset(path: Path, method: str) -> Dataset:
@@ -65,18 +66,20 @@ def run_identity(cfg: PreferConfig, sft: TrainConfig, sft_adapter_sha: str, pair
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def sft_config(cfg: PreferConfig) -> TrainConfig:
-    """The SFT config the preference run builds on, renamed to the preference run's name (its adapter family)."""
-    return load_yaml_model(repo_path(cfg.sft), TrainConfig).model_copy(update={"name": cfg.name})
+def sft_config(cfg: PreferConfig, sft: TrainConfig | None = None) -> TrainConfig:
+    """The SFT config the preference run builds on (`sft` when given, as the retrain chain gives its own training
+    config; else the file `cfg.sft`), renamed to the preference run's name (its adapter family)."""
+    return (sft or load_yaml_model(repo_path(cfg.sft), TrainConfig)).model_copy(update={"name": cfg.name})
 
 
-def locate_run(cfg: PreferConfig, dataset_dir: str | None = None) -> tuple[TrainingRun, str]:
+def locate_run(cfg: PreferConfig, dataset_dir: str | None = None,
+               sft: TrainConfig | None = None) -> tuple[TrainingRun, str]:
     """The preference run (identified by its config, the SFT adapter's sha, the pairs' sha and the dtype) and the
     SFT adapter folder it starts from. Every missing input is a one-line error before any work."""
     dataset = repo_path(dataset_dir or cfg.dataset_dir)
     manifest = read_dataset_manifest(dataset)
     pairs_sha = sha256_file(pairs_file(dataset))
-    sft = load_yaml_model(repo_path(cfg.sft), TrainConfig)
+    sft = sft or load_yaml_model(repo_path(cfg.sft), TrainConfig)
     if cfg.adapter:  # a given SFT adapter (the champion, say): fetched and verified like evaluation's
         adapter = registry.fetch_verified(cfg.adapter, platform().state / "evals" / "downloads", "adapter")
     else:  # the sft config's finished run on this dataset ("no finished training run ... run charforge train")
