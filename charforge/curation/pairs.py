@@ -85,7 +85,8 @@ def build_pairs(rows: list[dict], cards: dict[str, CharacterCard], kinds: list[s
             dropped["identical"] += 1
         elif any(_norm(t) in held_out for t in texts):
             dropped["probe_text"] += 1
-        elif max(len(tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": side}], tokenize=True))
+        elif max(len(tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": side}], tokenize=True,
+                                                   return_dict=False))  # token ids (a dict by default since v5)
                  for side in (chosen, rejected)) > max_tokens:
             dropped["too_long"] += 1
         else:

@@ -108,3 +108,19 @@ def test_pair_sets_a_preference_stage_cannot_use_are_one_line_errors(curated, tm
         curated(kinds=["other_character"], probes=str(probes))
     assert str(err.value) == ("no preference pairs in the train split: enable more negative kinds (pairs.kinds: "
                               "other_character, boilerplate, boundary_break, rated_down, monitor_flagged) or curate more rows")
+
+
+def test_a_pair_longer_than_the_token_limit_is_dropped_as_too_long(cards, base_model_dir):
+    """Counted in token ids of the chat template, as training sees them (transformers 5 returns a dict from
+    `apply_chat_template(tokenize=True)`, whose length is 2: no pair was ever too long): at a 60-token limit the
+    shortest conversations fit and the longer ones do not."""
+    from charforge.curation.pairs import build_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    rows = [dict(json.loads(line), character="bo" if BO in line else "mara") for line in LINES[:4]]
+    lengths = {len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=False)) for r in rows}
+    assert min(lengths) < 60 < max(lengths)
+    pairs, kept, dropped = build_pairs(rows, cards, ["boilerplate"], [], set(), tokenizer, max_tokens=60)
+    assert dropped["too_long"] > 0 and kept["boilerplate"] == len(pairs) > 0
+    assert all(len(tokenizer.apply_chat_template(p["prompt"] + side, tokenize=True, return_dict=False)) <= 60
+               for p in pairs for side in (p["chosen"], p["rejected"]))
