@@ -69,6 +69,11 @@ def test_preference_tuning_moves_the_sft_adapter_and_exports_a_servable_one(pair
     run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(result.mlflow_run_id)
     assert run.data.tags["stage"] == "prefer" and run.data.tags["sft_parent_sha"] == folder_sha(parent)
     assert {"rewards/chosen", "rewards/rejected"} <= set(run.data.metrics)
+    # held-out pair accuracy: the implicit reward (policy minus frozen SFT log-probability) on the evaluation
+    # split's pairs, measured the same way for both methods
+    held_out = sum(1 for _ in (dataset / "pairs_eval.jsonl").open())
+    assert run.data.metrics["final_heldout/pairs"] == held_out > 0
+    assert 0 <= run.data.metrics["final_heldout/pair_accuracy"] <= 1
     assert prefer(config=cfg).adapter_sha256 == result.adapter_sha256  # a finished identity is returned, not rerun
 
 

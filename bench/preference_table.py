@@ -1,0 +1,126 @@
+"""Does preference tuning make the characters more consistent than SFT alone? Base, SFT and SFT + each preference
+config on all 136 probes, with paired 95% CIs against SFT and the production gate's decision.
+
+    .venv/bin/python bench/preference_table.py [--prefer configs/prefer/smollm2_dpo.yaml,configs/prefer/smollm2_kto.yaml]
+                                               [--state .state/gate-fixtures] [--eval configs/eval/default.yaml]
+
+The SFT adapter is the demo's training config (configs/train/smollm2_lora.yaml) on data/raw curated with pairs
+(configs/curate/default.yaml): the champion of `bench/gate_fixtures.py`, whose state folder this shares, so its
+base and SFT scores are reused from the evaluation's score cache. Each preference config runs `charforge prefer`'s
+flow on that adapter (a finished run is reused) and its adapter is evaluated against the SFT adapter as champion and
+the base, then judged by the production policy (configs/promotion.yaml). Printed: per model, the metrics the goal
+names with their paired gain over SFT (95% bootstrap CI, 2000 resamples), the held-out pair accuracy (pairs of the
+evaluation split), and the stage's cost (pairs/s, tokens/s, peak memory, wall time) beside SFT's. Results
+accumulate in `<state>/preference.jsonl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# (task/metric, higher is better): the goal's metrics. char_id_clf is the gate's character-identification judge on
+# generated replies; ooc_rate and boundary_ok are out-of-character and card boundaries; bits_per_byte is the voice.
+METRICS = [("character_generation/char_id_clf", True), ("character_generation/char_id_acc", True),
+           ("character_generation/ooc_rate", False), ("character_boundaries/boundary_ok", True),
+           ("character_reply_likelihood/bits_per_byte", False), ("character_generation/repetition", False)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prefer", default="configs/prefer/smollm2_dpo.yaml,configs/prefer/smollm2_kto.yaml")
+    parser.add_argument("--state", default=str(REPO / ".state" / "gate-fixtures"))
+    parser.add_argument("--eval", default="configs/eval/default.yaml")
+    parser.add_argument("--policy", default="configs/promotion.yaml")
+    args = parser.parse_args()
+    root = Path(args.state).resolve()
+    os.environ["CHARFORGE_STATE_DIR"] = str(root / "state")
+
+    from charforge.config import load_yaml_model
+    from charforge.promotion import decide, paired_gain
+    from charforge.schemas.curate import CurateConfig
+    from charforge.schemas.evaluate import EvalConfig
+    from charforge.schemas.prefer import PreferConfig
+    from charforge.schemas.promote import PromotionPolicy
+    from charforge.schemas.train import TrainConfig
+    from flows.curate import curate
+    from flows.evaluate import evaluate
+    from flows.prefer import prefer
+    from flows.train import train
+
+    dataset = root / "state" / "datasets" / "default"
+    curate(inputs=(str(REPO / "data" / "raw"),), out_dir=str(dataset),
+           config=load_yaml_model(REPO / "configs" / "curate" / "default.yaml", CurateConfig))
+    sft_cfg = load_yaml_model(REPO / "configs" / "train" / "smollm2_lora.yaml", TrainConfig)
+    sft = train(config=sft_cfg, dataset_dir=str(dataset))
+    eval_cfg = load_yaml_model(REPO / args.eval, EvalConfig).model_copy(update={"register_version": False})
+    policy = load_yaml_model(REPO / args.policy, PromotionPolicy)
+    out = root / "preference.jsonl"
+
+    def fit_json(run_dir: str) -> dict:
+        path = Path(run_dir) / "fit.json"
+        return json.loads(path.read_text())["metrics"] if path.is_file() else {}
+
+    def cost(fit: dict) -> dict:
+        """Rows (pairs; KTO: examples) per second, tokens per second, peak memory and wall time of a fit."""
+        runtime = fit.get("train_runtime") or float("nan")
+        return {"rows_per_s": fit.get("train_samples_per_second"), "peak_memory_mb": fit.get("peak_memory_mb"),
+                "tokens_per_s": round(fit["num_tokens"] / runtime, 1) if fit.get("num_tokens") else None,
+                "train_runtime_s": fit.get("train_runtime"), "wall_s": fit.get("wall_seconds")}
+
+    rows = []
+    for path in args.prefer.split(","):
+        cfg = load_yaml_model(REPO / path, PreferConfig).model_copy(update={"dataset_dir": dataset})
+        t = time.monotonic()
+        tuned = prefer(config=cfg, dataset_dir=str(dataset))
+        print(f"  {cfg.name}: {time.monotonic() - t:.0f} s -> {tuned.adapter_dir}", flush=True)
+        t = time.monotonic()
+        result = evaluate(config=eval_cfg, adapter=tuned.adapter_dir, champion=sft.adapter_dir)
+        per_probe = json.loads((Path(result.run_dir) / "per_probe.json").read_text())
+        decision = decide(per_probe["candidate"], per_probe["champion"], per_probe["base"], policy)
+        gains = {}
+        for metric, higher in METRICS:
+            for other in ("champion", "base"):
+                if metric in per_probe["candidate"] and metric in per_probe.get(other, {}):
+                    gain, low, high, n = paired_gain(per_probe["candidate"][metric], per_probe[other][metric],
+                                                     higher, policy.confidence, policy.resamples)
+                    gains[f"{metric} vs_{'sft' if other == 'champion' else 'base'}"] = {
+                        "gain": round(gain, 4), "ci_low": round(low, 4), "ci_high": round(high, 4), "n": n}
+        fit = fit_json(tuned.run_dir)
+        row = {"config": path, "method": cfg.method, "beta": cfg.training.beta, "steps": cfg.training.max_steps,
+               "adapter_sha256": tuned.adapter_sha256, "eval_run": result.mlflow_run_id,
+               "eval_s": round(time.monotonic() - t), "decision": "promote" if decision.promote else "REFUSE",
+               "deciding_rule": decision.deciding.rule if decision.deciding else "-",
+               "failed": [c.rule for c in decision.checks if not c.passed], "gains": gains,
+               "heldout_pair_accuracy": fit.get("heldout/pair_accuracy"), "heldout_pairs": fit.get("heldout/pairs"),
+               "fit": cost(fit)}
+        rows.append(row)
+        with out.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(f"  {cfg.name} under production: {row['decision']} ({row['deciding_rule']}; failed: "
+              f"{', '.join(row['failed']) or 'none'}); held-out pair accuracy {row['heldout_pair_accuracy']}",
+              flush=True)
+
+    print(f"\ncost: SFT ({sft_cfg.name}) {cost(fit_json(sft.run_dir))}")
+    for r in rows:
+        print(f"cost: {r['method']} {r['fit']}")
+    header = ["model", "decision"] + [f"{m.split('/')[1]} vs SFT" for m, _ in METRICS] + ["held-out pair acc"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for r in rows:
+        cells = []
+        for metric, _ in METRICS:
+            g = r["gains"].get(f"{metric} vs_sft")
+            cells.append(f"{g['gain']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]" if g else "-")
+        print(f"| {r['method']} (β {r['beta']}, {r['steps']} steps) | {r['decision']} | " + " | ".join(cells)
+              + f" | {r['heldout_pair_accuracy']} |")
+
+
+if __name__ == "__main__":
+    main()
