@@ -100,7 +100,8 @@ def small_parameters(root: Path, gateway_url: str) -> dict:
                                      "admin_key_env": "CHAIN_TEST_GATEWAY_ADMIN_KEY"})
     # the preference stage on top of SFT: one DPO step on the pairs curation writes (its adapter is the candidate)
     prefer = {"name": "chain-test-dpo", "method": "dpo", "training": {
-        "max_steps": 1, "warmup_ratio": 0, "batch_size": 2, "max_length": 256, "save_steps": 1, "learning_rate": 1e-3}}
+        "max_steps": 1, "warmup_ratio": 0, "batch_size": 2, "max_length": 256, "save_steps": 1, "learning_rate": 1e-3,
+        "heldout_pairs": 4}}
     return {"curate": {"workers": 0, "pairs": {"enabled": True}}, "train": train.model_dump(mode="json"),
             "prefer": prefer,
             "evaluate": evaluate.model_dump(mode="json"), "promotion": policy.model_dump(mode="json"),

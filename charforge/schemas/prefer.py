@@ -26,6 +26,8 @@ class PreferSettings(StageConfig):
     save_total_limit: int = Field(default=2, ge=1, description="Checkpoints kept on disk.")
     logging_steps: int = Field(default=1, ge=1, description="Log loss, reward margins and accuracies every N steps.")
     seed: int = Field(default=13, description="Seed for data order.")
+    heldout_pairs: int = Field(default=256, ge=0, description="After training, score up to this many pairs of the "
+                               "evaluation split (never trained on) for the held-out pair accuracy; 0 skips it.")
 
 
 class PreferConfig(StageConfig):

@@ -206,8 +206,9 @@ def fit_preference(cfg: PreferConfig, sft: TrainConfig, sft_adapter: Path, model
     last = next((h for h in reversed(trainer.state.log_history) if any(k.startswith("rewards/") for k in h)), {})
     metrics.update({k: v for k, v in last.items() if k.startswith(("rewards/", "logps/", "kl"))})
     held_out = Path(dataset_dir) / "pairs_eval.jsonl"  # pairs of the evaluation split: never trained on
-    if held_out.is_file() and held_out.stat().st_size:
+    if cfg.training.heldout_pairs and held_out.is_file() and held_out.stat().st_size:
         pairs = [json.loads(line) for line in held_out.read_text(encoding="utf-8").splitlines()]
+        pairs = pairs[:cfg.training.heldout_pairs]
         t = time.monotonic()
         metrics.update(pair_accuracy(trainer.model, tokenizer, pairs, cfg.training.max_length))
         if logger:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -44,7 +46,10 @@ def pairs_dataset(tmp_path_factory, base_model_dir):
 def test_preference_tuning_moves_the_sft_adapter_and_exports_a_servable_one(pairs_dataset, smollm2_adapter,
                                                                             monkeypatch, prefect_harness, method):
     """The session's LoRA adapter as the SFT parent (`adapter:`), the shipped SFT config for base, dtype and chat
-    template, one step of TRL's trainer at full learning rate."""
+    template, TRL's trainer at full learning rate. KTO runs through the CLI first and is SIGKILLed once its first
+    checkpoint is written: the re-run resumes from it in the same MLflow run, as SFT does."""
+    from prefect.settings import PREFECT_API_URL
+
     from charforge.checksums import folder_sha
     from charforge.schemas.prefer import PreferConfig
     from flows.prefer import prefer
@@ -52,11 +57,31 @@ def test_preference_tuning_moves_the_sft_adapter_and_exports_a_servable_one(pair
     root, dataset = pairs_dataset
     monkeypatch.setenv("CHARFORGE_STATE_DIR", str(root / "state"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    steps = 1 if method == "dpo" else 2
     cfg = PreferConfig(name=f"prefer-test-{method}", method=method, adapter=str(smollm2_adapter),
-                       dataset_dir=dataset, training={"max_steps": 1, "warmup_ratio": 0, "batch_size": 2,
-                                                      "max_length": 128, "save_steps": 1, "learning_rate": 1e-3})
+                       dataset_dir=dataset, training={"max_steps": steps, "warmup_ratio": 0, "batch_size": 2,
+                                                      "max_length": 128, "save_steps": 1, "learning_rate": 1e-3,
+                                                      "heldout_pairs": 8})
+    if method == "kto":
+        config = root / "kto.yaml"
+        config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        proc = subprocess.Popen([CHARFORGE, "prefer", "--config", str(config)], cwd=REPO_ROOT, env={
+            **os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + 600
+        while not list((root / "state" / "training").glob(f"{cfg.name}-*/checkpoints/checkpoint-1/trainer_state.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # a real crash: no cleanup
+        proc.wait()
     result = prefer(config=cfg)
-    assert result.servable and result.global_step == 1
+    assert result.servable and result.global_step == steps
+    if method == "kto":
+        assert result.resumed_from in ("checkpoint-1", "checkpoint-2")
+        runs = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_runs(
+            [MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_experiment_by_name("charforge-prefer").experiment_id],
+            filter_string=f"attributes.run_name LIKE '{cfg.name}-%'")
+        assert [r.info.run_id for r in runs] == [result.mlflow_run_id]  # resumed in the killed run's MLflow run
     out, parent = Path(result.adapter_dir), Path(smollm2_adapter)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == \
         json.loads((parent / "adapter_config.json").read_text())["r"]
@@ -71,8 +96,8 @@ def test_preference_tuning_moves_the_sft_adapter_and_exports_a_servable_one(pair
     assert {"rewards/chosen", "rewards/rejected"} <= set(run.data.metrics)
     # held-out pair accuracy: the implicit reward (policy minus frozen SFT log-probability) on the evaluation
     # split's pairs, measured the same way for both methods
-    held_out = sum(1 for _ in (dataset / "pairs_eval.jsonl").open())
-    assert run.data.metrics["final_heldout/pairs"] == held_out > 0
+    assert sum(1 for _ in (dataset / "pairs_eval.jsonl").open()) > 8
+    assert run.data.metrics["final_heldout/pairs"] == 8
     assert 0 <= run.data.metrics["final_heldout/pair_accuracy"] <= 1
     assert prefer(config=cfg).adapter_sha256 == result.adapter_sha256  # a finished identity is returned, not rerun
 
