@@ -205,6 +205,9 @@ def fit_preference(cfg: PreferConfig, sft: TrainConfig, sft_adapter: Path, model
     metrics["peak_memory_mb"] = peak_memory_mb()
     last = next((h for h in reversed(trainer.state.log_history) if any(k.startswith("rewards/") for k in h)), {})
     metrics.update({k: v for k, v in last.items() if k.startswith(("rewards/", "logps/", "kl"))})
+    tokens = next((h["num_tokens"] for h in reversed(trainer.state.log_history) if "num_tokens" in h), None)
+    if tokens is not None:  # tokens the policy read (both sides of each pair): the stage's tokens/s
+        metrics["num_tokens"] = tokens
     held_out = Path(dataset_dir) / "pairs_eval.jsonl"  # pairs of the evaluation split: never trained on
     if cfg.training.heldout_pairs and held_out.is_file() and held_out.stat().st_size:
         pairs = [json.loads(line) for line in held_out.read_text(encoding="utf-8").splitlines()]
