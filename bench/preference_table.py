@@ -5,7 +5,7 @@ config on all 136 probes, with paired 95% CIs against SFT and the production gat
                                                [--state .state/gate-fixtures] [--eval configs/eval/default.yaml]
 
 The SFT adapter is the demo's training config (configs/train/smollm2_lora.yaml) on data/raw curated with pairs
-(configs/curate/default.yaml): the champion of `bench/gate_fixtures.py`, whose state folder this shares, so its
+(configs/curate/preference.yaml): the champion of `bench/gate_fixtures.py`, whose state folder this shares, so its
 base and SFT scores are reused from the evaluation's score cache. Each preference config runs `charforge prefer`'s
 flow on that adapter (a finished run is reused) and its adapter is evaluated against the SFT adapter as champion and
 the base, then judged by the production policy (configs/promotion.yaml). Printed: per model, the metrics the goal
@@ -57,7 +57,7 @@ def main() -> None:
 
     dataset = root / "state" / "datasets" / "default"
     curate(inputs=(str(REPO / "data" / "raw"),), out_dir=str(dataset),
-           config=load_yaml_model(REPO / "configs" / "curate" / "default.yaml", CurateConfig))
+           config=load_yaml_model(REPO / "configs" / "curate" / "preference.yaml", CurateConfig))
     sft_cfg = load_yaml_model(REPO / "configs" / "train" / "smollm2_lora.yaml", TrainConfig)
     sft = train(config=sft_cfg, dataset_dir=str(dataset))
     eval_cfg = load_yaml_model(REPO / args.eval, EvalConfig).model_copy(update={"register_version": False})
