@@ -30,10 +30,6 @@ def gateway_url(serving: ServingConfig) -> str:
     return f"http://{serving.gateway.host}:{serving.gateway.port}"
 
 
-def utc(t: float) -> str:
-    return utc(t)
-
-
 @task(name="load-monitor-configs", cache_policy=NONE)
 def load_configs(config: MonitorConfig | None, config_file: str, serving_file: str) -> tuple[MonitorConfig,
                                                                                              ServingConfig]:
