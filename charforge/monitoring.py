@@ -11,6 +11,7 @@ import json
 import time
 from collections import defaultdict
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 
@@ -58,6 +59,26 @@ def crossing(value: float, limit: Limit) -> bool:
     return (limit.max is not None and value > limit.max) or (limit.min is not None and value < limit.min)
 
 
+# Metrics whose per-reply value is 0 or 1 (a share of replies or ratings): Wilson intervals; the others are means.
+RATES = {"ooc_rate", "assistant_voice_rate", "char_id_clf", "empty_rate", "thumbs_down_ratio"}
+
+
+def interval(metric: str, samples: list[float], confidence: float) -> tuple[float, float]:
+    """The `confidence` interval of a window's value from its per-reply (or per-rating) samples: Wilson's score
+    interval for a rate (honest at 0 or 1 and at a dozen replies, where the normal one is not), a normal interval for
+    a mean; the point value at `confidence` 0."""
+    n, mean = len(samples), float(np.mean(samples))
+    if confidence == 0 or n == 0:
+        return mean, mean
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    if metric in RATES:
+        centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * np.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+    half = z * float(np.std(samples, ddof=1)) / np.sqrt(n) if n > 1 else float("inf")
+    return mean - half, mean + half
+
+
 def flagged_replies(scores: list[dict], cfg: MonitorConfig, now: float) -> list[dict]:
     """The replies whose own value crosses a limit named in `flag_replies` (an out-of-character line, an assistant
     voice, a loop, an empty answer), as the capture store keeps them: the capture id, its route, version and user
@@ -91,17 +112,20 @@ def judge_window(rows: list[dict], ratings: list[dict], cfg: MonitorConfig, sinc
     out = []
     for key in sorted(set(captured) | set(rated)):
         replies, votes = scored.get(key, []), rated.get(key, [])
-        values = {m: float(np.mean([s[m] for s in replies])) for m in MONITOR_METRICS if replies and m in replies[0]}
+        samples = {m: [s[m] for s in replies] for m in MONITOR_METRICS if replies and m in replies[0]}
         if len(votes) >= cfg.min_ratings:
-            values["thumbs_down_ratio"] = votes.count("down") / len(votes)
+            samples["thumbs_down_ratio"] = [float(v == "down") for v in votes]
+        values = {m: float(np.mean(v)) for m, v in samples.items()}
         judged = len(replies) >= cfg.min_replies
         crossings = []
         for metric, limit in cfg.limits.items():
             value = values.get(metric)
             if value is None or (not judged and metric != "thumbs_down_ratio"):
                 continue
-            if crossing(value, limit):
-                crossings.append(Crossing(metric=metric, value=round(value, 4),
+            low, high = interval(metric, samples[metric], cfg.confidence)
+            bound = low if limit.max is not None else high  # the end nearest the limit must be past it too
+            if crossing(value, limit) and crossing(bound, limit):
+                crossings.append(Crossing(metric=metric, value=round(value, 4), bound=round(bound, 4),
                                           limit=f"max {limit.max}" if limit.max is not None else f"min {limit.min}"))
         reason = ("" if judged else f"{len(replies)} judgeable replies < min_replies {cfg.min_replies}: not judged")
         out.append(WindowJudgement(route=key[0], version=key[1], since=since, until=until, captured=captured.get(key, 0),

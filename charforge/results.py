@@ -228,11 +228,13 @@ class ChainSummary(StageResult):
 
 # ---- monitoring --------------------------------------------------------------------------------------------------
 class Crossing(StageResult):
-    """A window's value beyond its limit."""
+    """A window's value beyond its limit, with the whole confidence interval past it: `bound` is the interval's end
+    nearest the limit (the lower end against a `max`, the upper end against a `min`)."""
 
     metric: str
     value: float
     limit: str  # "max 0.1" / "min 0.4"
+    bound: float
 
 
 class WindowJudgement(StageResult):

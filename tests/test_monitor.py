@@ -63,10 +63,38 @@ def test_an_assistant_voiced_window_crosses_and_an_in_character_one_does_not():
     good, bad = judge_window(rows, ratings, cfg, NOW - 3600, NOW)
     assert bad.version == "charforge-lora-v3" and bad.judged and bad.ratings == 4
     assert {c.metric for c in bad.crossings} >= {"ooc_rate", "char_id_clf", "thumbs_down_ratio"}
+    # 3 of 4 ratings down: the 95% Wilson interval starts at 0.3006, just past the limit
     assert next(c for c in bad.crossings if c.metric == "thumbs_down_ratio").model_dump() == {
-        "metric": "thumbs_down_ratio", "value": 0.75, "limit": "max 0.3"}
+        "metric": "thumbs_down_ratio", "value": 0.75, "limit": "max 0.3", "bound": 0.3006}
     assert good.version == "charforge-lora-v2" and good.judged and good.crossings == (), good.values
     assert good.values["ooc_rate"] == 0.0 and good.values["char_id_clf"] >= 0.5
+
+
+def test_a_mean_past_the_limit_is_drift_only_when_its_whole_interval_is():
+    """Near the threshold: two assistant lines in twelve replies put the window's out-of-character and assistant-voice
+    rates (0.167) past their limits (0.10, 0.15), but their 95% Wilson intervals reach down to 0.047: noise, not
+    drift. Judged on the point value (`confidence: 0`) the same window drifts; a window of boilerplate drifts either
+    way, its interval wholly past the limits."""
+    rows = window("charforge-lora-v1", [BOILERPLATE[0]] * 2 + GOLD[:10])
+    (noisy,) = judge_window(rows, [], MonitorConfig(min_replies=12), NOW - 3600, NOW)
+    assert noisy.judged and noisy.values["ooc_rate"] == noisy.values["assistant_voice_rate"] == 0.1667
+    assert noisy.crossings == (), noisy.crossings
+    (point,) = judge_window(rows, [], MonitorConfig(min_replies=12, confidence=0), NOW - 3600, NOW)
+    assert [(c.metric, c.value, c.bound) for c in point.crossings] == [("ooc_rate", 0.1667, 0.1667),
+                                                                      ("assistant_voice_rate", 0.1667, 0.1667)]
+    (bad,) = judge_window(window("charforge-lora-v2", BOILERPLATE * 2), [], MonitorConfig(min_replies=12),
+                          NOW - 3600, NOW)
+    assert {c.metric: (c.value, c.bound) for c in bad.crossings} == {
+        "ooc_rate": (0.5, 0.2538), "assistant_voice_rate": (1.0, 0.7575), "char_id_clf": (0.0, 0.2425)}
+
+
+def test_the_interval_of_a_rate_is_wilsons_and_of_a_mean_is_normal():
+    from charforge.monitoring import interval
+
+    assert interval("char_id_clf", [1.0] * 3 + [0.0] * 9, 0.95) == pytest.approx((0.0889, 0.5323), abs=1e-4)
+    assert interval("char_id_clf", [0.0] * 12, 0.95) == pytest.approx((0.0, 0.2425), abs=1e-4)
+    assert interval("repetition", [0.7, 0.65, 0.8, 0.5], 0.95) == pytest.approx((0.54, 0.785), abs=1e-3)
+    assert interval("ooc_rate", [1.0, 0.0], 0) == (0.5, 0.5)
 
 
 def test_replies_under_no_card_and_failed_answers_are_not_judged():

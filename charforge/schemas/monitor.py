@@ -38,6 +38,11 @@ class MonitorConfig(StageConfig):
                              "window is reported but not judged: too few to tell drift from noise.")
     min_ratings: int = Field(default=10, ge=1, description="The thumbs-down ratio is judged only with at least this "
                              "many ratings in the window.")
+    confidence: float = Field(default=0.95, ge=0, lt=1, description="A window drifts on a metric only when the "
+                              "whole confidence interval of its value is past the limit: a Wilson interval for the "
+                              "rates (ooc, assistant voice, identification, empty, thumbs-down), a normal one for "
+                              "mean repetition. With 12 replies, 3 identified (0.25, under min 0.40) is noise "
+                              "(interval up to 0.53); 0 of 12 is drift (up to 0.24). 0: the point value alone.")
     cooldown_minutes: float = Field(default=360, ge=0, description="After a drift event for a route, version and "
                                     "metric, the same crossing emits no event for this long (one drift starts one "
                                     "run, not one per window).")
