@@ -111,6 +111,21 @@ def test_flow_accounts_for_every_line_and_logs_lineage(corpus, cards_dir, tmp_pa
     assert json.loads((out / "manifest.json").read_text())["dataset_hash"] == manifest["dataset_hash"]
 
 
+def test_a_folder_another_input_curated_into_since_is_curated_again(corpus, cards_dir, tmp_path, mlflow_store,
+                                                                    prefect_harness):
+    """Two chains curating into one folder (the first champion's on files, a nightly one with production rows too):
+    going back to the first inputs must give their dataset, not the cached answer beside the other one's files."""
+    out, config = tmp_path / "out", CurateConfig(max_tokens=512)
+    first = curate(inputs=[str(corpus)], out_dir=str(out), characters_dir=str(cards_dir), config=config)
+    more = tmp_path / "more.jsonl"
+    more.write_text(convo("Any news?", "The new gas mains came to Fleet Street, guv, and a lamp fell in the mud.") + "\n")
+    other = curate(inputs=[str(corpus), str(more)], out_dir=str(out), characters_dir=str(cards_dir), config=config)
+    assert other.dataset_hash != first.dataset_hash
+    again = curate(inputs=[str(corpus)], out_dir=str(out), characters_dir=str(cards_dir), config=config)
+    assert again.dataset_hash == first.dataset_hash and not again.cached
+    assert json.loads((out / "manifest.json").read_text())["dataset_hash"] == first.dataset_hash
+
+
 def test_output_is_deterministic(corpus, cards_dir, tmp_path, mlflow_store, prefect_harness):
     hashes = []
     for name in ("a", "b"):
