@@ -148,8 +148,13 @@ class Prefect:
         raise SystemExit(f"flow run {run_id} did not finish within {timeout:.0f} s")
 
     def events(self, prefix: str, since: str) -> list[dict]:
-        body = {"filter": {"event": {"prefix": [prefix]}, "occurred": {"since": since}}, "limit": 200}
-        return self.http.post("/events/filter", json=body).raise_for_status().json()["events"]
+        body = {"filter": {"event": {"prefix": [prefix]}, "occurred": {"since": since}}, "limit": 50}
+        page = self.http.post("/events/filter", json=body).raise_for_status().json()
+        events = page["events"]
+        while page.get("next_page"):
+            page = self.http.get(page["next_page"]).raise_for_status().json()
+            events += page["events"]
+        return events
 
 
 def wait_idle(prefect: Prefect, deployment_ids: list[str], timeout: float = 7200) -> None:
@@ -231,6 +236,7 @@ def main() -> None:
     parser.add_argument("--prefect-port", type=int, default=4310)
     parser.add_argument("--mlflow-port", type=int, default=5310)
     parser.add_argument("--gateway-port", type=int, default=9310)
+    parser.add_argument("--report", action="store_true", help="only print the timeline of the week in --state")
     args = parser.parse_args()
     root = Path(args.state).resolve()
     (root / "logs").mkdir(parents=True, exist_ok=True)
@@ -251,8 +257,11 @@ def main() -> None:
         print(f"[{time.time() - started:6.0f} s] {name}: {time.time() - t0:.0f} s", flush=True)
 
     t = time.time()
-    sh([charforge, "setup"], env, log)
-    ui = subprocess.Popen([charforge, "ui"], cwd=REPO, env=env, stdout=(root / "logs" / "ui.log").open("w"),
+    if args.report:  # the week's timeline again, from the stores it left (the Prefect server restarted on them)
+        timeline = json.loads((root / "timeline.json").read_text())
+    else:
+        sh([charforge, "setup"], env, log)
+    ui = subprocess.Popen([charforge, "ui"] + (["--no-deploy"] if args.report else []), cwd=REPO, env=env, stdout=(root / "logs" / "ui.log").open("w"),
                           stderr=subprocess.STDOUT, start_new_session=True)
     try:
         while "To send flow runs" not in (root / "logs" / "ui.log").read_text():
@@ -261,6 +270,11 @@ def main() -> None:
             time.sleep(2)
         env["PREFECT_API_URL"] = api
         prefect = Prefect(api)
+        if args.report:
+            from mlflow import MlflowClient
+
+            from charforge.settings import platform
+            return report(root, prefect, MlflowClient(platform().tracking_uri), timeline)
         nightly, hourly, rollback = (prefect.deployment(n) for n in ("retrain/nightly", "monitor/hourly",
                                                                       "rollback/rollback"))
         # what a user does in the UI: the nightly chain's default chain file is this week's
@@ -277,7 +291,8 @@ def main() -> None:
         run_week(root, args, env, paths, prefect, nightly, hourly, rollback, gateway, charforge, log, timeline,
                  phase)
     finally:
-        (root / "timeline.json").write_text(json.dumps(timeline, indent=1, default=str))
+        if timeline.get("days"):
+            (root / "timeline.json").write_text(json.dumps(timeline, indent=1, default=str))
         if ui.poll() is None:
             os.killpg(ui.pid, signal.SIGINT)
             try:
@@ -380,6 +395,10 @@ def report(root: Path, prefect, mlflow, timeline: dict) -> None:
                "metrics": [c["metric"] for c in e["payload"].get("crossings", [])]}
               for prefix in ("charforge.character.drift", "charforge.feedback.ready")
               for e in prefect.events(prefix, since)]
+    automations = [{"name": a["name"], "enabled": a["enabled"],
+                    "expect": a["trigger"].get("expect"), "match": a["trigger"].get("match"),
+                    "actions": [x["type"] for x in a["actions"]]}
+                   for a in prefect.http.post("/automations/filter", json={}).raise_for_status().json()]
     windows = []
     for exp in mlflow.search_experiments(filter_string="name = 'charforge-monitor'"):
         for run in mlflow.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"],
@@ -391,14 +410,19 @@ def report(root: Path, prefect, mlflow, timeline: dict) -> None:
                             "drifting": drifting, "flagged": flagged})
     manifest = root / "state" / "datasets" / "week" / "manifest.json"
     data = json.loads(manifest.read_text()) if manifest.is_file() else {}
-    timeline.update(flow_runs=runs, events=events, monitor_windows=windows,
+    timeline.update(flow_runs=runs, events=events, monitor_windows=windows, automations=automations,
                     dataset={k: data.get(k) for k in ("dataset_hash", "rows_read", "rows_kept", "production",
                                                       "rejected_by_reason", "rows", "inputs")})
+    found = [mlflow.get_model_version(FAMILY, v.version) for v in mlflow.search_model_versions(f"name='{FAMILY}'")]
     versions = {f"{FAMILY}-v{v.version}": {"aliases": v.aliases, "decision": v.tags.get("promotion_decision"),
                                            "deciding": v.tags.get("promotion_deciding_rule"),
                                            "override": v.tags.get("deploy_override_reason")}
-                for v in mlflow.search_model_versions(f"name='{FAMILY}'")}
+                for v in sorted(found, key=lambda v: int(v.version))}
     timeline["versions"] = versions
+    print("\nautomations:")
+    for a in automations:
+        print(f"  {a['name']}: {'enabled' if a['enabled'] else 'disabled'}, on {a['expect']} {a['match']} -> "
+              f"{a['actions']}")
     print("\nflow runs (deployment, created by, state, parameters):")
     for r in runs:
         print(f"  {r['start'] or '-':32} {r['deployment']:9} {r['created_by'][:48]:48} {r['state']:10} "
