@@ -28,8 +28,9 @@ Everything runs for real and in its own state folder (its own MLflow, Prefect se
    curated dataset's manifest: `<state>/timeline.json` and a table.
 
 Run time on 2 CPU cores with the defaults: about an hour (two trainings and two quick evaluations before the week,
-one more of each inside it). A re-run reuses the champion and the bad adapter (cached by their inputs) but starts a new
-week: pass a fresh `--state` for a clean one.
+one more of each inside it). Give each week a fresh `--state`: on an old one the champion and the bad adapter are
+reused, but the monitor's cooldowns (6 hours per route, version and metric) and the earlier captures carry over, so a
+second bad canary within the cooldown is not announced again. `--report` prints a finished week's timeline again.
 """
 
 from __future__ import annotations
