@@ -198,6 +198,8 @@ def test_a_limit_must_name_exactly_one_bound():
     with pytest.raises(ValidationError, match="flag_replies: 'assistant_voice_rate' has no limit to flag a reply by; "
                                               "add it to limits"):
         MonitorConfig(limits={"ooc_rate": {"max": 0.1}})
+    with pytest.raises(ValidationError, match="confidence\n  Input should be less than 1"):
+        MonitorConfig(confidence=1)  # a 100% interval never clears a limit: nothing could ever drift
 
 
 def test_the_monitor_flags_single_bad_replies_and_almost_no_gold_reply():
