@@ -3,6 +3,7 @@ llm-compressor into a folder vLLM loads, serving speed, and the deltas against b
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.metadata
 import json
@@ -109,7 +110,14 @@ def quantize_auto_round(source_dir: Path, out_dir: Path, cfg: QuantizeConfig, te
                         disable_opt_rtn=not cfg.optimized_rtn, ignore_layers=",".join(cfg.ignore),
                         **overrides)
     staging = out_dir.with_name(out_dir.name + ".export")
-    _, folders = rounder.quantize_and_save(str(staging), format=cfg.export_format)
+    # auto-round runs a full gc.collect() after every block (64 for this 30-layer model); with torch, transformers
+    # and the model in the heap each took 0.33 s, 21 of the 22 s of an RTN run on 2 cores. Frozen objects are not
+    # scanned, so each collect only looks at what the quantization allocates.
+    gc.freeze()
+    try:
+        _, folders = rounder.quantize_and_save(str(staging), format=cfg.export_format)
+    finally:
+        gc.unfreeze()
     written = Path(folders[0] if isinstance(folders, (list, tuple)) else folders)  # auto-round may add a sub-folder
     written.rename(out_dir)
     shutil.rmtree(staging, ignore_errors=True)

@@ -81,6 +81,13 @@ class PlatformConfig(StageConfig):
         return self.state / "models"
 
     @property
+    def cache_dir(self) -> Path:
+        """Derived data that any state may share, keyed by its inputs (the judges' corpus embeddings); deleting it
+        costs a recompute. CHARFORGE_CACHE_DIR overrides `<state>/cache`."""
+        env = os.environ.get("CHARFORGE_CACHE_DIR")
+        return Path(env).resolve() if env else self.state / "cache"
+
+    @property
     def prefect_home(self) -> Path:
         return self.state / "prefect"
 

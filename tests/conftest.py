@@ -11,6 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+if "CHARFORGE_CACHE_DIR" not in os.environ:  # one cache of derived data for every test's state, subprocesses included
+    import tempfile
+
+    os.environ["CHARFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="charforge-test-cache-")
 
 
 from charforge.vllm_server import free_port  # noqa: E402
@@ -93,6 +97,7 @@ def vllm_base(base_model_dir, tmp_path_factory):
         yield server
     finally:
         server.stop()
+    assert server.process.poll() is not None, "VLLMServer.stop() left the server running"
 
 
 @pytest.fixture(scope="session")

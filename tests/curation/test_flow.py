@@ -149,7 +149,7 @@ def test_cli_missing_input_exits_2_naming_the_path(tmp_path, cards_dir):
     assert result.stderr.strip() == f"error: {tmp_path / 'nope.jsonl'}: input not found"
 
 
-def test_cli_empty_input_is_an_error_not_an_empty_dataset(tmp_path, cards_dir):
+def test_cli_empty_input_is_an_error_not_an_empty_dataset(tmp_path, cards_dir, prefect_api):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     result = run_cli("--input", str(empty), "--out", str(tmp_path / "o"), "--characters", str(cards_dir))
@@ -175,7 +175,7 @@ def test_cli_directory_without_jsonl_exits_2(tmp_path, cards_dir):
     assert result.stderr.strip() == f"error: {tmp_path / 'empty_dir'}: directory has no *.jsonl files"
 
 
-def test_cli_runs_with_several_inputs_and_rejections_keep_exit_zero(tmp_path, cards_dir, corpus):
+def test_cli_runs_with_several_inputs_and_rejections_keep_exit_zero(tmp_path, cards_dir, corpus, prefect_api):
     second = tmp_path / "more.jsonl"
     second.write_text(bo("Weather?", "Rain by noon. Bring the flock down.") + "\nnot json\n")
     env_out = tmp_path / "o"

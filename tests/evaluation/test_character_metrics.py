@@ -83,3 +83,21 @@ def test_paired_bootstrap_diff_and_errors():
         paired_bootstrap_diff([1, 2], [1])
     with pytest.raises(ValueError, match="bootstrap_ci needs at least one value"):
         bootstrap_ci([])
+
+
+def test_cached_embeddings_are_the_encoders_and_a_torn_file_is_encoded_again(identifier, tmp_path):
+    """The judges' corpus embeddings are kept on disk for the next process: what it reads back is exactly what the
+    encoder makes, another list of texts gets another file, and a torn file is replaced, not trusted."""
+    import numpy as np
+
+    encoder = identifier.encoder
+    texts = ["Hmph. Steel takes patience.", "As an AI assistant, I'd be happy to help."]
+    fresh = encoder.encode(texts)
+    assert np.array_equal(encoder.encode(texts, cache=tmp_path), fresh)
+    [kept] = tmp_path.glob("minilm-*.npy")
+    assert np.array_equal(np.load(kept), fresh)
+    encoder.encode(texts[:1], cache=tmp_path)
+    assert len(list(tmp_path.glob("minilm-*.npy"))) == 2
+    kept.write_bytes(kept.read_bytes()[:100])  # a process killed while writing (without the rename) or a full disk
+    assert np.array_equal(encoder.encode(texts, cache=tmp_path), fresh)
+    assert np.array_equal(np.load(kept), fresh)
