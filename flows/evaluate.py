@@ -15,8 +15,8 @@ from prefect import flow
 
 from charforge.results import Evaluation
 from charforge.schemas.evaluate import EvalConfig
-from tasks.evaluate import (check_parity, find_reusable_scores, measure_decode_speed, plan, register_candidate,
-                            report, reusable_checks, score, vllm_serving)
+from tasks.evaluate import (check_parity, find_reusable_scores, measure_decode_speed, plan, prepare_parity,
+                            register_candidate, report, reusable_checks, score, vllm_serving)
 
 
 @flow(name="evaluate")
@@ -36,8 +36,11 @@ def evaluate(config: EvalConfig, adapter: str | None = None, base_only: bool = F
         parity, serving = earlier.parity, earlier.serving
         summaries = {display: scores.reused[display].scores for display in evaluation_plan.targets}
     else:
-        with vllm_serving(config, evaluation_plan) as (server, load_s):
-            parity = check_parity(config, evaluation_plan, server) if evaluation_plan.candidate_dir else None
+        candidate = evaluation_plan.candidate_dir
+        with vllm_serving(config, evaluation_plan,
+                          while_starting=(lambda: prepare_parity(config, evaluation_plan)) if candidate else None,
+                          ) as (server, load_s, trained):
+            parity = check_parity(config, evaluation_plan, server, trained) if candidate else None
             summaries = {display: scores.reused[display].scores if display in scores.reused
                          else score(config, server, display, evaluation_plan) for display in evaluation_plan.targets}
             speed = measure_decode_speed(server, evaluation_plan, config.serving.speed_tokens)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -26,6 +27,8 @@ from charforge.schemas.evaluate import EvalConfig
 from charforge.settings import repo_path
 from charforge.vllm_server import VLLMServer, free_port, load_lora_adapter
 from tasks.runtime import TRANSIENT_RETRIES, flow_run_tags
+
+T = TypeVar("T")
 
 
 @task(name="plan-evaluation", cache_policy=NONE, **TRANSIENT_RETRIES)
@@ -66,9 +69,11 @@ def load_adapters(server: VLLMServer, adapters: dict[str, str]) -> None:
 
 
 @contextmanager
-def vllm_serving(cfg: EvalConfig, plan: EvalPlan) -> Iterator[tuple[VLLMServer, float]]:
-    """One vLLM server for the whole evaluation (base + runtime LoRA), stopped whatever happens; yields the server
-    and its load time (process start to /health)."""
+def vllm_serving(cfg: EvalConfig, plan: EvalPlan, while_starting: Callable[[], T] | None = None,
+                 ) -> Iterator[tuple[VLLMServer, float, T | None]]:
+    """One vLLM server for the whole evaluation (base + runtime LoRA), stopped whatever happens; yields the server,
+    its load time (process start to /health) and what `while_starting` returned: work that needs no server, run
+    here while vLLM boots in its own processes (mostly single-threaded imports: a core is free)."""
     run_dir = Path(plan.run_dir)
     server = VLLMServer(Path(plan.served_dir), plan.base_name, free_port(), max_model_len=cfg.serving.max_model_len,
                         max_lora_rank=cfg.serving.max_lora_rank, kv_cache_gib=cfg.serving.kv_cache_gib,
@@ -77,24 +82,34 @@ def vllm_serving(cfg: EvalConfig, plan: EvalPlan) -> Iterator[tuple[VLLMServer, 
     started = time.monotonic()
     server.start(run_dir / "vllm.log")
     try:
+        prepared = while_starting() if while_starting is not None else None
         server.wait_ready(cfg.serving.startup_timeout_s)
         load_s = time.monotonic() - started
         load_adapters(server, plan.adapters())
-        yield server, load_s
+        yield server, load_s, prepared
     finally:
         server.stop()
 
 
+@task(name="prepare-train-serve-parity", cache_policy=NONE, persist_result=False)
+def prepare_parity(cfg: EvalConfig, plan: EvalPlan) -> parity_check.TrainedSide:
+    """The HF + PEFT side of the parity check: the prompts rendered with the training template and the greedy
+    tokens after each (no server needed, so it runs while vLLM starts)."""
+    return parity_check.trained_side(adapter_dir=Path(plan.candidate_dir), base_dir=Path(plan.tokenizer_dir),
+                                     conversations=parity_check.parity_conversations(cfg), tokens=cfg.parity.tokens)
+
+
 @task(name="check-train-serve-parity", cache_policy=NONE)
-def check_parity(cfg: EvalConfig, plan: EvalPlan, server: VLLMServer) -> Parity:
+def check_parity(cfg: EvalConfig, plan: EvalPlan, server: VLLMServer, trained: parity_check.TrainedSide) -> Parity:
     """HF + PEFT vs vLLM + adapter on the same prompts: prompt tokens must match (else `ParityError`), greedy
     tokens are compared. On a quantized base (`served_base`) the agreement is logged, not enforced: there it
     measures quantization drift, which the quantize flow judges with its own deltas."""
-    result = parity_check.check_served_adapter(cfg, Path(plan.candidate_dir), Path(plan.tokenizer_dir), server.url,
-                                               plan.targets["candidate"], enforce=plan.served_base is None)
+    result = parity_check.compare_with_served(trained, base_url=server.url, served_name=plan.targets["candidate"],
+                                              conversations=parity_check.parity_conversations(cfg),
+                                              tokens=cfg.parity.tokens)
     get_run_logger().info(f"train/serve parity: first token {result.first_token_agreement:.0%}, first "
                           f"{cfg.parity.tokens} tokens {result.prefix_agreement:.0%} of {result.prompts} prompts")
-    return result
+    return parity_check.judge_parity(cfg, result, enforce=plan.served_base is None)
 
 
 @task(name="score-served-model", cache_policy=NONE)

@@ -102,7 +102,9 @@ def small_parameters(root: Path, gateway_url: str) -> dict:
     prefer = {"name": "chain-test-dpo", "method": "dpo", "training": {
         "max_steps": 1, "warmup_ratio": 0, "batch_size": 2, "max_length": 256, "save_steps": 1, "learning_rate": 1e-3,
         "heldout_pairs": 4}}
-    return {"curate": {"workers": 0, "pairs": {"enabled": True}}, "train": train.model_dump(mode="json"),
+    # one eval row per character: the training runs' final eval loss costs a third of the default split's
+    curate = {"workers": 0, "pairs": {"enabled": True}, "split": {"eval_fraction": 0.05, "min_eval_per_character": 1}}
+    return {"curate": curate, "train": train.model_dump(mode="json"),
             "prefer": prefer,
             "evaluate": evaluate.model_dump(mode="json"), "promotion": policy.model_dump(mode="json"),
             "serving": serving.model_dump(mode="json"),

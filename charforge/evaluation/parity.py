@@ -10,7 +10,9 @@ Two checks on the same probes:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -69,55 +71,75 @@ def served_greedy_ids(base_url: str, model: str, prompt_ids: list[int], tokens: 
     return response.json()["choices"][0]["token_ids"][:tokens]
 
 
-def check_parity(*, adapter_dir: Path, base_dir: Path, base_url: str, served_name: str,
-                 conversations: list[list[dict]], tokens: int) -> Parity:
-    """Run both checks; raise ParityError on a prompt mismatch, else return the agreement rates and examples."""
+@dataclass(frozen=True)
+class TrainedSide:
+    """What HF transformers + PEFT say on the parity prompts: computed before vLLM is needed (while it starts)."""
+
+    template_source: str
+    prompts: list[list[int]]  # the conversations rendered with the training template and tokenized
+    greedy: list[list[int]]  # HF + PEFT greedy ids after each prompt
+    tokenizer: Any
+
+
+def trained_side(*, adapter_dir: Path, base_dir: Path, conversations: list[list[dict]], tokens: int) -> TrainedSide:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     template, template_source = training_template(adapter_dir, tokenizer)
-    prompts = []
-    for messages in conversations:
-        trained = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
-                                                tokenize=True, return_dict=False)
-        served = served_prompt_ids(base_url, served_name, messages)
-        difference = token_difference(tokenizer, list(trained), served)
-        if difference:
-            raise ParityError(f"chat template mismatch between training ({template_source}) and serving "
-                              f"(vLLM, model {served_name}): {difference}")
-        prompts.append(served)
-
+    prompts = [list(tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False)) for messages in conversations]
     # The dtype vLLM serves in here: float32 on a CPU without native bf16, else the checkpoint's bf16
     served_dtype = serving_dtype("auto")
     model = load_adapter_model(adapter_dir, base_dir,
                                dtype=torch.float32 if served_dtype == "float32" else torch.bfloat16).eval()
-    first_equal, all_equal, examples = 0, 0, []
+    greedy = []
     for prompt in prompts:
         with torch.no_grad():
             out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                  max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        hf_ids = out[0, len(prompt):].tolist()
+        greedy.append(out[0, len(prompt):].tolist())
+    return TrainedSide(template_source, prompts, greedy, tokenizer)
+
+
+def compare_with_served(trained: TrainedSide, *, base_url: str, served_name: str, conversations: list[list[dict]],
+                        tokens: int) -> Parity:
+    """Both checks against the server; raise ParityError on a prompt mismatch, else the agreement rates."""
+    tokenizer = trained.tokenizer
+    first_equal, all_equal, examples = 0, 0, []
+    for messages, prompt, hf_ids in zip(conversations, trained.prompts, trained.greedy):
+        difference = token_difference(tokenizer, prompt, served_prompt_ids(base_url, served_name, messages))
+        if difference:
+            raise ParityError(f"chat template mismatch between training ({trained.template_source}) and serving "
+                              f"(vLLM, model {served_name}): {difference}")
         vllm_ids = served_greedy_ids(base_url, served_name, prompt, tokens)
         first_equal += int(hf_ids[:1] == vllm_ids[:1])
         n = min(len(hf_ids), len(vllm_ids))
         all_equal += int(hf_ids[:n] == vllm_ids[:n])
         if len(examples) < 3:
             examples.append(ParityExample(hf=tokenizer.decode(hf_ids), vllm=tokenizer.decode(vllm_ids)))
-    return Parity(prompts=len(prompts), tokens=tokens, template_source=template_source,
-                  first_token_agreement=first_equal / len(prompts), prefix_agreement=all_equal / len(prompts),
-                  examples=tuple(examples))
+    return Parity(prompts=len(trained.prompts), tokens=tokens, template_source=trained.template_source,
+                  first_token_agreement=first_equal / len(trained.prompts),
+                  prefix_agreement=all_equal / len(trained.prompts), examples=tuple(examples))
 
 
-def check_served_adapter(cfg: EvalConfig, adapter_dir: Path, base_dir: Path, base_url: str, served_name: str,
-                         enforce: bool = True) -> Parity:
-    """`check_parity` on `cfg.parity.prompts` probes spread over the probe file; below
-    `min_first_token_agreement` the adapter is refused (`ParityRefused`) unless `enforce` is off."""
+def check_parity(*, adapter_dir: Path, base_dir: Path, base_url: str, served_name: str,
+                 conversations: list[list[dict]], tokens: int) -> Parity:
+    """Run both checks; raise ParityError on a prompt mismatch, else return the agreement rates and examples."""
+    trained = trained_side(adapter_dir=adapter_dir, base_dir=base_dir, conversations=conversations, tokens=tokens)
+    return compare_with_served(trained, base_url=base_url, served_name=served_name, conversations=conversations,
+                               tokens=tokens)
+
+
+def parity_conversations(cfg: EvalConfig) -> list[list[dict]]:
+    """`cfg.parity.prompts` probes spread over the probe file, as conversations."""
     probes = read_probes(repo_path(cfg.probes))
     step = max(1, len(probes) // cfg.parity.prompts)
-    conversations = [[{"role": "system", "content": p["system_prompt"]}, *p["history"],
-                      {"role": "user", "content": p["user_msg"]}] for p in probes[::step][:cfg.parity.prompts]]
-    result = check_parity(adapter_dir=adapter_dir, base_dir=base_dir, base_url=base_url, served_name=served_name,
-                          conversations=conversations, tokens=cfg.parity.tokens)
+    return [[{"role": "system", "content": p["system_prompt"]}, *p["history"],
+             {"role": "user", "content": p["user_msg"]}] for p in probes[::step][:cfg.parity.prompts]]
+
+
+def judge_parity(cfg: EvalConfig, result: Parity, enforce: bool = True) -> Parity:
+    """Below `min_first_token_agreement` the adapter is refused (`ParityRefused`) unless `enforce` is off."""
     if enforce and result.first_token_agreement < cfg.parity.min_first_token_agreement:
         raise ParityRefused(
             f"train/serve parity: HF+PEFT and vLLM agree on the first greedy token for only "
