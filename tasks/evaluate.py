@@ -105,7 +105,6 @@ def check_parity(cfg: EvalConfig, plan: EvalPlan, server: VLLMServer, trained: p
     tokens are compared. On a quantized base (`served_base`) the agreement is logged, not enforced: there it
     measures quantization drift, which the quantize flow judges with its own deltas."""
     result = parity_check.compare_with_served(trained, base_url=server.url, served_name=plan.targets["candidate"],
-                                              conversations=parity_check.parity_conversations(cfg),
                                               tokens=cfg.parity.tokens)
     get_run_logger().info(f"train/serve parity: first token {result.first_token_agreement:.0%}, first "
                           f"{cfg.parity.tokens} tokens {result.prefix_agreement:.0%} of {result.prompts} prompts")

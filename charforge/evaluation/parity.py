@@ -76,6 +76,7 @@ class TrainedSide:
     """What HF transformers + PEFT say on the parity prompts: computed before vLLM is needed (while it starts)."""
 
     template_source: str
+    conversations: list[list[dict]]
     prompts: list[list[int]]  # the conversations rendered with the training template and tokenized
     greedy: list[list[int]]  # HF + PEFT greedy ids after each prompt
     tokenizer: Any
@@ -98,15 +99,14 @@ def trained_side(*, adapter_dir: Path, base_dir: Path, conversations: list[list[
             out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                  max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         greedy.append(out[0, len(prompt):].tolist())
-    return TrainedSide(template_source, prompts, greedy, tokenizer)
+    return TrainedSide(template_source, conversations, prompts, greedy, tokenizer)
 
 
-def compare_with_served(trained: TrainedSide, *, base_url: str, served_name: str, conversations: list[list[dict]],
-                        tokens: int) -> Parity:
+def compare_with_served(trained: TrainedSide, *, base_url: str, served_name: str, tokens: int) -> Parity:
     """Both checks against the server; raise ParityError on a prompt mismatch, else the agreement rates."""
     tokenizer = trained.tokenizer
     first_equal, all_equal, examples = 0, 0, []
-    for messages, prompt, hf_ids in zip(conversations, trained.prompts, trained.greedy):
+    for messages, prompt, hf_ids in zip(trained.conversations, trained.prompts, trained.greedy):
         difference = token_difference(tokenizer, prompt, served_prompt_ids(base_url, served_name, messages))
         if difference:
             raise ParityError(f"chat template mismatch between training ({trained.template_source}) and serving "
@@ -126,8 +126,7 @@ def check_parity(*, adapter_dir: Path, base_dir: Path, base_url: str, served_nam
                  conversations: list[list[dict]], tokens: int) -> Parity:
     """Run both checks; raise ParityError on a prompt mismatch, else return the agreement rates and examples."""
     trained = trained_side(adapter_dir=adapter_dir, base_dir=base_dir, conversations=conversations, tokens=tokens)
-    return compare_with_served(trained, base_url=base_url, served_name=served_name, conversations=conversations,
-                               tokens=tokens)
+    return compare_with_served(trained, base_url=base_url, served_name=served_name, tokens=tokens)
 
 
 def parity_conversations(cfg: EvalConfig) -> list[list[dict]]:

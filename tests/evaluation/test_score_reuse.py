@@ -33,7 +33,9 @@ def test_a_second_evaluation_reuses_every_score_the_first_made_and_names_its_sou
     from flows.evaluate import evaluate
 
     cfg = EvalConfig(limit=1, bootstrap_resamples=100, register_version=False,
-                     tasks=["character_reply_likelihood", "character_generation"],
+                     # log-likelihood tasks only: generation scores are reused the same way (the flawed-candidate
+                     # chain test reuses its base's and champion's), at 80 tokens per reply more
+                     tasks=["character_reply_likelihood", "character_reply_likelihood_nopersona"],
                      parity={"prompts": 2, "tokens": 2, "min_first_token_agreement": 0.5},
                      serving={"speed_tokens": 4})
     first = evaluate(cfg, adapter=str(smollm2_adapter))
