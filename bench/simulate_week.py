@@ -261,8 +261,9 @@ def main() -> None:
         timeline = json.loads((root / "timeline.json").read_text())
     else:
         sh([charforge, "setup"], env, log)
-    ui = subprocess.Popen([charforge, "ui"] + (["--no-deploy"] if args.report else []), cwd=REPO, env=env, stdout=(root / "logs" / "ui.log").open("w"),
-                          stderr=subprocess.STDOUT, start_new_session=True)
+    ui = subprocess.Popen([charforge, "ui", *(["--no-deploy"] if args.report else [])], cwd=REPO, env=env,
+                          stdout=(root / "logs" / "ui.log").open("w"), stderr=subprocess.STDOUT,
+                          start_new_session=True)
     try:
         while "To send flow runs" not in (root / "logs" / "ui.log").read_text():
             if ui.poll() is not None:

@@ -12,9 +12,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 if "CHARFORGE_CACHE_DIR" not in os.environ:  # one cache of derived data for every test's state, subprocesses included
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["CHARFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="charforge-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["CHARFORGE_CACHE_DIR"], True)
 
 
 from charforge.vllm_server import free_port  # noqa: E402
