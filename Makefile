@@ -5,6 +5,9 @@ VENV := .venv
 SERVE_VENV := .venv-serve
 PIP_FLAGS := -q --disable-pip-version-check
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (0: one process). tests/conftest.py keeps a module, and the modules sharing
+# the session's vLLM server, on one worker, and gives each worker its share of the cores.
+PYTEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast ui clean-state postgres haproxy test-packages lock bench-load bench-capacity
 
@@ -85,10 +88,10 @@ test-packages:
 	$(APT_INSTALL)
 
 test: setup test-packages
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 ui: setup
 	$(VENV)/bin/charforge ui

@@ -11,6 +11,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    # The workers share the cores: each computes on its share of them. Two processes whose OpenMP pools each take
+    # every core spin against each other (a small training loop ran 9x slower side by side, on 2 cores).
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _workers))
 if "CHARFORGE_CACHE_DIR" not in os.environ:  # one cache of derived data for every test's state, subprocesses included
     import atexit
     import shutil
@@ -21,6 +26,39 @@ if "CHARFORGE_CACHE_DIR" not in os.environ:  # one cache of derived data for eve
 
 
 from charforge.vllm_server import free_port  # noqa: E402
+
+
+# `make test` runs the suite on pytest-xdist workers (PYTEST_WORKERS, 2 by default; `-n 0` runs it in one process).
+# A worker is handed a whole module at a time, so a module's fixtures (one fleet per module) start once; the modules
+# that use the session's vLLM server (`vllm_base`) go to one worker together, so it starts once too; and the
+# costliest units go first, so that the last one to finish is short.
+SHARED_VLLM_MODULES = frozenset(f"tests/{m}.py" for m in (
+    "test_serving_env", "curation/test_synthetic", "evaluation/test_parity", "serving/test_gateway",
+    "serving/test_capture", "serving/test_grouped_lora"))
+# Seconds per unit, measured with two workers on a 2-core machine; a unit not listed costs 1 s per test.
+UNIT_SECONDS: dict[str, float] = {
+    "tests/test_retrain_chain.py": 850, "tests/serving/test_rollout.py": 450, "tests/test_quantize.py": 220,
+    "vllm_base": 140, "tests/test_promote_flow.py": 85, "tests/training/test_prefer.py": 75,
+    "tests/evaluation/test_score_reuse.py": 70, "tests/evaluation/test_eval_tasks.py": 65,
+    "tests/serving/test_replica.py": 65, "tests/test_ui.py": 60, "tests/reliability/test_training_kills.py": 60,
+    "tests/deploy/test_postgres_stores.py": 60, "tests/reliability/test_security.py": 50,
+}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesCostliestFirst(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "vllm_base" if module in SHARED_VLLM_MODULES else module
+
+        def _assign_work_unit(self, node) -> None:
+            costliest = max(self.workqueue, key=lambda unit: UNIT_SECONDS.get(unit, len(self.workqueue[unit])))
+            self.workqueue.move_to_end(costliest, last=False)
+            super()._assign_work_unit(node)
+
+    return ModulesCostliestFirst(config, log)
 
 
 @pytest.fixture(scope="session")
