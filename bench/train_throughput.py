@@ -5,7 +5,7 @@
 Both train LoRA r=8 on all linear layers of SmolLM2-135M-Instruct on the CPU for the same number of optimizer steps
 on the curated default dataset. Plain TRL keeps its defaults (fp32 weights, bf16 autocast, gradient checkpointing,
 padded batches); ours is configs/train/smollm2_lora.yaml as shipped (`dtype: auto`: a bf16 base where the CPU has
-AMX). "Useful" tokens are non-padding tokens (TRL's `num_tokens`). A LoRA step on a frozen base
+AVX512-BF16 or AMX). "Useful" tokens are non-padding tokens (TRL's `num_tokens`). A LoRA step on a frozen base
 costs ~4 FLOPs per parameter per token (forward 2N, input gradients 2N; no weight gradients for the base); the
 achieved rate is compared with this machine's fp32 and bf16 matmul rates measured in the same run.
 The two runs alternate for --rounds rounds (a shared VM drifts by 10-20% over minutes); each side's figure is the

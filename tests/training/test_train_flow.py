@@ -129,3 +129,19 @@ def test_a_checkpoint_cut_short_by_a_crash_is_set_aside_not_resumed(tmp_path):
         "incomplete-checkpoint-10", "incomplete-checkpoint-15"]
     assert (tmp_path.glob("incomplete-checkpoint-10-*").__next__() / "adapter_model.safetensors").is_file()
     assert last_complete_checkpoint(tmp_path / "none") is None
+
+
+@pytest.mark.parametrize("flags, dtype, why", [
+    ({"avx2", "fma"}, "float32", "this CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated, slower than float32"),
+    ({"avx2", "avx512f", "avx512_bf16"}, "bfloat16", "this CPU multiplies bf16 natively (avx512_bf16)"),
+    ({"avx512_bf16", "amx_bf16", "amx_tile"}, "bfloat16", "this CPU multiplies bf16 natively (avx512_bf16, amx_bf16)"),
+])
+def test_auto_dtype_trains_in_bf16_where_the_cpu_multiplies_it_natively(monkeypatch, flags, dtype, why):
+    from charforge import cpu
+    from charforge.schemas.train import TrainingSettings
+    from charforge.training.trainer import dtype_decision, resolve_dtype
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
+    auto = TrainingSettings(dtype="auto", use_cpu=True)
+    assert dtype_decision(auto) == (dtype, why) and resolve_dtype(auto) == dtype
+    assert dtype_decision(TrainingSettings(dtype="float32", use_cpu=True)) == ("float32", "as configured")
