@@ -45,6 +45,7 @@ UNIT_SECONDS: dict[str, float] = {
 }
 
 
+@pytest.hookimpl(optionalhook=True)  # `-p no:xdist` runs without it
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
