@@ -27,9 +27,14 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def native_bf16_flags() -> tuple[str, ...]:
+    """The flags by which this x86 CPU multiplies bfloat16 in hardware (AVX512-BF16, AMX-BF16); empty without."""
+    return tuple(flag for flag in NATIVE_BF16_FLAGS if flag in cpu_flags())
+
+
 def native_bf16() -> bool:
     """Whether this x86 CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX-BF16)."""
-    return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
+    return bool(native_bf16_flags())
 
 
 def nvidia_gpu() -> bool:

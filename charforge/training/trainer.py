@@ -47,7 +47,7 @@ def dtype_decision(training: TrainingSettings) -> tuple[str, str]:
         native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
         return ("bfloat16", "the GPU multiplies bf16 natively") if native else \
             ("float32", "no GPU with native bf16")
-    flags = [flag for flag in cpu.NATIVE_BF16_FLAGS if flag in cpu.cpu_flags()]
+    flags = cpu.native_bf16_flags()
     if flags:
         return "bfloat16", f"this CPU multiplies bf16 natively ({', '.join(flags)})"
     return "float32", "this CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated, slower than float32"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,6 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-import yaml
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
@@ -132,7 +130,8 @@ def test_a_checkpoint_cut_short_by_a_crash_is_set_aside_not_resumed(tmp_path):
 
 
 @pytest.mark.parametrize("flags, dtype, why", [
-    ({"avx2", "fma"}, "float32", "this CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated, slower than float32"),
+    ({"avx2", "fma"}, "float32",
+     "this CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated, slower than float32"),
     ({"avx2", "avx512f", "avx512_bf16"}, "bfloat16", "this CPU multiplies bf16 natively (avx512_bf16)"),
     ({"avx512_bf16", "amx_bf16", "amx_tile"}, "bfloat16", "this CPU multiplies bf16 natively (avx512_bf16, amx_bf16)"),
 ])
