@@ -4,13 +4,16 @@
 
 Runs the real `evaluate` flow (vLLM + LoRA, lm-eval, reports, MLflow) in a fresh state folder and MLflow store:
   1. one-at-a-time  candidate + base, cold: log-likelihoods one prompt at a time in their own lm-eval pass (the
-                    way evaluation ran before), `reuse_scores: false`;
-  2. batched        candidate + base, cold: log-likelihoods `loglikelihood_concurrency` at a time, one lm-eval pass;
-  3. warm           a second candidate + base + champion (the first candidate), batched: base and champion are
-                    reused from run 2, only the new candidate is scored.
+                    way evaluation ran before), `reuse_scores: false` (skipped with --no-one-at-a-time);
+  2. batched        candidate + base, cold: log-likelihoods `loglikelihood_concurrency` at a time, one lm-eval pass
+                    (the demo's evaluation stage);
+  3. three, cold    a second candidate + base + champion (the first candidate), batched, nothing reused;
+  4. warm           a third candidate + base + champion, batched: base and champion are reused from the runs
+                    before, only the new candidate is scored.
 Prints each run's wall time (vLLM start-up included) and the ratios, then the largest difference between runs 1
 and 2 in any summary score and in any probe's value (the proof that batching does not change scores).
-The second candidate is the first with its LoRA B matrices scaled by 0.9: another artifact, the same shapes.
+The second and third candidates are the first with its LoRA B matrices scaled by 0.9 and 0.8: other artifacts,
+the same shapes.
 """
 
 from __future__ import annotations
@@ -27,15 +30,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def second_adapter(adapter: Path, out: Path) -> Path:
-    """A copy of `adapter` with every lora_B scaled by 0.9 (a different sha, the same lineage and shapes)."""
+def scaled_adapter(adapter: Path, out: Path, scale: float) -> Path:
+    """A copy of `adapter` with every lora_B scaled by `scale` (a different sha, the same lineage and shapes)."""
     from safetensors.torch import load_file, save_file
 
     from charforge.checksums import MANIFEST, write_manifest
 
     shutil.copytree(adapter, out)
     weights = out / "adapter_model.safetensors"
-    tensors = {k: (v * 0.9 if "lora_B" in k else v).contiguous() for k, v in load_file(weights).items()}
+    tensors = {k: (v * scale if "lora_B" in k else v).contiguous() for k, v in load_file(weights).items()}
     save_file(tensors, weights)
     manifest = json.loads((adapter / MANIFEST).read_text())
     (out / MANIFEST).unlink()
@@ -64,18 +67,26 @@ def largest_differences(a: Path, b: Path, tasks: list[str]) -> tuple[float, str,
     return worst
 
 
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", type=Path, default=None, help="default: the newest trained adapter")
     parser.add_argument("--limit", type=int, default=32, help="documents per task (0: all 136 probes)")
     parser.add_argument("--config", type=Path, default=Path("configs/eval/quick.yaml"))
+    parser.add_argument("--no-one-at-a-time", action="store_true",
+                        help="skip run 1 (and the score comparison that needs it)")
     args = parser.parse_args()
 
     from charforge.training.adapters import newest_adapter
 
     adapter = (args.adapter or newest_adapter()).resolve()
     work = Path(tempfile.mkdtemp(prefix="eval-stage-"))
-    state = Path(os.environ.get("CHARFORGE_STATE_DIR", "state")).resolve()
+    from charforge.settings import platform
+
+    state = platform().state  # the project's state folder (CHARFORGE_STATE_DIR, else configs/platform.yaml's)
     (work / "state").mkdir()
     if (state / "models").is_dir():
         (work / "state" / "models").symlink_to(state / "models")  # the verified base, not a rebuild
@@ -89,15 +100,19 @@ def main() -> None:
 
     cfg = load_yaml_model(args.config, EvalConfig).model_copy(
         update={"limit": args.limit or None, "register_version": False})
-    other = second_adapter(adapter, work / "adapter-2")
+    second = scaled_adapter(adapter, work / "adapter-2", 0.9)
+    third = scaled_adapter(adapter, work / "adapter-3", 0.8)
+    cold = cfg.model_copy(update={"reuse_scores": False})
     runs = [
-        ("one-at-a-time", cfg.model_copy(update={"loglikelihood_concurrency": 1, "reuse_scores": False}),
-         dict(adapter=str(adapter))),
-        ("batched", cfg.model_copy(update={"reuse_scores": False}), dict(adapter=str(adapter))),
-        ("warm", cfg.model_copy(update={"reuse_scores": True}), dict(adapter=str(other), champion=str(adapter))),
-    ]
+        ("one-at-a-time", cold.model_copy(update={"loglikelihood_concurrency": 1}), dict(adapter=str(adapter)),
+         "candidate + base"),
+        ("batched", cold, dict(adapter=str(adapter)), "candidate + base"),
+        ("three, cold", cold, dict(adapter=str(second), champion=str(adapter)), "candidate + base + champion"),
+        ("warm", cfg.model_copy(update={"reuse_scores": True}), dict(adapter=str(third), champion=str(adapter)),
+         "candidate (base, champion reused)"),
+    ][1 if args.no_one_at_a_time else 0:]
     seconds, folders = {}, {}
-    for label, run_cfg, kwargs in runs:
+    for label, run_cfg, kwargs, _ in runs:
         started = time.perf_counter()
         result = evaluate(run_cfg, **kwargs)
         seconds[label] = time.perf_counter() - started
@@ -106,11 +121,15 @@ def main() -> None:
 
     docs = f"{args.limit} documents per task" if args.limit else "all probes"
     print(f"\nevaluation stage, {docs}, adapter {adapter.name} (vLLM start-up included)")
-    print(f"{'run':<16}{'models scored':<34}{'wall s':>8}{'vs one-at-a-time':>20}")
-    scored = {"one-at-a-time": "candidate + base", "batched": "candidate + base",
-              "warm": "candidate (base, champion reused)"}
-    for label in seconds:
-        print(f"{label:<16}{scored[label]:<34}{seconds[label]:>8.0f}{seconds[label] / seconds['one-at-a-time']:>19.2f}x")
+    first = runs[0][0]
+    print(f"{'run':<16}{'models scored':<36}{'wall s':>8}{'wall':>10}{'vs ' + first:>22}")
+    for label, _, _, scored in runs:
+        print(f"{label:<16}{scored:<36}{seconds[label]:>8.0f}{minutes(seconds[label]):>10}"
+              f"{seconds[label] / seconds[first]:>21.2f}x")
+    if args.no_one_at_a_time:
+        (work / "timings.json").write_text(json.dumps({"seconds": seconds}, indent=2))
+        print(f"outputs: {work}")
+        return
     differences = {}
     for group, tasks in (("log-likelihood", LOGLIKELIHOOD_TASKS), ("generation", GENERATION_TASKS)):
         d_summary, where_summary, d_probe, where_probe = largest_differences(

@@ -260,6 +260,12 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True) if os.environ.get("CAPACITY_CLEAN") else None
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (every thread: the event loop and the capture writer)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def saturate(args, work: Path, gateways: dict[str, GatewayProcess], tag: str) -> dict[str, float]:
     """One saturating non-streaming locust run against each gateway in turn: requests/s by name."""
     rps = {}
@@ -295,18 +301,25 @@ def capture_cost(args, work: Path, replicas: list[str], off: GatewayProcess) -> 
     try:
         print(f"\n## Capture on (every conversation of the route) vs off: {args.users} users saturating, then 100 "
               f"req/s open loop; {args.seconds} s per run, {args.repeats} alternating repeats", flush=True)
-        ratios, added = [], []
+        ratios, added, cpu_ratios = [], [], []
         for i in range(args.repeats):
-            rps = saturate(args, work, {"off": off, "on": on}, f"cap-{i}")
+            rps, cpu = {}, {}  # cpu: the gateway process's CPU microseconds per request served
+            for name, gw in (("off", off), ("on", on)) if i % 2 == 0 else (("on", on), ("off", off)):
+                before = cpu_seconds(gw.proc.pid)
+                rps.update(saturate(args, work, {name: gw}, f"cap-{i}"))
+                cpu[name] = (cpu_seconds(gw.proc.pid) - before) * 1e6 / stats(work, f"cap-{i}-{name}")["requests"]
             p50 = {name: statistics.median(asyncio.run(open_loop(gw.url, "bench", KEY, 100, args.seconds)))
                    for name, gw in (("off", off), ("on", on))}
             ratios.append(rps["on"] / rps["off"])
+            cpu_ratios.append(cpu["off"] / cpu["on"])
             added.append(p50["on"] - p50["off"])
             print(f"- repeat {i + 1}: saturated {rps['on']:.0f} / {rps['off']:.0f} req/s = {ratios[-1]:.3f}x; "
+                  f"gateway CPU per request {cpu['on']:.0f} vs {cpu['off']:.0f} us (off/on {cpu_ratios[-1]:.3f}x); "
                   f"p50 at 100 req/s {p50['on']:.2f} vs {p50['off']:.2f} ms ({added[-1]:+.2f} ms)", flush=True)
         print(f"- capture on / off: {statistics.median(ratios):.3f}x throughput (repeats "
-              f"{', '.join(f'{r:.3f}' for r in ratios)}), p50 {statistics.median(added):+.2f} ms (repeats "
-              f"{', '.join(f'{a:+.2f}' for a in added)})", flush=True)
+              f"{', '.join(f'{r:.3f}' for r in ratios)}), {statistics.median(cpu_ratios):.3f}x in gateway CPU per "
+              f"request (repeats {', '.join(f'{r:.3f}' for r in cpu_ratios)}), p50 {statistics.median(added):+.2f} ms "
+              f"(repeats {', '.join(f'{a:+.2f}' for a in added)})", flush=True)
     finally:
         on.stop()
     folder = on.state / "capture" / "conversations"

@@ -37,22 +37,22 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-from charforge.curation.scrub import PII_PATTERNS, scrub_pii
+from charforge.curation.scrub import PII_PATTERNS, may_hold_pii, scrub_pii
 from charforge.errors import InputError
 from charforge.schemas.serving import CaptureSettings
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
+PII_KINDS = list(PII_PATTERNS)
 ID_PREFIX = "cfr-"
 SEP = "\x1f"
 
 
 # ---- response ids ----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ResponseRef:
+class ResponseRef(NamedTuple):
     """What a response id says: enough to store a rating for a response that was never captured."""
 
     id: str
@@ -107,7 +107,7 @@ class Scrubber:
             text = text.replace(key, "[KEY]")
         for pattern in self.patterns:
             text = pattern.sub("[KEY]", text)
-        return scrub_pii(text, list(PII_PATTERNS))[0]
+        return scrub_pii(text, PII_KINDS)[0] if may_hold_pii(text) else text
 
 
 def stream_reply(raw: bytes) -> tuple[str, int]:
@@ -128,18 +128,46 @@ def stream_reply(raw: bytes) -> tuple[str, int]:
     return "".join(parts), chunks
 
 
-@dataclass
-class Pending:
-    """One sampled exchange as the request path leaves it: unscrubbed, unparsed (the writer thread does that)."""
+class Pending(NamedTuple):
+    """One sampled exchange as the request path leaves it: unscrubbed, unparsed (the writer thread does that).
+
+    Only strings, bytes and numbers (the request as the bytes sent upstream, not parsed messages): queued as a plain
+    tuple (`Capturer.submit`), a row is something the garbage collector stops tracking, so the rows a busy queue
+    holds are never walked by collections nor promoted to the older generations."""
 
     ref: ResponseRef
     replica: str
-    messages: list
+    request: bytes  # the JSON body sent upstream (the route's system prompt included)
     latency_s: float
     status: str
     reply: str | None = None  # non-streaming: the reply text
-    usage: dict | None = None
+    usage: tuple[int | None, int | None] | None = None  # non-streaming: (prompt_tokens, completion_tokens)
     stream: bytes | None = None  # streaming: the raw SSE bytes
+
+
+def queued(p: Pending) -> tuple:
+    """A row as the queue holds it: one flat tuple of strings, bytes and numbers, which the garbage collector stops
+    tracking the first time it meets it (it never untracks a NamedTuple, nor a tuple holding a tuple it has not
+    untracked yet): a full queue costs collections nothing."""
+    return (*p.ref, p.replica, p.request, p.latency_s, p.status, p.reply, *(p.usage or (None, None)), p.stream)
+
+
+def unqueued(q: tuple) -> Pending:
+    return Pending(ResponseRef(*q[:5]), *q[5:10], usage=q[10:12], stream=q[12])
+
+
+def request_messages(request: bytes) -> list:
+    """The messages of a chat request body, or a completion's prompt as one user message."""
+    try:
+        body = json.loads(request)
+    except ValueError:
+        return []
+    if not isinstance(body, dict):
+        return []
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        return messages
+    return [{"role": "user", "content": body.get("prompt")}] if "prompt" in body else []
 
 
 def capture_row(p: Pending, scrub: Scrubber) -> dict:
@@ -148,11 +176,10 @@ def capture_row(p: Pending, scrub: Scrubber) -> dict:
         tokens = {"completion_tokens": chunks, "counted": "stream chunks"}
     else:
         reply = p.reply or ""
-        usage = p.usage or {}
-        tokens = {"prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
-                  "counted": "usage"}
+        prompt_tokens, completion_tokens = p.usage or (None, None)
+        tokens = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "counted": "usage"}
     messages = [{"role": str(m.get("role")), "content": scrub(m["content"]) if isinstance(m.get("content"), str)
-                 else m.get("content")} for m in p.messages if isinstance(m, dict)]
+                 else m.get("content")} for m in request_messages(p.request) if isinstance(m, dict)]
     return {"schema": SCHEMA_VERSION, "id": p.ref.id, "at": p.ref.at, "route": p.ref.route,
             "version": p.ref.version, "replica": p.replica, "user_hash": p.ref.user_hash,
             "latency_s": round(p.latency_s, 4), "status": p.status, "messages": messages, "reply": scrub(reply),
@@ -187,14 +214,18 @@ class FileCaptureStore:
             time.sleep(0.01)  # created this instant by another gateway, not yet written
         raise InputError(f"{path}: empty capture secret; delete it and restart the gateway")
 
+    def hour_file(self, hour: int) -> Path:
+        """This process's conversation file for an hour since the epoch (UTC)."""
+        t = time.gmtime(hour * 3600)
+        return self.folder / "conversations" / time.strftime("%Y-%m-%d", t) / \
+            f"{time.strftime('%H', t)}-{self.me}.jsonl"
+
     def write(self, rows: list[dict]) -> None:
-        by_file: dict[Path, list[str]] = {}
+        by_hour: dict[int, list[str]] = {}  # a row's file is its hour's: paths are built once per hour, not per row
         for row in rows:
-            t = time.gmtime(row["at"])
-            path = self.folder / "conversations" / time.strftime("%Y-%m-%d", t) / \
-                f"{time.strftime('%H', t)}-{self.me}.jsonl"
-            by_file.setdefault(path, []).append(json.dumps(row, ensure_ascii=False))
-        for path, lines in by_file.items():
+            by_hour.setdefault(int(row["at"] // 3600), []).append(json.dumps(row, ensure_ascii=False))
+        for hour, lines in by_hour.items():
+            path = self.hour_file(hour)
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as handle:
                 handle.write("\n".join(lines) + "\n")
@@ -423,7 +454,7 @@ class Capturer:
         self.scrub = Scrubber(settings.key_patterns, keys)
         # a deque, not a queue.Queue: appends and pops are atomic without a lock, and no thread waits on it, so a
         # request never wakes the writer (which drains it every flush_s) and never contends for a lock
-        self.queue: deque[Pending] = deque()
+        self.queue: deque[tuple] = deque()  # Pending rows as plain tuples (see submit)
         self.dropped = dropped  # a prometheus Counter (labels: reason), or None
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -439,7 +470,7 @@ class Capturer:
         if len(self.queue) >= self.settings.buffer:
             self.drop("buffer_full", [pending])
             return
-        self.queue.append(pending)
+        self.queue.append(queued(pending))
 
     def drop(self, reason: str, lost: list[Pending]) -> None:
         if self.dropped is not None:
@@ -467,7 +498,7 @@ class Capturer:
                 self.stop.wait(self.settings.flush_s)
             batch: list[Pending] = []
             while self.queue and len(batch) < self.settings.buffer:
-                batch.append(self.queue.popleft())
+                batch.append(unqueued(self.queue.popleft()))
             if batch:
                 try:
                     self.store.write([capture_row(p, self.scrub) for p in batch])
@@ -540,7 +571,8 @@ def export_rows(store, since: float, until: float) -> list[dict]:
         out.append({"messages": [*row["messages"], {"role": "assistant", "content": row["reply"]}],
                     "source": "production", "route": row["route"], "version": row["version"],
                     "rating": rated["rating"] if rated else None, "capture_id": row["id"],
-                    "captured_at": row["at"], **({"comment": rated["comment"]} if rated and rated.get("comment") else {}),
+                    "captured_at": row["at"],
+                    **({"comment": rated["comment"]} if rated and rated.get("comment") else {}),
                     **({"flagged": flags[row["id"]]["reasons"]} if row["id"] in flags else {})})
     return out
 

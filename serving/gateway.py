@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiohttp
@@ -123,6 +123,7 @@ class RouteTable:
 RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 CONNECT_TIMEOUT = aiohttp.ConnectionTimeoutError  # retryable: the replica never accepted the request
 READ_TIMEOUT = (aiohttp.ServerTimeoutError, asyncio.TimeoutError)  # 504: it may still be working on it
+JSON_CONTENT = {"Content-Type": "application/json"}
 PROBE_HEADER = "x-charforge-probe"  # admin only: route this request to the named version, count it as a probe
 ACTOR_HEADER = "x-charforge-actor"  # admin callers say who they are (a rollout, `charforge rollback`), for the audit
 
@@ -518,9 +519,10 @@ class Gateway:
             headers["x-charforge-response-id"] = ref.id
             sampled = self.capture.sampled(route)
         self._track(replica.name, +1)
+        data = json.dumps(body).encode()  # what aiohttp's json= would send; kept (bytes) for a sampled capture
         if body.get("stream"):
             try:
-                upstream = await self.session().post(url, json=body)
+                upstream = await self.session().post(url, data=data, headers=JSON_CONTENT)
             except BaseException:  # nothing was relayed: take the in-flight count back here, not in relay()
                 self._track(replica.name, -1)
                 raise
@@ -536,8 +538,8 @@ class Gateway:
                 self.metrics.observe(route, version, outcome.status(), elapsed, probe)
                 upstream.close()  # a stream's connection is not reused: it may have broken off
                 if kept is not None:
-                    self.capture.submit(Pending(ref, replica.name, body.get("messages") or [], elapsed,
-                                                outcome.status(), stream=bytes(kept)))
+                    self.capture.submit(Pending(ref, replica.name, data, elapsed, outcome.status(),
+                                                stream=bytes(kept)))
 
             async def relay():
                 first = True
@@ -562,7 +564,7 @@ class Gateway:
             return RelayResponse(relay(), close, status_code=upstream.status, headers=headers,
                                  media_type=upstream.headers.get("content-type", "text/event-stream"))
         try:
-            async with self.session().post(url, json=body) as response:
+            async with self.session().post(url, data=data, headers=JSON_CONTENT) as response:
                 content = await response.read()
                 code = response.status
         finally:
@@ -586,17 +588,17 @@ class Gateway:
             if sampled:
                 choice = (payload.get("choices") or [{}])[0]
                 reply = (choice.get("message") or {}).get("content") if "message" in choice else choice.get("text")
-                self.capture.submit(Pending(ref, replica.name, body.get("messages") or
-                                            [{"role": "user", "content": body.get("prompt")}], elapsed, status,
+                usage = payload.get("usage")
+                self.capture.submit(Pending(ref, replica.name, data, elapsed, status,
                                             reply=reply if isinstance(reply, str) else "",
-                                            usage=payload.get("usage") if isinstance(payload.get("usage"), dict)
-                                            else None))
+                                            usage=(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+                                            if isinstance(usage, dict) else None))
         return JSONResponse(payload, status_code=code, headers=headers)
 
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 500: "server_error",
-               503: "service_unavailable", 504: "timeout"}
+               404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+               413: "invalid_request_error", 500: "server_error", 503: "service_unavailable", 504: "timeout"}
 
 
 def openai_error(status: int, message: str, kind: str | None = None, headers: dict | None = None) -> JSONResponse:

@@ -68,7 +68,8 @@ def capture_window(state: Path) -> dict[str, str]:
         messages = [{"role": "system", "content": wat}, {"role": "user", "content": "What is in your oven?"},
                     {"role": "assistant", "content": "Loaves and pies, bless you."},
                     {"role": "user", "content": f"And for me, friend ({n})?"}]
-        capturer.submit(Pending(ref, "replica-0", messages, 0.2, "200", reply=reply, usage={}))
+        capturer.submit(Pending(ref, "replica-0", json.dumps({"messages": messages}).encode(), 0.2, "200",
+                                reply=reply))
         ids[reply] = ref.id
     capturer.close()
     for reply, rating in chats.items():
@@ -170,7 +171,8 @@ def test_retrain_runs_every_stage_and_the_gateway_serves_the_champion(chain_env,
     assert str(champion.version) == str(result.version)
     served = f"{NAME}-v{champion.version}"
     reply = httpx.post(f"{gateway}/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"}, timeout=120,
-                       json={"model": result.example_route, "max_tokens": 8, "messages": [{"role": "user", "content": "Hello!"}]})
+                       json={"model": result.example_route, "max_tokens": 8,
+                             "messages": [{"role": "user", "content": "Hello!"}]})
     assert reply.status_code == 200 and reply.headers["x-charforge-version"] == served
     assert result.replicas and result.rollout == "done"
 

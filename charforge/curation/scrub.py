@@ -23,6 +23,7 @@ PII_PATTERNS: dict[str, re.Pattern] = {
 }
 # Cheap pre-checks: most text has no '@' and many lines no digit, so most regex scans can be skipped.
 _PRECHECK = {"email": re.compile("@"), "ip_address": re.compile(r"\d"), "phone": re.compile(r"\d")}
+_DIGIT = re.compile(r"\d")
 PLACEHOLDERS = {"email": "[EMAIL]", "phone": "[PHONE]", "ip_address": "[IP_ADDRESS]"}
 
 
@@ -32,6 +33,11 @@ def normalize_text(text: str) -> str:
     text = _CONTROL.sub("", _INVISIBLE.sub("", text))
     lines = [_HSPACE.sub(" ", line).strip() for line in text.split("\n")]
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+def may_hold_pii(text: str) -> bool:
+    """False when no PII pattern can match (no '@' and no digit): most chat text, which then needs no regex."""
+    return "@" in text or _DIGIT.search(text) is not None
 
 
 def scrub_pii(text: str, kinds: list[str]) -> tuple[str, Counter]:

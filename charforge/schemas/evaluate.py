@@ -44,7 +44,7 @@ class EvalConfig(StageConfig):
     tasks: list[str] = Field(default=list(KNOWN_TASKS), min_length=1, description="lm-eval tasks to run.")
     limit: int | None = Field(default=None, ge=1, description="Documents per task (None = all); for smoke runs.")
     bootstrap_resamples: int = Field(default=1000, ge=100, description="Resamples for the 95% CIs.")
-    generation_concurrency: int = Field(default=4, ge=1, description="Parallel generation requests to vLLM.")
+    generation_concurrency: int = Field(default=16, ge=1, description="Parallel generation requests to vLLM.")
     loglikelihood_concurrency: int = Field(
         default=4, ge=1, description="Parallel log-likelihood requests to vLLM (batched prompt log-probabilities).")
     reuse_scores: bool = Field(

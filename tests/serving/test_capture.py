@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -219,8 +218,8 @@ def test_a_purge_leaves_nothing_of_that_user(tmp_path, capture_store):
     for user in ["alice", "bob", "alice", "bob", "alice"]:
         h = ids.user_hash(user)
         ref = ResponseRef(ids.mint("nell", VERSION, h), "nell", VERSION, time.time(), h)
-        rows.append(capture_row(Pending(ref, "replica-0", [{"role": "user", "content": "Hi"}], 0.1, "200",
-                                        reply="Good day."), scrub))
+        request = json.dumps({"messages": [{"role": "user", "content": "Hi"}]}).encode()
+        rows.append(capture_row(Pending(ref, "replica-0", request, 0.1, "200", reply="Good day."), scrub))
     capture_store.write(rows)
     for row in rows[:4]:
         capture_store.put_feedback({**{k: row[k] for k in ("id", "at", "route", "version", "user_hash")},
@@ -297,3 +296,23 @@ def test_bad_capture_configs_are_one_line_naming_the_key(tmp_path):
     bad.write_text("capture:\n  key_patterns: ['sk-[']\n")
     with pytest.raises(ConfigError, match=r"key 'capture.key_patterns': .*'sk-\[' is not a regular expression"):
         load_yaml_model(bad, ServingConfig)
+
+
+def test_a_queued_capture_is_nothing_the_garbage_collector_walks(tmp_path):
+    """A saturated gateway holds thousands of queued rows; queued as the gateway queues them (the request as the bytes
+    sent upstream, the usage as numbers), a row is untracked after one collection, and the writer still reads the
+    request's messages from it, or a completion's prompt as the user's turn."""
+    import gc
+
+    from serving.capture import Pending, capture_row, Scrubber, unqueued
+
+    capturer = Capturer(CaptureSettings(routes={"nell": 1.0}), FileCaptureStore(tmp_path))
+    ref = capturer.ids.read(capturer.ids.mint("nell", VERSION, capturer.ids.user_hash("alice")))
+    chat = json.dumps({"model": VERSION, "messages": [{"role": "user", "content": "Hi"}]}).encode()
+    capturer.submit(Pending(ref, "replica-0", chat, 0.1, "200", reply="Good day.", usage=(int("9"), int("3"))))
+    capturer.submit(Pending(ref, "replica-0", json.dumps({"prompt": "Once"}).encode(), 0.1, "200", reply="upon"))
+    gc.collect()
+    assert [gc.is_tracked(q) for q in capturer.queue] == [False, False]
+    first, second = (capture_row(unqueued(q), Scrubber([], ())) for q in capturer.queue)
+    assert first["messages"] == [{"role": "user", "content": "Hi"}] and first["tokens"]["prompt_tokens"] == 9
+    assert second["messages"] == [{"role": "user", "content": "Once"}] and second["reply"] == "upon"
