@@ -18,6 +18,9 @@ Saturation and latency are measured for both server stacks uvicorn offers, side 
 `gateway.event_loop: auto` and `gateway.http_parser: auto` pick, installed with the pipeline) and asyncio + h11.
 4. Where the time goes: `py-spy` (if installed in .venv-bench) samples the saturated gateway; the top frames by own
    time are printed.
+5. Capture: the same gateway capturing every conversation vs not, alternating (the order flips every repeat):
+   saturated requests/s, the gateway's CPU microseconds per request from /proc (its event-loop thread, and its other
+   threads: the capture writer), the p50 at 100 requests/s, and the store's size per 1,000 conversations.
 
 Every process shares this machine's cores with the load generator: the figures are for this machine, not a bound of
 the gateway's design.
@@ -260,10 +263,18 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True) if os.environ.get("CAPACITY_CLEAN") else None
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used (every thread: the event loop and the capture writer)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User + system CPU time a process has used: (its main thread, the event loop; its other threads, the capture
+    writer among them)."""
+    main = other = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        main, other = (main + seconds, other) if task.name == str(pid) else (main, other + seconds)
+    return main, other
 
 
 def saturate(args, work: Path, gateways: dict[str, GatewayProcess], tag: str) -> dict[str, float]:
@@ -303,18 +314,22 @@ def capture_cost(args, work: Path, replicas: list[str], off: GatewayProcess) -> 
               f"req/s open loop; {args.seconds} s per run, {args.repeats} alternating repeats", flush=True)
         ratios, added, cpu_ratios = [], [], []
         for i in range(args.repeats):
-            rps, cpu = {}, {}  # cpu: the gateway process's CPU microseconds per request served
+            rps, cpu, threads = {}, {}, {}  # cpu: the gateway process's CPU microseconds per request served
             for name, gw in (("off", off), ("on", on)) if i % 2 == 0 else (("on", on), ("off", off)):
                 before = cpu_seconds(gw.proc.pid)
                 rps.update(saturate(args, work, {name: gw}, f"cap-{i}"))
-                cpu[name] = (cpu_seconds(gw.proc.pid) - before) * 1e6 / stats(work, f"cap-{i}-{name}")["requests"]
+                served = stats(work, f"cap-{i}-{name}")["requests"]
+                threads[name] = [(b - a) * 1e6 / served for a, b in zip(before, cpu_seconds(gw.proc.pid))]
+                cpu[name] = sum(threads[name])
             p50 = {name: statistics.median(asyncio.run(open_loop(gw.url, "bench", KEY, 100, args.seconds)))
                    for name, gw in (("off", off), ("on", on))}
             ratios.append(rps["on"] / rps["off"])
             cpu_ratios.append(cpu["off"] / cpu["on"])
             added.append(p50["on"] - p50["off"])
             print(f"- repeat {i + 1}: saturated {rps['on']:.0f} / {rps['off']:.0f} req/s = {ratios[-1]:.3f}x; "
-                  f"gateway CPU per request {cpu['on']:.0f} vs {cpu['off']:.0f} us (off/on {cpu_ratios[-1]:.3f}x); "
+                  f"gateway CPU per request {cpu['on']:.0f} vs {cpu['off']:.0f} us (off/on {cpu_ratios[-1]:.3f}x; "
+                  f"event loop {threads['on'][0]:.0f} vs {threads['off'][0]:.0f}, other threads "
+                  f"{threads['on'][1]:.0f} vs {threads['off'][1]:.0f}); "
                   f"p50 at 100 req/s {p50['on']:.2f} vs {p50['off']:.2f} ms ({added[-1]:+.2f} ms)", flush=True)
         print(f"- capture on / off: {statistics.median(ratios):.3f}x throughput (repeats "
               f"{', '.join(f'{r:.3f}' for r in ratios)}), {statistics.median(cpu_ratios):.3f}x in gateway CPU per "
