@@ -80,12 +80,11 @@ def main() -> None:
                         help="skip run 1 (and the score comparison that needs it)")
     args = parser.parse_args()
 
+    from charforge.settings import platform
     from charforge.training.adapters import newest_adapter
 
     adapter = (args.adapter or newest_adapter()).resolve()
     work = Path(tempfile.mkdtemp(prefix="eval-stage-"))
-    from charforge.settings import platform
-
     state = platform().state  # the project's state folder (CHARFORGE_STATE_DIR, else configs/platform.yaml's)
     (work / "state").mkdir()
     if (state / "models").is_dir():
@@ -126,18 +125,16 @@ def main() -> None:
     for label, _, _, scored in runs:
         print(f"{label:<16}{scored:<36}{seconds[label]:>8.0f}{minutes(seconds[label]):>10}"
               f"{seconds[label] / seconds[first]:>21.2f}x")
-    if args.no_one_at_a_time:
-        (work / "timings.json").write_text(json.dumps({"seconds": seconds}, indent=2))
-        print(f"outputs: {work}")
-        return
     differences = {}
-    for group, tasks in (("log-likelihood", LOGLIKELIHOOD_TASKS), ("generation", GENERATION_TASKS)):
+    for group, tasks in (("log-likelihood", LOGLIKELIHOOD_TASKS), ("generation", GENERATION_TASKS)) \
+            if "one-at-a-time" in folders else ():
         d_summary, where_summary, d_probe, where_probe = largest_differences(
             folders["one-at-a-time"], folders["batched"], tasks)
         differences[group] = {"summary": d_summary, "probe": d_probe}
         print(f"{group} tasks, batched vs one-at-a-time: largest summary difference {d_summary:.2e} "
               f"({where_summary}), largest per-probe difference {d_probe:.2e} ({where_probe})")
-    print("(generation runs at the same concurrency in both: its difference is vLLM's run-to-run variation)")
+    if differences:
+        print("(generation runs at the same concurrency in both: its difference is vLLM's run-to-run variation)")
     (work / "timings.json").write_text(json.dumps({"seconds": seconds, "differences": differences}, indent=2))
     print(f"outputs: {work}")
 
