@@ -19,8 +19,8 @@ Saturation and latency are measured for both server stacks uvicorn offers, side 
 4. Where the time goes: `py-spy` (if installed in .venv-bench) samples the saturated gateway; the top frames by own
    time are printed.
 5. Capture: the same gateway capturing every conversation vs not, alternating (the order flips every repeat):
-   saturated requests/s, the gateway's CPU microseconds per request from /proc (its event-loop thread, and its other
-   threads: the capture writer), the p50 at 100 requests/s, and the store's size per 1,000 conversations.
+   saturated requests/s, CPU microseconds per request from /proc (the gateway's event-loop thread, its other threads,
+   and its capture writer process), the p50 at 100 requests/s, and the store's size per 1,000 conversations.
 
 Every process shares this machine's cores with the load generator: the figures are for this machine, not a bound of
 the gateway's design.
@@ -62,7 +62,7 @@ STREAM = CHUNK * 8 + b"data: [DONE]\n\n"
 MODELS = json.dumps({"data": [{"id": VERSION, "parent": "base", "root": "/x"}]}).encode()
 
 
-# ---- stand-in replica -------------------------------------------------------------------------------------------------
+# ---- stand-in replica ------------------------------------------------------------------------------------------------
 async def serve_stand_in(port: int) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -129,7 +129,7 @@ def gateway_process(work: Path, name: str, replicas: list[str], stack: dict, cap
                                                         "capture": capture or {}}, env)
 
 
-# ---- load -------------------------------------------------------------------------------------------------------------
+# ---- load ------------------------------------------------------------------------------------------------------------
 LOCUSTFILE = '''
 import os
 import random
@@ -263,18 +263,28 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True) if os.environ.get("CAPACITY_CLEAN") else None
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """User + system CPU time a process has used: (its main thread, the event loop; its other threads, the capture
-    writer among them)."""
+def cpu_seconds(pid: int) -> tuple[float, float, float]:
+    """User + system CPU time a gateway has used: (its main thread, the event loop; its other threads; its child
+    processes, the capture writer)."""
     main = other = 0.0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            seconds = stat_seconds(task / "stat")
         except FileNotFoundError:  # a thread that just ended
             continue
-        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         main, other = (main + seconds, other) if task.name == str(pid) else (main, other + seconds)
-    return main, other
+    children = 0.0
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            children += stat_seconds(Path(f"/proc/{child}/stat"))
+        except FileNotFoundError:
+            continue
+    return main, other, children
+
+
+def stat_seconds(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def saturate(args, work: Path, gateways: dict[str, GatewayProcess], tag: str) -> dict[str, float]:
@@ -320,7 +330,7 @@ def capture_cost(args, work: Path, replicas: list[str], off: GatewayProcess) -> 
                 rps.update(saturate(args, work, {name: gw}, f"cap-{i}"))
                 served = stats(work, f"cap-{i}-{name}")["requests"]
                 threads[name] = [(b - a) * 1e6 / served for a, b in zip(before, cpu_seconds(gw.proc.pid))]
-                cpu[name] = sum(threads[name])
+                cpu[name] = sum(threads[name][:2])  # the gateway process; its writer runs beside it
             p50 = {name: statistics.median(asyncio.run(open_loop(gw.url, "bench", KEY, 100, args.seconds)))
                    for name, gw in (("off", off), ("on", on))}
             ratios.append(rps["on"] / rps["off"])
@@ -329,7 +339,8 @@ def capture_cost(args, work: Path, replicas: list[str], off: GatewayProcess) -> 
             print(f"- repeat {i + 1}: saturated {rps['on']:.0f} / {rps['off']:.0f} req/s = {ratios[-1]:.3f}x; "
                   f"gateway CPU per request {cpu['on']:.0f} vs {cpu['off']:.0f} us (off/on {cpu_ratios[-1]:.3f}x; "
                   f"event loop {threads['on'][0]:.0f} vs {threads['off'][0]:.0f}, other threads "
-                  f"{threads['on'][1]:.0f} vs {threads['off'][1]:.0f}); "
+                  f"{threads['on'][1]:.0f} vs {threads['off'][1]:.0f}; writer process {threads['on'][2]:.0f} vs "
+                  f"{threads['off'][2]:.0f}); "
                   f"p50 at 100 req/s {p50['on']:.2f} vs {p50['off']:.2f} ms ({added[-1]:+.2f} ms)", flush=True)
         print(f"- capture on / off: {statistics.median(ratios):.3f}x throughput (repeats "
               f"{', '.join(f'{r:.3f}' for r in ratios)}), {statistics.median(cpu_ratios):.3f}x in gateway CPU per "

@@ -9,9 +9,13 @@ training.
   streamed one reassembled), token counts, version, replica, latency, the user id hashed (HMAC), a schema version.
   PII is scrubbed with the curation scrubber and credentials (the gateway's keys, and text matching
   `capture.key_patterns`) are replaced before anything is written; headers are never captured. The request path
-  only puts a row on a bounded queue; a writer thread scrubs and writes it. A full queue drops the capture and
-  counts it (`gateway_capture_dropped_total`); it never blocks or fails a request. A gateway crash loses what was
-  queued (at most `capture.buffer` rows) and what the writer had not yet flushed (at most `capture.flush_s`).
+  only puts a row on a bounded queue; every `flush_s` a thread sends the queue down a pipe to the capture writer,
+  a process of its own (`writer_main`), which scrubs, writes and fsyncs the rows and acknowledges them: scrubbing
+  and encoding never take the gateway's interpreter from requests. `capture.buffer` bounds the rows queued or sent
+  and not yet written; beyond it a capture is dropped and counted (`gateway_capture_dropped_total`), never blocking
+  or failing a request. A writer that dies is counted (`writer_died`) and started again. A gateway crash loses the
+  rows queued since the last send (at most `capture.flush_s` of them): the writer writes everything it was sent
+  before it exits, and what it had not yet flushed is lost only if it dies too.
 - **Ratings** (`POST /v1/feedback`) are written synchronously (fsync'd, or committed) before the 200: an
   acknowledged rating is never lost. A second rating of a response replaces the first.
 - **Stores** follow the serving store: files under `<state>/capture/` (one JSONL per hour per gateway process, and a
@@ -23,16 +27,23 @@ training.
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import hmac
 import json
 import logging
+import marshal
 import os
 import random
 import re
 import secrets
+import select
 import shutil
+import signal
 import socket
+import struct
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -302,6 +313,10 @@ class FileCaptureStore:
                 shutil.rmtree(folder)
         return removed + self.purge(lambda row: row.get("at", row.get("rated_at", 0)) >= cutoff)
 
+    def spec(self) -> dict:
+        """What another process needs to open this store (`open_store`)."""
+        return {"folder": str(self.folder)}
+
     def close(self) -> None:
         pass
 
@@ -427,8 +442,17 @@ class PostgresCaptureStore:
             return Counter({"conversations": a, "feedback": b, "flagged": c})
         return self._run(drop)
 
+    def spec(self) -> dict:
+        return {"url": self.store.dsn}
+
     def close(self) -> None:
         self.store.close()
+
+
+def open_store(spec: dict) -> FileCaptureStore | PostgresCaptureStore:
+    from serving.state_store import PostgresStore
+
+    return PostgresCaptureStore(PostgresStore(spec["url"])) if "url" in spec else FileCaptureStore(Path(spec["folder"]))
 
 
 def capture_store(state: Path, url: str | None) -> FileCaptureStore | PostgresCaptureStore:
@@ -445,81 +469,203 @@ def purge_user(store, user_hash: str) -> Counter:
 
 
 # ---- the gateway's side ----------------------------------------------------------------------------------------------
+class WriterProcess:
+    """One capture writer process (`writer_main`) and what the gateway knows of it: the frames it was sent and has
+    not yet acknowledged (it acknowledges each, in order, once its rows are written or have failed and been
+    counted)."""
+
+    def __init__(self, config: dict, on_ack) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from serving.capture import writer_main; writer_main()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))})
+        self.unacked = 0  # rows sent, not yet acknowledged
+        self.frames: deque[tuple[Counter, Counter]] = deque()  # per unacknowledged frame: its rows and drops
+        self.lock = threading.Lock()
+        self.on_ack = on_ack
+        try:  # room for bursts: a pipe holds 64 KiB by default
+            fcntl.fcntl(self.proc.stdin.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+        except OSError:
+            pass
+        self.proc.stdin.write(frame(json.dumps(config).encode()))  # settings, keys (never on a command line), store
+        self.proc.stdin.flush()
+        self.listener = threading.Thread(target=self._listen, name="capture-acks", daemon=True)
+        self.listener.start()
+
+    def send(self, batch: list[tuple], drops: Counter) -> None:
+        """Raises OSError (BrokenPipeError) when the process is gone."""
+        rows = Counter((q[1], q[2]) for q in batch)  # (route, version): see queued()
+        with self.lock:
+            self.frames.append((rows, drops))
+            self.unacked += len(batch)
+        self.proc.stdin.write(frame(marshal.dumps((batch, [(*k, n) for k, n in drops.items()]))))
+        self.proc.stdin.flush()
+
+    def _listen(self) -> None:
+        for line in self.proc.stdout:  # "written N" or "failed N", one line per frame, in order; EOF when it exits
+            kind, _, n = line.decode().partition(" ")
+            with self.lock:
+                self.frames.popleft()
+                self.unacked -= int(n)
+            self.on_ack(kind, int(n))
+
+    def finish(self, timeout: float) -> tuple[Counter, Counter]:
+        """Close its input (it writes everything it has and exits) and wait for it. What it never acknowledged:
+        rows and drop counts, each by (route, version)."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.error("capture writer (pid %d) still writing after %.0f s: killed", self.proc.pid, timeout)
+            self.proc.kill()
+            self.proc.wait()
+        self.listener.join(5)
+        with self.lock:
+            return sum((r for r, _ in self.frames), Counter()), sum((d for _, d in self.frames), Counter())
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack("<I", len(payload)) + payload
+
+
+def read_frame(fd: int) -> bytes | None:
+    """The next frame on a pipe, None at its end (a frame cut short by the gateway's death included)."""
+    head = read_exactly(fd, 4)
+    return None if head is None else read_exactly(fd, struct.unpack("<I", head)[0])
+
+
+def read_exactly(fd: int, n: int) -> bytes | None:
+    parts, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            return None
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
 class Capturer:
-    """What the gateway holds: the ids, the sampling decision, the queue and its writer thread, the rating writes."""
+    """What the gateway holds: the ids, the sampling decision, the queue, the rating writes, and the writer.
+
+    The writer is a process of its own, so that scrubbing and encoding rows never takes the gateway's interpreter
+    (its GIL) from requests: the request path appends a row to a queue; a thread sends the queue to the writer
+    every `flush_s`, as one marshalled frame on a pipe; the writer scrubs, writes and fsyncs the frame's rows and
+    acknowledges them. `capture.buffer` bounds the rows queued or sent and not yet acknowledged. A writer that dies
+    is counted (its unacknowledged rows as dropped, `writer_died`) and started again."""
+
+    RESTART_S = 5  # a writer is started again at most this often (one that dies at once does not spin)
 
     def __init__(self, settings: CaptureSettings, store, keys: tuple[str, ...] = (), dropped=None) -> None:
         self.settings, self.store = settings, store
         self.ids = ResponseIds(store.secret())
-        self.scrub = Scrubber(settings.key_patterns, keys)
+        self.keys = tuple(k for k in keys if k)
+        self.scrub = Scrubber(settings.key_patterns, self.keys)  # for rating comments, written here
         # a deque, not a queue.Queue: appends and pops are atomic without a lock, and no thread waits on it, so a
-        # request never wakes the writer (which drains it every flush_s) and never contends for a lock
+        # request never wakes the sender (which drains it every flush_s) and never contends for a lock
         self.queue: deque[tuple] = deque()  # Pending rows as plain tuples (see submit)
         self.dropped = dropped  # a prometheus Counter (labels: reason), or None
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
+        self.writer: WriterProcess | None = None
         self.written = 0
-        self.dropped_by: Counter = Counter()  # (route, version) -> captures dropped since the writer last saved them
+        self.dropped_by: Counter = Counter()  # (route, version) -> captures dropped since the writer last had them
         self._drops_lock = threading.Lock()
+        self._started_writer = 0.0
+        self._close_timeout = 15.0
 
     def sampled(self, route: str) -> bool:
         rate = self.settings.routes.get(route, 0.0)
         return rate > 0 and (rate >= 1 or random.random() < rate)
 
     def submit(self, pending: Pending) -> None:
-        if len(self.queue) >= self.settings.buffer:
-            self.drop("buffer_full", [pending])
+        writer = self.writer
+        if len(self.queue) + (writer.unacked if writer else 0) >= self.settings.buffer:
+            self.drop("buffer_full", [pending.ref])
             return
         self.queue.append(queued(pending))
 
-    def drop(self, reason: str, lost: list[Pending]) -> None:
+    def drop(self, reason: str, lost: list[ResponseRef] | Counter) -> None:
+        """Count lost captures: the rows' refs, or a Counter of (route, version) -> rows."""
+        counts = lost if isinstance(lost, Counter) else Counter((r.route, r.version) for r in lost)
         if self.dropped is not None:
-            self.dropped.labels(reason).inc(len(lost))
+            self.dropped.labels(reason).inc(sum(counts.values()))
         with self._drops_lock:
-            for p in lost:
-                self.dropped_by[(p.ref.route, p.ref.version)] += 1
+            self.dropped_by.update(counts)
 
     def start(self) -> None:
         if self.thread is None or not self.thread.is_alive():
             self.stop.clear()
-            self.thread = threading.Thread(target=self._write_forever, name="capture-writer", daemon=True)
+            self._start_writer()
+            self.thread = threading.Thread(target=self._send_forever, name="capture-sender", daemon=True)
             self.thread.start()
 
     def close(self, timeout: float = 15) -> None:
-        """Write what is queued (waiting at most `timeout` for a slow store), then stop the writer."""
+        """Send what is queued, let the writer write it (waiting at most `timeout` for a slow store), stop both."""
+        self._close_timeout = timeout
         self.stop.set()
         if self.thread is not None:
-            self.thread.join(timeout)
+            self.thread.join(timeout + 5)
 
-    def _write_forever(self) -> None:
-        last_retention = 0.0
-        while not (self.stop.is_set() and not self.queue):
-            if len(self.queue) < self.settings.buffer // 2:  # one batch per flush_s, unless the queue fills up
-                self.stop.wait(self.settings.flush_s)
-            batch: list[Pending] = []
-            while self.queue and len(batch) < self.settings.buffer:
-                batch.append(unqueued(self.queue.popleft()))
-            if batch:
-                try:
-                    self.store.write([capture_row(p, self.scrub) for p in batch])
-                    self.written += len(batch)
-                except Exception as exc:  # a full disk, the store down: drop this batch, count it, go on
-                    log.error("capture: %d rows not written (%s: %s)", len(batch), type(exc).__name__, exc)
-                    self.drop("write_failed", batch)
+    def _start_writer(self) -> None:
+        self._started_writer = time.monotonic()
+        try:
+            self.writer = WriterProcess({"settings": self.settings.model_dump(), "keys": list(self.keys),
+                                         "store": self.store.spec()}, self._acked)
+        except OSError as exc:
+            log.error("capture writer did not start (%s: %s): captures are dropped until it does",
+                      type(exc).__name__, exc)
+            self.writer = None
+
+    def _acked(self, kind: str, n: int) -> None:
+        if kind == "written":
+            self.written += n
+        elif self.dropped is not None:  # the writer counted them in the store itself
+            self.dropped.labels("write_failed").inc(n)
+
+    def _send_forever(self) -> None:
+        while True:
+            stopping = self.stop.wait(self.settings.flush_s)
+            batch = [self.queue.popleft() for _ in range(len(self.queue))]
             with self._drops_lock:
                 drops, self.dropped_by = self.dropped_by, Counter()
-            if drops:
-                try:  # what `charforge capture stats` shows as dropped
-                    self.store.put_drops([{"at": time.time(), "route": r, "version": v, "count": n}
-                                          for (r, v), n in drops.items()])
-                except Exception as exc:
-                    log.error("capture: drop counts not written (%s: %s)", type(exc).__name__, exc)
-            if time.time() - last_retention > 3600:
-                last_retention = time.time()
-                try:
-                    self.store.drop_days_before(time.time() - self.settings.retention_days * 86400)
-                except Exception as exc:
-                    log.error("capture retention failed (%s: %s)", type(exc).__name__, exc)
+            if batch or drops:
+                self._send(batch, drops)
+            if stopping and not self.queue:
+                break
+        if self.writer is not None:
+            unwritten, _ = self.writer.finish(self._close_timeout)
+            if unwritten:
+                log.error("capture writer stopped with %d rows not written", sum(unwritten.values()))
+
+    def _send(self, batch: list[tuple], drops: Counter) -> None:
+        writer = self.writer
+        if writer is not None and writer.proc.poll() is None:
+            try:
+                writer.send(batch, drops)
+                return
+            except OSError:
+                pass
+        # the writer is gone: the rows it was sent and never acknowledged, and this batch, are lost (counted as
+        # writer_died); the drop counts it never stored go to the next one
+        lost = Counter((q[1], q[2]) for q in batch)
+        if writer is not None:
+            unwritten, unstored = writer.finish(0)
+            log.error("capture writer (pid %d) exited with code %s: %d rows it had not written and %d queued are "
+                      "dropped (writer_died)", writer.proc.pid, writer.proc.returncode, sum(unwritten.values()),
+                      len(batch))
+            lost += unwritten
+            drops += unstored
+            self.writer = None
+        with self._drops_lock:
+            self.dropped_by.update(drops)
+        self.drop("writer_died", lost)
+        if time.monotonic() - self._started_writer >= self.RESTART_S:
+            self._start_writer()
 
     def rate(self, body: dict) -> dict:
         """Store a rating (raises `ValueError` with the status and message for a bad one)."""
@@ -541,6 +687,57 @@ class Capturer:
                "comment": self.scrub(comment) if comment else None}
         self.store.put_feedback(row)
         return row
+
+
+# ---- the writer process ---------------------------------------------------------------------------------------------
+def writer_main() -> None:
+    """The capture writer: frames from the gateway on stdin (the first its config, then marshalled batches of queued
+    rows and drop counts), each scrubbed, written, fsync'd and acknowledged on stdout ("written N" or "failed N").
+    It ends when the gateway closes the pipe (or dies): everything received is written first. Signals meant for the
+    gateway's process group (Ctrl-C, a terminal's SIGTERM) do not stop it halfway."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s capture writer: %(message)s")
+    acks = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything else printed goes to the log, not into the acknowledgements
+    config = json.loads(read_frame(0) or b"{}")
+    settings = CaptureSettings(**config["settings"])
+    scrub, store = Scrubber(settings.key_patterns, tuple(config["keys"])), open_store(config["store"])
+    last_retention = 0.0
+    while True:
+        if time.time() - last_retention > 3600:  # retention by age, also for a gateway that captures nothing
+            last_retention = time.time()
+            try:
+                store.drop_days_before(time.time() - settings.retention_days * 86400)
+            except Exception as exc:
+                log.error("retention failed (%s: %s)", type(exc).__name__, exc)
+        if not select.select([0], [], [], 600)[0]:
+            continue
+        data = read_frame(0)
+        if data is None:
+            break
+        batch, drop_counts = marshal.loads(data)
+        drops = [{"at": time.time(), "route": r, "version": v, "count": n} for r, v, n in drop_counts]
+        kind = "written"
+        if batch:
+            try:
+                store.write([capture_row(unqueued(q), scrub) for q in batch])
+            except Exception as exc:  # a full disk, the store down: drop this batch, count it, go on
+                log.error("%d rows not written (%s: %s)", len(batch), type(exc).__name__, exc)
+                kind = "failed"
+                failed = Counter((q[1], q[2]) for q in batch)
+                drops += [{"at": time.time(), "route": r, "version": v, "count": n} for (r, v), n in failed.items()]
+        if drops:
+            try:  # what `charforge capture stats` shows as dropped
+                store.put_drops(drops)
+            except Exception as exc:
+                log.error("drop counts not written (%s: %s)", type(exc).__name__, exc)
+        if acks is not None:
+            try:
+                acks.write(f"{kind} {len(batch)}\n")
+            except OSError:  # the gateway is gone: no one to tell, and still everything it sent to write
+                acks = None
+    store.close()
 
 
 # ---- reading it ------------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def slice_of_raw(path: Path, rows: int = 160) -> Path:
 
 
 def capture_window(state: Path) -> dict[str, str]:
-    """Three chats captured and rated as the gateway does it (its Capturer, writer thread and file store under
+    """Three chats captured and rated as the gateway does it (its Capturer, writer process and file store under
     `<state>/capture`): one rated up, one rated down, one unrated. Returns reply -> rating."""
     from charforge.characters import load_characters
     from charforge.schemas.serving import CaptureSettings

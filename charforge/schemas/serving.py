@@ -177,13 +177,12 @@ class CaptureSettings(StageConfig):
                                     "(opt-in), each with the share sampled, 0 to 1. A route must be a persona card "
                                     "id, a route in the routing table or one of rollout.routes. Ratings are taken "
                                     "for every route, captured or not.")
-    buffer: int = Field(default=10_000, ge=1, description="Captures waiting for the writer; beyond it they are "
-                        "dropped and counted (gateway_capture_dropped_total), never blocking a request.")
-    flush_s: float = Field(default=0.1, gt=0, le=60, description="The writer writes (and fsyncs) at least this "
-                           "often: what a crash may lose besides the queue. Short keeps the queued requests from "
-                           "outliving the garbage collector's young generation: at saturation with every "
-                           "conversation captured, 1.0 s cost 0.885x throughput and 0.1 s 0.920x (make "
-                           "bench-capacity).")
+    buffer: int = Field(default=10_000, ge=1, description="Captures queued or with the writer and not yet written; "
+                        "beyond it they are dropped and counted (gateway_capture_dropped_total), never blocking a "
+                        "request.")
+    flush_s: float = Field(default=0.1, gt=0, le=60, description="How often the gateway sends its queue to the "
+                           "capture writer process, which writes and fsyncs each batch as it arrives: what a gateway "
+                           "crash may lose.")
     retention_days: float = Field(default=30, gt=0, description="Captures and ratings older than this are deleted "
                                   "(hourly, by the writer).")
     max_comment_chars: int = Field(default=2000, ge=0, description="Longer rating comments get 413.")

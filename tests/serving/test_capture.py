@@ -237,6 +237,26 @@ def test_a_purge_leaves_nothing_of_that_user(tmp_path, capture_store):
     assert sorted(capture_store.flags()) == sorted(r["id"] for r in rows if r["user_hash"] != alice)
 
 
+def test_the_writer_process_writes_to_either_store_and_drains_on_close(capture_store):
+    """The gateway's side of capture without a gateway: 50 exchanges submitted, `close()` returns once the writer
+    process has scrubbed and written every one into the store (files or PostgreSQL, opened there from the store's
+    spec) and exited; a planted e-mail address is not in any row."""
+    from serving.capture import Pending
+
+    capturer = Capturer(CaptureSettings(routes={"nell": 1.0}, flush_s=0.05), capture_store)
+    capturer.start()
+    writer = capturer.writer.proc
+    for i in range(50):
+        ref = capturer.ids.read(capturer.ids.mint("nell", VERSION, capturer.ids.user_hash("alice")))
+        request = json.dumps({"messages": [{"role": "user", "content": f"Mail jane.doe@example.com ({i})"}]})
+        capturer.submit(Pending(ref, "replica-0", request.encode(), 0.1, "200", reply="Good day.", usage=(7, 2)))
+    capturer.close()
+    rows = capture_store.captures()
+    assert writer.returncode == 0 and capturer.written == 50 and len(rows) == 50
+    assert {r["messages"][0]["content"] for r in rows} == {f"Mail [EMAIL] ({i})" for i in range(50)}
+    assert {(r["tokens"]["prompt_tokens"], r["tokens"]["completion_tokens"]) for r in rows} == {(7, 2)}
+
+
 def test_the_purge_command_says_what_it_removed(tmp_path):
     store = FileCaptureStore(tmp_path / "capture")
     ids = ResponseIds(store.secret())
@@ -251,33 +271,106 @@ def test_the_purge_command_says_what_it_removed(tmp_path):
     assert store.feedback() == {}
 
 
-class SlowStore(FileCaptureStore):
-    """A fake store whose writes take 2 s (a stalled disk): the queue fills up."""
+def chats(url: str, n: int, model: str = "nell") -> list[int]:
+    return [httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=10, json={
+        "model": model, "messages": [{"role": "user", "content": "Hi"}]}).status_code for _ in range(n)]
 
-    def write(self, rows):
-        time.sleep(2)
-        super().write(rows)
+
+def dropped_metric(url: str, reason: str) -> float:
+    prefix = f'gateway_capture_dropped_total{{reason="{reason}"}}'
+    return next((float(x.split()[-1]) for x in httpx.get(f"{url}/metrics").text.splitlines() if x.startswith(prefix)),
+                0.0)
 
 
 def test_a_full_capture_buffer_drops_and_counts_and_never_slows_a_request(tmp_path):
+    """The writer process stalled (SIGSTOP, as a hung disk stalls it) with `buffer: 3`: 20 chats are answered at
+    once, at most 3 wait for the writer, the others are dropped and counted; resumed, the writer writes the 3 and
+    stores the drop count for `charforge capture stats`: nothing is unaccounted for."""
     fake = FakeReplica("ok")
     table = RouteTable(tmp_path / "routes.json")
     table.set_weights("nell", {VERSION: 100})
-    capturer = Capturer(CaptureSettings(routes={"nell": 1.0}, buffer=3, flush_s=0.1), SlowStore(tmp_path / "c"))
+    capturer = Capturer(CaptureSettings(routes={"nell": 1.0}, buffer=3, flush_s=0.1), FileCaptureStore(tmp_path / "c"))
     gw = Gateway([fake.url], table, api_key=KEY, health_interval_s=0.3, capture=capturer)
     with running(gw) as url:
         wait_healthy(gw)
-        started = time.monotonic()
-        codes = [httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=10, json={
-            "model": "nell", "messages": [{"role": "user", "content": "Hi"}]}).status_code for _ in range(20)]
-        elapsed = time.monotonic() - started
-        dropped = httpx.get(f"{url}/metrics").text
+        writer = capturer.writer.proc.pid
+        os.kill(writer, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            codes = chats(url, 20)
+            elapsed = time.monotonic() - started
+            dropped = dropped_metric(url, "buffer_full")
+        finally:
+            os.kill(writer, signal.SIGCONT)
     fake.close()
     assert codes == [200] * 20 and elapsed < 2  # none waited for the stalled writer
-    line = next(x for x in dropped.splitlines() if x.startswith('gateway_capture_dropped_total{reason="buffer_full"}'))
-    assert float(line.split()[-1]) >= 15  # 20 sampled, at most 3 queued and 3 being written
-    [row] = stats(capturer.store)  # the drops are in the store too, for `charforge capture stats`
-    assert row["dropped"] == float(line.split()[-1]) and row["conversations"] + row["dropped"] == 20
+    assert dropped >= 15  # 20 sampled, at most 3 queued or sent and not yet written (a sender mid-send: 2 more)
+    [row] = stats(capturer.store)  # the drops are in the store too
+    assert row["dropped"] == dropped and row["conversations"] + row["dropped"] == 20
+
+
+def test_a_writer_process_that_dies_is_counted_and_replaced(tmp_path):
+    """The capture writer SIGKILLed while the gateway serves: every chat is still answered; what could not be
+    written is counted as dropped (`writer_died`); another writer starts within `Capturer.RESTART_S` and captures
+    the chats after it; captured + dropped = every chat sampled."""
+    fake = FakeReplica("ok")
+    table = RouteTable(tmp_path / "routes.json")
+    table.set_weights("nell", {VERSION: 100})
+    capturer = Capturer(CaptureSettings(routes={"nell": 1.0}, flush_s=0.1), FileCaptureStore(tmp_path / "c"))
+    gw = Gateway([fake.url], table, api_key=KEY, health_interval_s=0.3, capture=capturer)
+    with running(gw) as url:
+        wait_healthy(gw)
+        codes = chats(url, 3)
+        wait_rows(capturer.store, 3)
+        first = capturer.writer.proc
+        first.kill()
+        first.wait()
+        deadline = time.monotonic() + capturer.RESTART_S + 10
+        while capturer.writer is None or capturer.writer.proc is first:
+            assert time.monotonic() < deadline, "no new capture writer"
+            codes += chats(url, 1)
+            time.sleep(0.1)
+        codes += chats(url, 3)
+        died = dropped_metric(url, "writer_died")
+    fake.close()
+    assert codes == [200] * len(codes)
+    assert died >= 1 and capturer.writer.proc.returncode == 0  # the new one ended cleanly with the gateway
+    [row] = stats(capturer.store)
+    assert (row["conversations"] + row["dropped"], row["dropped"]) == (len(codes), died)
+    assert row["conversations"] >= 6  # the 3 before the kill and the 3 after the new writer started
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_the_writer_writes_everything_it_was_sent_when_the_gateway_is_sigkilled(tmp_path):
+    """A `charforge gateway` capturing every chat; its writer held (SIGSTOP) so 30 chats wait in the pipe, then the
+    gateway SIGKILLed: resumed, the writer writes all 30 and exits by itself (no orphan process)."""
+    fake = FakeReplica("ok")
+    state = tmp_path / "state"
+    (state / "serving").mkdir(parents=True)
+    RouteTable(state / "serving" / "routes.json").set_weights("nell", {VERSION: 100})
+    env = {"CHARFORGE_GATEWAY_API_KEY": KEY, "CHARFORGE_GATEWAY_ADMIN_KEY": ADMIN_KEY}
+    gateway = GatewayProcess(tmp_path, "killed", [fake.url], state, {
+        "gateway": {"health_interval_s": 0.3}, "capture": {"routes": {"nell": 1.0}, "flush_s": 0.1}}, env)
+    try:
+        [writer] = children(gateway.proc.pid)
+        os.kill(writer, signal.SIGSTOP)
+        codes = chats(gateway.url, 30)
+        time.sleep(0.5)  # past flush_s: the sender has put them on the pipe
+        gateway.proc.kill()
+        gateway.proc.wait()
+        os.kill(writer, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{writer}").exists() and "Z" not in Path(f"/proc/{writer}/stat").read_text().split()[2]:
+            assert time.monotonic() < deadline, "the writer outlived its gateway"
+            time.sleep(0.1)
+    finally:
+        gateway.kill()
+        fake.close()
+    assert codes == [200] * 30
+    assert len(FileCaptureStore(state / "capture").captures()) == 30
 
 
 def test_bad_capture_configs_are_one_line_naming_the_key(tmp_path):
