@@ -1,17 +1,20 @@
-"""The evaluation stage as the evaluate flow runs it, before and after batching and score reuse, side by side.
+"""The evaluation stage as the evaluate flow runs it, before and after prefix caching, batching and score reuse,
+side by side.
 
-    .venv/bin/python bench/eval_stage.py [--adapter DIR] [--limit 32]
+    .venv/bin/python bench/eval_stage.py [--adapter DIR] [--limit 32] [--baseline no-prefix-cache|one-at-a-time|none]
 
 Runs the real `evaluate` flow (vLLM + LoRA, lm-eval, reports, MLflow) in a fresh state folder and MLflow store:
-  1. one-at-a-time  candidate + base, cold: log-likelihoods one prompt at a time in their own lm-eval pass (the
-                    way evaluation ran before), `reuse_scores: false` (skipped with --no-one-at-a-time);
-  2. batched        candidate + base, cold: log-likelihoods `loglikelihood_concurrency` at a time, one lm-eval pass
-                    (the demo's evaluation stage);
+  1. the baseline   candidate + base, cold (`reuse_scores: false`), the way evaluation ran before: by default
+                    `no-prefix-cache` (`loglikelihood_prefix_cache: false`: every log-likelihood request prefills
+                    its whole prompt); `one-at-a-time`: log-likelihoods one prompt at a time, without the prefix
+                    cache, in their own lm-eval pass; `none` skips it (and the score comparison that needs it);
+  2. batched        candidate + base, cold: log-likelihoods `loglikelihood_concurrency` at a time, their contexts
+                    read from vLLM's prefix cache, one lm-eval pass (the demo's evaluation stage);
   3. three, cold    a second candidate + base + champion (the first candidate), batched, nothing reused;
   4. warm           a third candidate + base + champion, batched: base and champion are reused from the runs
                     before, only the new candidate is scored.
 Prints each run's wall time (vLLM start-up included) and the ratios, then the largest difference between runs 1
-and 2 in any summary score and in any probe's value (the proof that batching does not change scores).
+and 2 in any summary score and in any probe's value (the proof that the faster path does not change scores).
 The second and third candidates are the first with its LoRA B matrices scaled by 0.9 and 0.8: other artifacts,
 the same shapes.
 """
@@ -76,8 +79,8 @@ def main() -> None:
     parser.add_argument("--adapter", type=Path, default=None, help="default: the newest trained adapter")
     parser.add_argument("--limit", type=int, default=32, help="documents per task (0: all 136 probes)")
     parser.add_argument("--config", type=Path, default=Path("configs/eval/quick.yaml"))
-    parser.add_argument("--no-one-at-a-time", action="store_true",
-                        help="skip run 1 (and the score comparison that needs it)")
+    parser.add_argument("--baseline", choices=["no-prefix-cache", "one-at-a-time", "none"], default="no-prefix-cache",
+                        help="run 1: what the batched stage is compared with")
     args = parser.parse_args()
 
     from charforge.settings import platform
@@ -102,14 +105,16 @@ def main() -> None:
     second = scaled_adapter(adapter, work / "adapter-2", 0.9)
     third = scaled_adapter(adapter, work / "adapter-3", 0.8)
     cold = cfg.model_copy(update={"reuse_scores": False})
+    baseline = {"no-prefix-cache": {"loglikelihood_prefix_cache": False},
+                "one-at-a-time": {"loglikelihood_concurrency": 1, "loglikelihood_prefix_cache": False}}
     runs = [
-        ("one-at-a-time", cold.model_copy(update={"loglikelihood_concurrency": 1}), dict(adapter=str(adapter)),
+        (args.baseline, cold.model_copy(update=baseline.get(args.baseline, {})), dict(adapter=str(adapter)),
          "candidate + base"),
         ("batched", cold, dict(adapter=str(adapter)), "candidate + base"),
         ("three, cold", cold, dict(adapter=str(second), champion=str(adapter)), "candidate + base + champion"),
         ("warm", cfg.model_copy(update={"reuse_scores": True}), dict(adapter=str(third), champion=str(adapter)),
          "candidate (base, champion reused)"),
-    ][1 if args.no_one_at_a_time else 0:]
+    ][1 if args.baseline == "none" else 0:]
     seconds, folders = {}, {}
     for label, run_cfg, kwargs, _ in runs:
         started = time.perf_counter()
@@ -127,11 +132,11 @@ def main() -> None:
               f"{seconds[label] / seconds[first]:>21.2f}x")
     differences = {}
     for group, tasks in (("log-likelihood", LOGLIKELIHOOD_TASKS), ("generation", GENERATION_TASKS)) \
-            if "one-at-a-time" in folders else ():
+            if args.baseline in folders else ():
         d_summary, where_summary, d_probe, where_probe = largest_differences(
-            folders["one-at-a-time"], folders["batched"], tasks)
+            folders[args.baseline], folders["batched"], tasks)
         differences[group] = {"summary": d_summary, "probe": d_probe}
-        print(f"{group} tasks, batched vs one-at-a-time: largest summary difference {d_summary:.2e} "
+        print(f"{group} tasks, batched vs {args.baseline}: largest summary difference {d_summary:.2e} "
               f"({where_summary}), largest per-probe difference {d_probe:.2e} ({where_probe})")
     if differences:
         print("(generation runs at the same concurrency in both: its difference is vLLM's run-to-run variation)")

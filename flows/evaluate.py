@@ -15,7 +15,7 @@ from prefect import flow
 
 from charforge.results import Evaluation
 from charforge.schemas.evaluate import EvalConfig
-from tasks.evaluate import (check_parity, find_reusable_scores, measure_decode_speed, plan, prepare_parity,
+from tasks.evaluate import (check_parity, find_reusable_scores, measure_decode_speed, plan, prepare_while_vllm_starts,
                             register_candidate, report, reusable_checks, score, vllm_serving)
 
 
@@ -37,9 +37,8 @@ def evaluate(config: EvalConfig, adapter: str | None = None, base_only: bool = F
         summaries = {display: scores.reused[display].scores for display in evaluation_plan.targets}
     else:
         candidate = evaluation_plan.candidate_dir
-        with vllm_serving(config, evaluation_plan,
-                          while_starting=(lambda: prepare_parity(config, evaluation_plan)) if candidate else None,
-                          ) as (server, load_s, trained):
+        with vllm_serving(config, evaluation_plan, while_starting=lambda: prepare_while_vllm_starts(
+                config, evaluation_plan, scores)) as (server, load_s, trained):
             parity = check_parity(config, evaluation_plan, server, trained) if candidate else None
             summaries = {display: scores.reused[display].scores if display in scores.reused
                          else score(config, server, display, evaluation_plan) for display in evaluation_plan.targets}

@@ -17,7 +17,8 @@ from charforge.checksums import sha256_file
 from charforge.evaluation import parity as parity_check
 from charforge.evaluation import report as evaluation_report
 from charforge.evaluation import score_cache
-from charforge.evaluation.harness import score_served_model
+from charforge.evaluation.harness import GENERATION_TASKS, score_served_model
+from charforge.evaluation.lm_eval_tasks import build_judges
 from charforge.evaluation.speed import decode_speed
 from charforge.evaluation.plan import EvalPlan, plan_evaluation
 from charforge.evaluation.report import score_table
@@ -77,7 +78,8 @@ def vllm_serving(cfg: EvalConfig, plan: EvalPlan, while_starting: Callable[[], T
     run_dir = Path(plan.run_dir)
     server = VLLMServer(Path(plan.served_dir), plan.base_name, free_port(), max_model_len=cfg.serving.max_model_len,
                         max_lora_rank=cfg.serving.max_lora_rank, kv_cache_gib=cfg.serving.kv_cache_gib,
-                        omp_threads=2)
+                        omp_threads=2, extra_args=["--block-size", str(cfg.serving.block_size)]
+                        if cfg.serving.block_size else [])
     get_run_logger().info(f"starting vLLM for {plan.base_name} (log: {run_dir / 'vllm.log'})")
     started = time.monotonic()
     server.start(run_dir / "vllm.log")
@@ -92,6 +94,22 @@ def vllm_serving(cfg: EvalConfig, plan: EvalPlan, while_starting: Callable[[], T
 
 
 @task(name="prepare-train-serve-parity", cache_policy=NONE, persist_result=False)
+def build_judges_if_needed(cfg: EvalConfig, plan: EvalPlan, scores: ScoreReuse) -> None:
+    """Build the generation tasks' judges now (the evaluate flow calls this while vLLM starts, when a core is mostly
+    free), unless no model will be scored on a generation task. In the flow's own thread: transformers' lazy imports
+    are not safe to race."""
+    if set(cfg.tasks) & set(GENERATION_TASKS) and not all(d in scores.reused for d in plan.targets):
+        build_judges(str(repo_path(cfg.characters)), str(repo_path(cfg.probes)))
+
+
+def prepare_while_vllm_starts(cfg: EvalConfig, plan: EvalPlan, scores: ScoreReuse,
+                              ) -> parity_check.TrainedSide | None:
+    """The work that needs no server, run while vLLM boots in its own processes: the judges, then the trained side
+    of the parity check (for a candidate)."""
+    build_judges_if_needed(cfg, plan, scores)
+    return prepare_parity(cfg, plan) if plan.candidate_dir else None
+
+
 def prepare_parity(cfg: EvalConfig, plan: EvalPlan) -> parity_check.TrainedSide:
     """The HF + PEFT side of the parity check: the prompts rendered with the training template and the greedy
     tokens after each (no server needed, so it runs while vLLM starts)."""

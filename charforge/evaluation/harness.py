@@ -189,7 +189,8 @@ def score_served_model(cfg: EvalConfig, base_url: str, served_name: str, tokeniz
     for concurrency, tasks in passes:
         if tasks:
             args = served_model_args(url, served_name, tokenizer_dir, concurrency)
-            run_lm_eval(model=served_completions(args, report, served_name), model_args=args, tasks=tasks,
+            run_lm_eval(model=served_completions(args, report, served_name, cfg.loglikelihood_prefix_cache),
+                        model_args=args, tasks=tasks,
                         output_dir=out_dir, limit=cfg.limit, metadata=metadata)
     samples = read_samples(out_dir)
     summary = summarize(samples, cfg.bootstrap_resamples)

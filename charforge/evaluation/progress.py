@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 Report = Callable[[str], None]
+PROMPT_CACHE_KEY = "charforge_prompt_cache_limit"  # vllm_plugin/charforge_vllm/prompt_cache.py reads it
 
 
 class Progress:
@@ -44,8 +45,11 @@ class Progress:
                 f"ETA {eta:.0f} s")
 
 
-def served_completions(model_args: dict, report: Report, label: str):
-    """lm-eval's `local-completions` model over `model_args`, reporting its progress to `report`."""
+def served_completions(model_args: dict, report: Report, label: str, prefix_cache: bool = False):
+    """lm-eval's `local-completions` model over `model_args`, reporting its progress to `report`. With
+    `prefix_cache`, each log-likelihood request of one prompt lets vLLM serve its context from the prefix cache
+    (`charforge_vllm.prompt_cache`: up to the position before the continuation's first token, the first one whose
+    log-probability lm-eval reads), so the choices of a multiple-choice document prefill their shared context once."""
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     class ProgressCompletions(LocalCompletionsAPI):
@@ -66,7 +70,18 @@ def served_completions(model_args: dict, report: Report, label: str):
             self.progress.advance(len(messages) if isinstance(messages, (list, tuple)) else 1)
             return out
 
+        def _create_payload(self, messages, generate=False, gen_kwargs=None, seed=1234, eos=None, cache_limit=None,
+                            **kwargs) -> dict:
+            payload = super()._create_payload(messages, generate=generate, gen_kwargs=gen_kwargs, seed=seed, eos=eos,
+                                              **kwargs)
+            if cache_limit is not None:
+                payload["vllm_xargs"] = {PROMPT_CACHE_KEY: cache_limit}
+            return payload
+
         async def amodel_call(self, session, sem, messages, **kwargs):
+            ctxlens = kwargs.get("ctxlens")
+            if prefix_cache and not kwargs.get("generate", True) and ctxlens and len(ctxlens) == 1 and ctxlens[0]:
+                kwargs["cache_limit"] = ctxlens[0] - 1  # lm-eval reads log-probabilities from position ctxlen on
             out = await super().amodel_call(session, sem, messages, **kwargs)
             self.progress.advance(len(messages) if isinstance(messages, (list, tuple)) else 1)
             return out

@@ -29,6 +29,9 @@ class ServingSettings(StageConfig):
     max_lora_rank: int = Field(default=16, description="--max-lora-rank; adapters above it cannot be served.")
     max_model_len: int = Field(default=2048, ge=128, description="--max-model-len.")
     kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+    block_size: int | None = Field(default=None, ge=16, description="--block-size: the KV cache's block, the unit "
+                                   "a prefix-cache hit is made of (None: vLLM's default, 128 tokens on CPU, 16 on "
+                                   "GPU; the CPU backend wants a multiple of 32).")
     startup_timeout_s: float = Field(default=400, gt=0, description="Seconds to wait for /health.")
     speed_tokens: int = Field(default=32, ge=1, description="Greedy tokens decoded per run to measure the evaluated "
                               "model's single-stream tokens/s (median of 2 runs after a 4-token warm-up).")
@@ -47,6 +50,10 @@ class EvalConfig(StageConfig):
     generation_concurrency: int = Field(default=16, ge=1, description="Parallel generation requests to vLLM.")
     loglikelihood_concurrency: int = Field(
         default=4, ge=1, description="Parallel log-likelihood requests to vLLM (batched prompt log-probabilities).")
+    loglikelihood_prefix_cache: bool = Field(
+        default=True, description="Log-likelihood requests read vLLM's prefix cache for their context (the "
+        "charforge_vllm plugin's prompt_cache): the choices of a multiple-choice document prefill their shared "
+        "context once. False: every request prefills its whole prompt, as vLLM does for prompt log-probabilities.")
     reuse_scores: bool = Field(
         default=True, description="Reuse a model's scores from an earlier evaluation run with the same served "
         "artifact, probes, task folder, metric code, settings and versions (false: score everything again).")

@@ -18,9 +18,13 @@ OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_e
 
 
 def register() -> None:
-    """vLLM general plugin: point `PunicaWrapperCPU` at the grouped ops. Runs in every vLLM process; idempotent."""
+    """vLLM general plugin: prompt log-probabilities that may read the prefix cache (`prompt_cache`, every
+    platform), and on CPU `PunicaWrapperCPU` pointed at the grouped ops. Runs in every vLLM process; idempotent."""
     from vllm.platforms import current_platform
 
+    from charforge_vllm import prompt_cache
+
+    prompt_cache.register()
     if not current_platform.is_cpu():
         return  # GPU/XPU backends have their own fused kernels
     from vllm.lora.punica_wrapper import punica_cpu
