@@ -496,11 +496,17 @@ class WriterProcess:
     def send(self, batch: list[tuple], drops: Counter) -> None:
         """Raises OSError (BrokenPipeError) when the process is gone."""
         rows = Counter((q[1], q[2]) for q in batch)  # (route, version): see queued()
-        with self.lock:
+        with self.lock:  # before the write: its acknowledgement may come back at once
             self.frames.append((rows, drops))
             self.unacked += len(batch)
-        self.proc.stdin.write(frame(marshal.dumps((batch, [(*k, n) for k, n in drops.items()]))))
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(frame(marshal.dumps((batch, [(*k, n) for k, n in drops.items()]))))
+            self.proc.stdin.flush()
+        except OSError:  # not sent: the caller counts this batch itself
+            with self.lock:
+                self.frames.pop()
+                self.unacked -= len(batch)
+            raise
 
     def _listen(self) -> None:
         for line in self.proc.stdout:  # "written N" or "failed N", one line per frame, in order; EOF when it exits

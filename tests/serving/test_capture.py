@@ -340,6 +340,26 @@ def test_a_writer_process_that_dies_is_counted_and_replaced(tmp_path):
     assert row["conversations"] >= 6  # the 3 before the kill and the 3 after the new writer started
 
 
+def test_a_frame_a_dead_writer_never_got_is_not_left_counted_as_sent(tmp_path):
+    """A send to a writer that has just died raises BrokenPipeError and leaves nothing counted as sent, so the
+    sender counts that batch as dropped once (not once as sent-and-lost and once as lost)."""
+    from collections import Counter
+
+    from serving.capture import Pending, queued
+
+    capturer = Capturer(CaptureSettings(routes={"nell": 1.0}), FileCaptureStore(tmp_path))
+    capturer.start()
+    writer = capturer.writer
+    writer.proc.kill()
+    writer.proc.wait()
+    ref = capturer.ids.read(capturer.ids.mint("nell", VERSION, None))
+    row = queued(Pending(ref, "replica-0", b'{"messages": []}', 0.1, "200", reply="Good day."))
+    with pytest.raises(BrokenPipeError):
+        writer.send([row] * 3000, Counter({("nell", VERSION): 2}))  # more than a pipe buffer: the write fails
+    assert (writer.unacked, list(writer.frames)) == (0, [])
+    capturer.close(timeout=1)
+
+
 def children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
