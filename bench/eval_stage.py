@@ -7,9 +7,12 @@ Runs the real `evaluate` flow (vLLM + LoRA, lm-eval, reports, MLflow) in a fresh
   1. the baseline   candidate + base, cold (`reuse_scores: false`), the way evaluation ran before: by default
                     `no-prefix-cache` (`loglikelihood_prefix_cache: false`: every log-likelihood request prefills
                     its whole prompt); `one-at-a-time`: log-likelihoods one prompt at a time, without the prefix
-                    cache, in their own lm-eval pass; `none` skips it (and the score comparison that needs it);
+                    cache, in their own lm-eval pass; `models-in-turn`: everything as in run 2, except the models
+                    are scored one after the other (`score_models_together: false`); `none` skips it (and the
+                    score comparison that needs it);
   2. batched        candidate + base, cold: log-likelihoods `loglikelihood_concurrency` at a time, their contexts
-                    read from vLLM's prefix cache, one lm-eval pass (the demo's evaluation stage);
+                    read from vLLM's prefix cache, the models scored at the same time (the demo's evaluation
+                    stage);
   3. three, cold    a second candidate + base + champion (the first candidate), batched, nothing reused;
   4. warm           a third candidate + base + champion, batched: base and champion are reused from the runs
                     before, only the new candidate is scored.
@@ -79,7 +82,8 @@ def main() -> None:
     parser.add_argument("--adapter", type=Path, default=None, help="default: the newest trained adapter")
     parser.add_argument("--limit", type=int, default=32, help="documents per task (0: all 136 probes)")
     parser.add_argument("--config", type=Path, default=Path("configs/eval/quick.yaml"))
-    parser.add_argument("--baseline", choices=["no-prefix-cache", "one-at-a-time", "none"], default="no-prefix-cache",
+    parser.add_argument("--baseline", choices=["no-prefix-cache", "one-at-a-time", "models-in-turn", "none"],
+                        default="no-prefix-cache",
                         help="run 1: what the batched stage is compared with")
     args = parser.parse_args()
 
@@ -106,7 +110,8 @@ def main() -> None:
     third = scaled_adapter(adapter, work / "adapter-3", 0.8)
     cold = cfg.model_copy(update={"reuse_scores": False})
     baseline = {"no-prefix-cache": {"loglikelihood_prefix_cache": False},
-                "one-at-a-time": {"loglikelihood_concurrency": 1, "loglikelihood_prefix_cache": False}}
+                "one-at-a-time": {"loglikelihood_concurrency": 1, "loglikelihood_prefix_cache": False},
+                "models-in-turn": {"score_models_together": False}}
     runs = [
         (args.baseline, cold.model_copy(update=baseline.get(args.baseline, {})), dict(adapter=str(adapter)),
          "candidate + base"),

@@ -40,8 +40,14 @@ def evaluate(config: EvalConfig, adapter: str | None = None, base_only: bool = F
         with vllm_serving(config, evaluation_plan, while_starting=lambda: prepare_while_vllm_starts(
                 config, evaluation_plan, scores)) as (server, load_s, trained):
             parity = check_parity(config, evaluation_plan, server, trained) if candidate else None
-            summaries = {display: scores.reused[display].scores if display in scores.reused
-                         else score(config, server, display, evaluation_plan) for display in evaluation_plan.targets}
+            to_score = [display for display in evaluation_plan.targets if display not in scores.reused]
+            if config.score_models_together and not evaluation_plan.adapter_on_lm_head():  # mixed in vLLM's batches
+                futures = {display: score.submit(config, server, display, evaluation_plan) for display in to_score}
+                scored = {display: future.result() for display, future in futures.items()}
+            else:
+                scored = {display: score(config, server, display, evaluation_plan) for display in to_score}
+            summaries = {display: scores.reused[display].scores if display in scores.reused else scored[display]
+                         for display in evaluation_plan.targets}
             speed = measure_decode_speed(server, evaluation_plan, config.serving.speed_tokens)
             serving = {"load_s": load_s, "tokens_per_s": speed}
     evaluation = report(config, evaluation_plan, summaries, parity, serving, scores)

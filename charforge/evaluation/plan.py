@@ -43,6 +43,17 @@ class EvalPlan(BaseModel):
             out[self.targets["champion"]] = self.champion_dir
         return out
 
+    def adapter_on_lm_head(self) -> bool:
+        """Whether an adapter trains the output layer (`lm_head` in its target modules, or modules to save): vLLM
+        cannot attribute prompt log-probability rows to adapters in a batch that mixes them there, so such models
+        are scored one at a time (see vllm_plugin/charforge_vllm/grouped_lora.py:per_row)."""
+        for folder in self.adapters().values():
+            config = json.loads((Path(folder) / "adapter_config.json").read_text())
+            targets = config.get("target_modules") or []
+            if config.get("modules_to_save") or "lm_head" in (targets if isinstance(targets, list) else [targets]):
+                return True
+        return False
+
 
 def resolve_adapter(ref: str, downloads: Path) -> Path:
     """A local adapter folder, or an MLflow model URI downloaded once; either way its sha256 manifest must verify."""

@@ -93,7 +93,8 @@ def key_inputs(cfg: EvalConfig, plan: EvalPlan, role: str) -> dict[str, str]:
     """What determines the scores of the model `plan` serves as `role`, one readable entry per input."""
     adapter = {"candidate": plan.candidate_dir, "champion": plan.champion_dir}.get(role)
     settings = cfg.model_dump(mode="json", include={"tasks", "limit", "bootstrap_resamples", "generation_concurrency",
-                                                    "loglikelihood_concurrency", "loglikelihood_prefix_cache"})
+                                                    "loglikelihood_concurrency", "loglikelihood_prefix_cache",
+                                                    "score_models_together"})
     settings["max_model_len"] = cfg.serving.max_model_len
     settings["block_size"] = cfg.serving.block_size  # a different block: prompts computed in other chunks
     settings["served_dtype"] = served_dtype(Path(plan.served_dir))  # what the evaluation's vLLM runs in

@@ -54,6 +54,10 @@ class EvalConfig(StageConfig):
         default=True, description="Log-likelihood requests read vLLM's prefix cache for their context (the "
         "charforge_vllm plugin's prompt_cache): the choices of a multiple-choice document prefill their shared "
         "context once. False: every request prefills its whole prompt, as vLLM does for prompt log-probabilities.")
+    score_models_together: bool = Field(
+        default=True, description="The models one evaluation scores (candidate, champion, base) send their requests "
+        "to vLLM at the same time, each its own lm-eval pass, so vLLM's batches mix them and the cores idle less. "
+        "False: one model after the other.")
     reuse_scores: bool = Field(
         default=True, description="Reuse a model's scores from an earlier evaluation run with the same served "
         "artifact, probes, task folder, metric code, settings and versions (false: score everything again).")

@@ -49,7 +49,7 @@ def test_the_same_artifact_has_the_same_key_in_every_role_and_different_artifact
 
 @pytest.mark.parametrize("change, entry", [
     ("limit", "settings"), ("tasks", "settings"), ("bootstrap", "settings"), ("max_model_len", "settings"),
-    ("probes", "probes"), ("card", "characters"), ("adapter", "adapter"), ("served_base", "served_model"),
+    ("together", "settings"), ("probes", "probes"), ("card", "characters"), ("adapter", "adapter"), ("served_base", "served_model"),
 ])
 def test_a_change_to_any_input_changes_the_key_and_names_what_changed(setup, change, entry):
     cfg, plan, tmp_path = setup
@@ -58,6 +58,8 @@ def test_a_change_to_any_input_changes_the_key_and_names_what_changed(setup, cha
         cfg = cfg.model_copy(update={"limit": 9})
     elif change == "tasks":
         cfg = cfg.model_copy(update={"tasks": ["character_mc"]})
+    elif change == "together":
+        cfg = cfg.model_copy(update={"score_models_together": False})
     elif change == "bootstrap":
         cfg = cfg.model_copy(update={"bootstrap_resamples": 2000})
     elif change == "max_model_len":
@@ -76,6 +78,15 @@ def test_a_change_to_any_input_changes_the_key_and_names_what_changed(setup, cha
     after = score_cache.key_inputs(cfg, plan, "candidate")
     assert [k for k in before if before[k] != after[k]] == [entry]
     assert score_cache.score_key(after) != score_cache.score_key(before)
+
+
+def test_models_are_scored_together_unless_an_adapter_trains_the_output_layer(setup):
+    _, plan, _ = setup
+    for folder, targets in ((plan.candidate_dir, ["q_proj", "v_proj"]), (plan.champion_dir, "all-linear")):
+        (Path(folder) / "adapter_config.json").write_text(json.dumps({"target_modules": targets}))
+    assert not plan.adapter_on_lm_head()
+    (Path(plan.champion_dir) / "adapter_config.json").write_text(json.dumps({"target_modules": ["q_proj", "lm_head"]}))
+    assert plan.adapter_on_lm_head()  # vLLM could not tell its prompt log-probability rows from the base's
 
 
 def test_the_key_names_the_harness_metric_code_and_serving_versions(setup):
