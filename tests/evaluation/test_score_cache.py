@@ -49,7 +49,8 @@ def test_the_same_artifact_has_the_same_key_in_every_role_and_different_artifact
 
 @pytest.mark.parametrize("change, entry", [
     ("limit", "settings"), ("tasks", "settings"), ("bootstrap", "settings"), ("max_model_len", "settings"),
-    ("together", "settings"), ("probes", "probes"), ("card", "characters"), ("adapter", "adapter"), ("served_base", "served_model"),
+    ("together", "settings"), ("probes", "probes"), ("card", "characters"), ("adapter", "adapter"),
+    ("served_base", "served_model"),
 ])
 def test_a_change_to_any_input_changes_the_key_and_names_what_changed(setup, change, entry):
     cfg, plan, tmp_path = setup
