@@ -93,7 +93,7 @@ def vllm_serving(cfg: EvalConfig, plan: EvalPlan, while_starting: Callable[[], T
         server.stop()
 
 
-@task(name="prepare-train-serve-parity", cache_policy=NONE, persist_result=False)
+@task(name="build-judges", cache_policy=NONE, persist_result=False)
 def build_judges_if_needed(cfg: EvalConfig, plan: EvalPlan, scores: ScoreReuse) -> None:
     """Build the generation tasks' judges now (the evaluate flow calls this while vLLM starts, when a core is mostly
     free), unless no model will be scored on a generation task. In the flow's own thread: transformers' lazy imports
@@ -110,6 +110,7 @@ def prepare_while_vllm_starts(cfg: EvalConfig, plan: EvalPlan, scores: ScoreReus
     return prepare_parity(cfg, plan) if plan.candidate_dir else None
 
 
+@task(name="prepare-train-serve-parity", cache_policy=NONE, persist_result=False)
 def prepare_parity(cfg: EvalConfig, plan: EvalPlan) -> parity_check.TrainedSide:
     """The HF + PEFT side of the parity check: the prompts rendered with the training template and the greedy
     tokens after each (no server needed, so it runs while vLLM starts)."""

@@ -25,7 +25,7 @@ def cache_limit(request) -> int | None:
     params = getattr(request, "sampling_params", None)
     extra = getattr(params, "extra_args", None) or {}
     value = extra.get(KEY)
-    return int(value) if isinstance(value, (int, float, str)) and str(value).isdigit() else None
+    return int(value) if isinstance(value, (int, str)) and str(value).isdigit() else None
 
 
 def register() -> None:
