@@ -15,6 +15,16 @@
    separates what the LoRA compute costs from what enabling LoRA costs for every request.
 4. Hot-load: POST /v1/load_lora_adapter per new name, median of 5.
 Servers run one at a time with both cores; numbers on a shared or busy machine move, ratios less so.
+
+    .venv/bin/python bench/serving.py --ratios 5 [--adapter random]
+
+Only the runtime-LoRA ratios, before and after side by side: (a) adapter / base on the same LoRA replica and (b)
+adapter / base on a replica without --enable-lora, at 1 and 8 streams, for charforge_vllm's fused layers (the
+default), its per-slice grouped ops (`CHARFORGE_VLLM_LORA=grouped`) and vLLM's own ops (`VLLM_PLUGINS=""`). The
+four replicas are up at once (idle, each costs a few percent of a core) and measured in turn, the order rotated
+every round; each ratio is taken within a round, then the median and the range over rounds are printed.
+`--adapter random`: an all-linear rank-8 PEFT adapter with random weights (the demo's shape; throughput does not
+depend on the values), for a machine with no trained adapter.
 """
 
 from __future__ import annotations
@@ -152,16 +162,110 @@ def start_gateway(replica: str, work: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"gateway did not start; see {work / 'gateway.log'}")
 
 
+def random_adapter(base_dir: Path, out: Path, rank: int = 8) -> Path:
+    """An all-linear LoRA of `rank` on the base with random A and B (a trained adapter's shape, not its values)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    model.save_pretrained(out)
+    return out
+
+
+REPLICAS = {  # label -> (enable LoRA, environment)
+    "fused (after)": (True, {}),
+    "grouped (before)": (True, {"CHARFORGE_VLLM_LORA": "grouped"}),
+    "vLLM ops": (True, {"VLLM_PLUGINS": ""}),
+    "no --enable-lora": (False, {}),
+}
+
+
+def ratios(base_dir: Path, adapter: Path, work: Path, rounds: int, n: int, t: int, chosen: list[str]) -> None:
+    """(a) adapter / base on the same LoRA replica and (b) adapter / base without --enable-lora, per round."""
+    servers = {label: VLLMServer(base_dir, "base", free_port(), omp_threads=2, max_cpu_loras=8, max_loras=2,
+                                 enable_lora=lora, extra_env=env)
+               for label, (lora, env) in REPLICAS.items() if label in chosen}
+    try:
+        for i, (label, server) in enumerate(servers.items()):
+            start(server, work, f"replica-{i}")
+            if server.enable_lora:
+                httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "a0", "lora_path": str(adapter)},
+                           timeout=120).raise_for_status()
+                run(server.url, "a0", 1, 2, 4)
+            print(f"  {label}: up at {server.url}", flush=True)
+        per_round: list[dict] = []
+        labels = list(servers)
+        for r in range(rounds):
+            order = labels[r % len(labels):] + labels[:r % len(labels)]
+            tok: dict = {}
+            for streams, count in ((1, max(4, n // 8)), (8, n)):
+                for label in order:
+                    models = ("base", "a0") if servers[label].enable_lora else ("base",)
+                    for model in (models if r % 2 == 0 else models[::-1]):
+                        tok[(label, model, streams)] = asyncio.run(
+                            load(servers[label].url, model, streams, count, t))["tok_s"]
+            per_round.append(tok)
+            print(f"round {r + 1}/{rounds}: " + "  ".join(
+                f"{label} a0/base {tok[(label, 'a0', s)] / tok[(label, 'base', s)]:.2f} @{s}"
+                for label in labels if servers[label].enable_lora for s in (1, 8)), flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+
+    def spread(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+    plain = "no --enable-lora"
+    print(f"\n{rounds} rounds; {n} requests x {t} tokens at 8 streams, {max(4, n // 8)} at 1 stream; "
+          "median (min-max over rounds)\n")
+    print(f"{'LoRA ops':<18} {'streams':>7}  {'adapter tok/s':>13}  {'base tok/s':>10}  "
+          f"{'(a) adapter/base, same replica':>30}"
+          f"  {'(b) adapter/base without LoRA':>30}  {'base with/without LoRA':>22}")
+    for label in labels:
+        if label == plain:
+            continue
+        for s in (1, 8):
+            a = [tok[(label, "a0", s)] for tok in per_round]
+            b = [tok[(label, "base", s)] for tok in per_round]
+            p = [tok[(plain, "base", s)] for tok in per_round]
+            print(f"{label:<18} {s:>7}  {statistics.median(a):>13.1f}  {statistics.median(b):>10.1f}  "
+                  f"{spread([x / y for x, y in zip(a, b)]):>30}  {spread([x / y for x, y in zip(a, p)]):>30}  "
+                  f"{spread([x / y for x, y in zip(b, p)]):>22}")
+    print(f"{plain:<18} base tok/s: 1 stream {statistics.median(tok[(plain, 'base', 1)] for tok in per_round):.1f}, "
+          f"8 streams {statistics.median(tok[(plain, 'base', 8)] for tok in per_round):.1f}")
+    print("goals: (a) >= 0.9x at 8 streams, (b) >= 0.85x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--adapter", type=Path, default=None)
+    parser.add_argument("--adapter", default=None, help="an adapter folder, or 'random' (default: the newest trained)")
     parser.add_argument("--requests", type=int, default=32, help="requests per measurement at 8 streams")
     parser.add_argument("--tokens", type=int, default=32, help="output tokens per request")
+    parser.add_argument("--ratios", type=int, default=0, metavar="ROUNDS",
+                        help="only the runtime-LoRA ratios, this many alternating rounds")
+    parser.add_argument("--replicas", default=",".join(REPLICAS),
+                        help=f"with --ratios: which replicas, comma-separated, of {', '.join(REPLICAS)}")
     args = parser.parse_args()
-    adapter = (args.adapter or newest_adapter()).resolve()
     base_dir, _ = prepare_base_model(load_preset())
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    if args.adapter == "random":
+        adapter = random_adapter(base_dir, work / "random-adapter")
+    else:
+        adapter = (Path(args.adapter) if args.adapter else newest_adapter()).resolve()
     n, t = args.requests, args.tokens
+    if args.ratios:
+        chosen = [label.strip() for label in args.replicas.split(",")]
+        unknown = [label for label in chosen if label not in REPLICAS]
+        if unknown or "no --enable-lora" not in chosen:
+            parser.error(f"--replicas {args.replicas!r}: each of {', '.join(REPLICAS)}; 'no --enable-lora' is needed")
+        return ratios(base_dir, adapter, work, args.ratios, n, t, chosen)
     rows: list[tuple[str, str]] = []
     ids = scoring_prompt(base_dir)
 

@@ -128,10 +128,73 @@ def prompt_logprob_rows() -> dict:
             "mixed_zero_weights_max_abs": float(mixed_zero.abs().max()), "mixed_attributable": attributable}
 
 
+def fused_layers() -> dict:
+    """charforge_vllm's fused layers (`fused_lora`: one shrink and one expand per layer, float32 weights cached per
+    slot) against vLLM's per-slice `PunicaWrapperCPU.add_lora_linear` running the grouped ops, on a q/k/v layer:
+    the largest absolute difference per batch shape (expected 0: the same roundings, zero blocks add exact zeros);
+    after a slot is rewritten (`activate_adapter` bumps the cache generation) the new weights must be used; the
+    logits op skipped when the slots in use hold zero lm_head weights must leave the logits as they were."""
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    from charforge_vllm import fused_lora
+
+    for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice"):
+        setattr(punica_cpu, name, getattr(grouped_lora, name))
+    per_slice = punica_cpu.PunicaWrapperCPU.add_lora_linear
+    fused_lora.install()
+    slices = (HIDDEN, 192, 192)
+    a = tuple(torch.randn(SLOTS, 1, RANK, HIDDEN, dtype=torch.bfloat16) / 10 for _ in slices)
+    b = tuple(torch.randn(SLOTS, 1, out, RANK, dtype=torch.bfloat16) / 10 for out in slices)
+
+    def wrapper(slots_per_token: list[int]):
+        w = punica_cpu.PunicaWrapperCPU(4096, 256, "cpu")
+        ids = tuple(slot + 1 for slot in slots_per_token)  # LoRA ids: slot i holds id i + 1, 0 is no adapter
+        w.update_metadata(LoRAMapping(ids, ids, is_prefill=True), [1, 2, 3], SLOTS + 1, 49152)
+        return w
+
+    def both(slots_per_token: list[int], w=None) -> dict:
+        w = w or wrapper(slots_per_token)
+        x = torch.randn(len(slots_per_token), HIDDEN, dtype=torch.bfloat16)
+        y0 = torch.randn(len(slots_per_token), sum(slices), dtype=torch.bfloat16)
+        fused, reference_loop = y0.clone(), y0.clone()
+        w.add_lora_linear(fused, x, a, b, 1.0, slices)
+        per_slice(w, reference_loop, x, a, b, 1.0, slices)
+        # Both round the fp32 shrink output to bf16 before the expand; their fp32 sums run in another order (one
+        # matmul over the stacked A vs one per slice), so a value on a rounding boundary may flip by one bf16 unit and
+        # carry into the output: allowed, two bf16 units at the output's magnitude
+        units = float((fused.float() - reference_loop.float()).abs().max()
+                      / (2.0 ** -7 * reference_loop.float().abs().max()))
+        return {"bf16_units": units, "lora_term_max": float((reference_loop.float() - y0.float()).abs().max())}
+
+    shapes = {"prefill, one adapter, 300 tokens": [0] * 300, "decode, 8 sequences, one adapter": [2] * 8,
+              "two adapters and base rows": [1] * 7 + [2] * 5 + [-1] * 3, "base only": [-1] * 5}
+    result = {label: both(slots_per_token) for label, slots_per_token in shapes.items()}
+    w = wrapper([2] * 8)
+    both([2] * 8, w)  # caches slot 2's fused weights
+    for weights in (*a, *b):
+        weights[2].normal_(0, 0.1)  # slot 2 rewritten in place, as vLLM's set_lora does...
+    result["slot rewritten, no generation bump (stale)"] = both([2] * 8, w)
+    fused_lora.bump_generation()  # ...inside activate_adapter
+    result["slot rewritten, generation bumped"] = both([2] * 8, w)
+    w = wrapper([0, 0, 1])
+    logits_a = torch.randn(SLOTS + 1, 1, RANK, HIDDEN, dtype=torch.bfloat16)
+    logits_b = torch.zeros(SLOTS + 1, 1, 1024, RANK, dtype=torch.bfloat16)
+    x, y0 = torch.randn(3, HIDDEN, dtype=torch.bfloat16), torch.randn(3, 1024, dtype=torch.bfloat16)
+    y = y0.clone()
+    w.add_lora_logits(y, x, logits_a, logits_b, 1.0)
+    result["zero lm_head skipped, logits changed by"] = float((y.float() - y0.float()).abs().max())
+    logits_b[1].normal_(0, 0.5)
+    fused_lora.bump_generation()
+    w.add_lora_logits(y, x, logits_a, logits_b, 1.0)
+    result["nonzero lm_head applied"] = bool((y.float() - y0.float()).abs().max() > 0)
+    return result
+
+
 cases = [
     case("one adapter, 300-token prompt", torch.zeros(300, dtype=torch.long), True, True),
     case("two adapters in one batch", torch.tensor([1] * 7 + [2] * 5), True, True),
     case("decode step, three sequences, 3-d weights", torch.tensor([2, 0, 2]), False, False),
 ]
 print(json.dumps({"cases": cases, "no_adapter_max_abs": no_adapter_rows(),
-                  "prompt_logprob_rows": prompt_logprob_rows()}))
+                  "prompt_logprob_rows": prompt_logprob_rows(), "fused_layers": fused_layers()}))

@@ -36,6 +36,24 @@ def test_grouped_ops_compute_what_vllms_reference_ops_compute():
                                              "mixed_attributable": False}
 
 
+def test_fused_layers_compute_what_the_per_slice_loop_computes():
+    """The fused layers (one shrink and one expand per layer, weights cached per adapter slot) give vLLM's per-slice
+    loop's result (within one bf16 rounding flip carried through) for a prefill, a decode step, a batch mixing two
+    adapters with base rows and a base-only batch; a slot rewritten in place is picked up once vLLM's activate_adapter
+    bumps the cache generation (and is stale without it: the check can fail); lm_head LoRA is skipped only when zero."""
+    out = subprocess.run([str(platform().serving_python), str(CHECK)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fused = json.loads(out.stdout.strip().splitlines()[-1])["fused_layers"]
+    for label in ("prefill, one adapter, 300 tokens", "decode, 8 sequences, one adapter", "two adapters and base rows"):
+        assert fused[label]["lora_term_max"] > 0.1, fused  # the adapter changes the output...
+        assert fused[label]["bf16_units"] <= 2.0, fused  # ...as the per-slice loop does
+    assert fused["base only"] == {"bf16_units": 0.0, "lora_term_max": 0.0}
+    assert fused["slot rewritten, no generation bump (stale)"]["bf16_units"] > 10, fused
+    assert fused["slot rewritten, generation bumped"]["bf16_units"] <= 2.0, fused
+    assert fused["zero lm_head skipped, logits changed by"] == 0.0
+    assert fused["nonzero lm_head applied"] is True
+
+
 @pytest.mark.slow
 def test_served_adapter_scores_text_like_transformers_and_peft(vllm_base, base_model_dir, tmp_path):
     import torch

@@ -5,7 +5,9 @@ vLLM 0.32's CPU LoRA path (`PunicaWrapperCPU`) calls the PyTorch reference ops i
 which copy the adapter's A or B matrix once per *token* (`weights[token_indices]`) and multiply token by token.
 For a 300-token prompt on SmolLM2 that is ~20x slower per layer than one matmul, and it is why an adapter
 served ~0.4x the base's throughput here. A batch holds few distinct adapters, so `grouped_lora` multiplies each
-adapter's rows with its matrix once; tokens without an adapter (index -1) get no LoRA term.
+adapter's rows with its matrix once; tokens without an adapter (index -1) get no LoRA term. `fused_lora` goes one
+step further for linear layers: one shrink and one expand per layer (all its slices), float32 weights cached per
+adapter slot, the batch's adapters looked up once per step.
 """
 
 from __future__ import annotations
@@ -33,4 +35,12 @@ def register() -> None:
 
     for name in OPS:
         setattr(punica_cpu, name, getattr(grouped_lora, name))
-    logger.info("charforge_vllm: grouped CPU LoRA ops active (pid %d)", os.getpid())
+    mode = os.environ.get("CHARFORGE_VLLM_LORA", "fused")
+    if mode not in ("fused", "grouped"):
+        raise ValueError(f"CHARFORGE_VLLM_LORA={mode!r}: expected 'fused' (one matmul per layer, the default) or "
+                         "'grouped' (vLLM's per-slice loop over the grouped ops)")
+    if mode == "fused":
+        from charforge_vllm import fused_lora
+
+        fused_lora.install()
+    logger.info("charforge_vllm: grouped CPU LoRA ops active, layers %s (pid %d)", mode, os.getpid())
