@@ -20,9 +20,11 @@ Servers run one at a time with both cores; numbers on a shared or busy machine m
 
 Only the runtime-LoRA ratios, before and after side by side: (a) adapter / base on the same LoRA replica and (b)
 adapter / base on a replica without --enable-lora, at 1 and 8 streams, for charforge_vllm's fused layers (the
-default), its per-slice grouped ops (`CHARFORGE_VLLM_LORA=grouped`) and vLLM's own ops (`VLLM_PLUGINS=""`). The
-four replicas are up at once (idle, each costs a few percent of a core) and measured in turn, the order rotated
-every round; each ratio is taken within a round, then the median and the range over rounds are printed.
+default), the same compiled (`CHARFORGE_VLLM_LORA_COMPILE=1`), its per-slice grouped ops (`CHARFORGE_VLLM_LORA=
+grouped`, the "before") and vLLM's own ops (`VLLM_PLUGINS=""`). The replicas are up at once (idle, each costs a
+few percent of a core) and measured in turn, the order rotated every round; each ratio is taken within a round,
+then the median and the range over rounds are printed. One OpenMP thread per replica by default, as the fleet runs
+them (`--threads`): with two on two cores every small op waits for the engine process's polling.
 `--adapter random`: an all-linear rank-8 PEFT adapter with random weights (the demo's shape; throughput does not
 depend on the values), for a machine with no trained adapter.
 """
@@ -180,6 +182,7 @@ def random_adapter(base_dir: Path, out: Path, rank: int = 8) -> Path:
 
 
 REPLICAS = {  # label -> (enable LoRA, environment)
+    "fused + compiled": (True, {"CHARFORGE_VLLM_LORA_COMPILE": "1"}),
     "fused (after)": (True, {}),
     "grouped (before)": (True, {"CHARFORGE_VLLM_LORA": "grouped"}),
     "vLLM ops": (True, {"VLLM_PLUGINS": ""}),
@@ -187,9 +190,10 @@ REPLICAS = {  # label -> (enable LoRA, environment)
 }
 
 
-def ratios(base_dir: Path, adapter: Path, work: Path, rounds: int, n: int, t: int, chosen: list[str]) -> None:
+def ratios(base_dir: Path, adapter: Path, work: Path, rounds: int, n: int, t: int, chosen: list[str],
+           threads: int) -> None:
     """(a) adapter / base on the same LoRA replica and (b) adapter / base without --enable-lora, per round."""
-    servers = {label: VLLMServer(base_dir, "base", free_port(), omp_threads=2, max_cpu_loras=8, max_loras=2,
+    servers = {label: VLLMServer(base_dir, "base", free_port(), omp_threads=threads, max_cpu_loras=8, max_loras=2,
                                  enable_lora=lora, extra_env=env)
                for label, (lora, env) in REPLICAS.items() if label in chosen}
     try:
@@ -223,8 +227,8 @@ def ratios(base_dir: Path, adapter: Path, work: Path, rounds: int, n: int, t: in
         return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
 
     plain = "no --enable-lora"
-    print(f"\n{rounds} rounds; {n} requests x {t} tokens at 8 streams, {max(4, n // 8)} at 1 stream; "
-          "median (min-max over rounds)\n")
+    print(f"\n{rounds} rounds, {threads} OpenMP thread(s) per replica; {n} requests x {t} tokens at 8 streams, "
+          f"{max(4, n // 8)} at 1 stream; median (min-max over rounds)\n")
     print(f"{'LoRA ops':<18} {'streams':>7}  {'adapter tok/s':>13}  {'base tok/s':>10}  "
           f"{'(a) adapter/base, same replica':>30}"
           f"  {'(b) adapter/base without LoRA':>30}  {'base with/without LoRA':>22}")
@@ -252,6 +256,8 @@ def main() -> None:
                         help="only the runtime-LoRA ratios, this many alternating rounds")
     parser.add_argument("--replicas", default=",".join(REPLICAS),
                         help=f"with --ratios: which replicas, comma-separated, of {', '.join(REPLICAS)}")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="with --ratios: OpenMP threads per replica (1, as the fleet's replicas run)")
     args = parser.parse_args()
     base_dir, _ = prepare_base_model(load_preset())
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
@@ -265,7 +271,7 @@ def main() -> None:
         unknown = [label for label in chosen if label not in REPLICAS]
         if unknown or "no --enable-lora" not in chosen:
             parser.error(f"--replicas {args.replicas!r}: each of {', '.join(REPLICAS)}; 'no --enable-lora' is needed")
-        return ratios(base_dir, adapter, work, args.ratios, n, t, chosen)
+        return ratios(base_dir, adapter, work, args.ratios, n, t, chosen, args.threads)
     rows: list[tuple[str, str]] = []
     ids = scoring_prompt(base_dir)
 
@@ -333,7 +339,8 @@ def main() -> None:
                      ("base, no --enable-lora", "base", "adapter", "merged"))))
         reference = per[("adapter (vLLM ops)", streams)] / per[("base (vLLM ops)", streams)]
         rows.append((f"{streams} stream(s): adapter / base", f"{per[('adapter', streams)] / b:.2f}x"
-                     + ("  (goal >= 0.9x)" if streams == 8 else "") + f"; with vLLM's reference LoRA ops {reference:.2f}x"))
+                     + ("  (goal >= 0.9x)" if streams == 8 else "")
+                     + f"; with vLLM's reference LoRA ops {reference:.2f}x"))
         rows.append((f"{streams} stream(s): merged / base", f"{per[('merged', streams)] / b:.2f}x"))
         rows.append((f"{streams} stream(s): base with / without --enable-lora",
                      f"{b / per[('base, no --enable-lora', streams)]:.2f}x"))

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from charforge.settings import platform
+from charforge.vllm_server import free_port
 
 CHECK = Path(__file__).with_name("grouped_lora_check.py")
 
@@ -56,6 +57,29 @@ def test_fused_layers_compute_what_the_per_slice_loop_computes():
 
 @pytest.mark.slow
 def test_served_adapter_scores_text_like_transformers_and_peft(vllm_base, base_model_dir, tmp_path):
+    served_scores_match_peft(vllm_base, base_model_dir, tmp_path)
+    assert "grouped CPU LoRA ops active, layers fused" in vllm_base.log_path.read_text()
+
+
+@pytest.mark.slow
+def test_compiled_replica_scores_an_adapter_loaded_after_compilation_like_peft(base_model_dir, tmp_path):
+    """`CHARFORGE_VLLM_LORA_COMPILE=1`: the LoRA-enabled model is compiled (torch.compile, as vLLM compiles it
+    without LoRA) with the fused layers as opaque ops; an adapter hot-loaded after compilation must still be applied."""
+    from charforge.vllm_server import VLLMServer
+
+    server = VLLMServer(base_model_dir, "smollm2-135m-instruct", free_port(),
+                        extra_env={"CHARFORGE_VLLM_LORA_COMPILE": "1"})
+    server.start(tmp_path / "vllm.log")
+    try:
+        server.wait_ready(timeout=400)
+        served_scores_match_peft(server, base_model_dir, tmp_path)
+    finally:
+        server.stop()
+    log = server.log_path.read_text()
+    assert "DYNAMO_TRACE_ONCE" in log and "CompilationMode.NONE" not in log
+
+
+def served_scores_match_peft(server, base_model_dir, tmp_path):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -71,12 +95,12 @@ def test_served_adapter_scores_text_like_transformers_and_peft(vllm_base, base_m
         tokenize=False)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     name = "grouped-lora-check"
-    loaded = httpx.post(f"{vllm_base.url}/v1/load_lora_adapter", json={"lora_name": name,
+    loaded = httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": name,
                                                                          "lora_path": str(adapter)}, timeout=120)
     assert loaded.status_code == 200, loaded.text
 
     def served_logprobs(model: str) -> torch.Tensor:
-        reply = httpx.post(f"{vllm_base.url}/v1/completions", timeout=120, json={
+        reply = httpx.post(f"{server.url}/v1/completions", timeout=120, json={
             "model": model, "prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 0, "temperature": 0})
         assert reply.status_code == 200, reply.text
         return torch.tensor(reply.json()["choices"][0]["logprobs"]["token_logprobs"][1:len(ids)])
@@ -99,5 +123,4 @@ def test_served_adapter_scores_text_like_transformers_and_peft(vllm_base, base_m
     effect = (expected - expected_base).abs().mean()  # what the adapter changes
     assert error < 1.5 * noise + 0.01, (error, noise)
     assert effect > 4 * error, (effect, error)
-    assert "grouped CPU LoRA ops active" in vllm_base.log_path.read_text()
-    httpx.post(f"{vllm_base.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
+    httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)

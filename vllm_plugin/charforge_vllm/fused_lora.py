@@ -91,6 +91,13 @@ class FusedCPULoRA:
     def cf_add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
                            lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
                            *, buffer=None, **kwargs: Any) -> None:
+        if torch.compiler.is_compiling():  # traced into a compiled model: one opaque op, run eagerly at each step
+            torch.ops.charforge.lora_linear(y, x.view(-1, x.shape[-1]), list(lora_a_stacked), list(lora_b_stacked),
+                                            float(scale), list(output_slices), _register(self))
+            return
+        return self._cf_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
+
+    def _cf_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=None, **kwargs) -> None:
         slots = getattr(self, "_cf_slots", None)
         if slots is not None and not slots:
             return  # no token of this batch has an adapter
@@ -149,6 +156,9 @@ class FusedCPULoRA:
         return True
 
     def cf_add_lora_embedding(self, y, x, lora_b_stacked, add_inputs=True, **kwargs):
+        if torch.compiler.is_compiling():
+            torch.ops.charforge.lora_embedding(y, x, lora_b_stacked, bool(add_inputs), _register(self))
+            return
         if self._cf_all_zero(lora_b_stacked):
             return
         return _original["add_lora_embedding"](self, y, x, lora_b_stacked, add_inputs, **kwargs)
@@ -161,6 +171,70 @@ class FusedCPULoRA:
 
 
 _original: dict[str, Any] = {}
+# Every PunicaWrapperCPU of this process in creation order: a compiled graph names its wrapper by this index (a
+# model builds its wrappers in the same order in every process, so a graph from vLLM's compile cache names the same).
+_wrappers: list[Any] = []
+
+
+def _register(wrapper) -> int:
+    return _wrappers.index(wrapper)
+
+
+def _lora_linear_op(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],
+                    scale: float, output_slices: list[int], wrapper: int) -> None:
+    _wrappers[wrapper]._cf_linear(y, x, tuple(lora_a), tuple(lora_b), scale, tuple(output_slices))
+
+
+def _lora_embedding_op(y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, add_inputs: bool, wrapper: int) -> None:
+    w = _wrappers[wrapper]
+    if not w._cf_all_zero(lora_b):
+        _original["add_lora_embedding"](w, y, x, lora_b, add_inputs)
+
+
+def _nothing(*args) -> None:
+    return None
+
+
+_library = None
+
+
+def _register_ops() -> None:
+    """`charforge::lora_linear` and `charforge::lora_embedding`, registered directly on the CPU dispatch key (vLLM's
+    `direct_register_custom_op`: `torch.library.custom_op`'s Python dispatch cost ~25 us a call, 120 calls a step)."""
+    global _library
+    from torch.library import Library
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    if _library is not None:
+        return
+    _library = Library("charforge", "FRAGMENT")
+    direct_register_custom_op("lora_linear", _lora_linear_op, mutates_args=["y"], fake_impl=_nothing,
+                              target_lib=_library, dispatch_key="CPU")
+    direct_register_custom_op("lora_embedding", _lora_embedding_op, mutates_args=["y"], fake_impl=_nothing,
+                              target_lib=_library, dispatch_key="CPU")
+
+
+def allow_compilation() -> None:
+    """vLLM's CPU platform runs every LoRA-enabled model eagerly (`CompilationMode.NONE`) because its LoRA ops cannot
+    be traced; with the fused layers behind opaque custom ops the model can be compiled as it is without LoRA. The
+    platform's config pass runs with the LoRA config hidden, then it is put back (that pass reads it only to turn
+    compilation off). Opt-in (`CHARFORGE_VLLM_LORA_COMPILE=1`): vLLM 0.32 on CPU fails to load its own compile cache
+    ("'function' object has no attribute 'finalize_loading'") and compiles at every start, ~60 s here."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = CpuPlatform.check_and_update_config.__func__
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        lora = vllm_config.lora_config
+        if lora is None:
+            return original(cls, vllm_config)
+        vllm_config.lora_config = None
+        try:
+            original(cls, vllm_config)
+        finally:
+            vllm_config.lora_config = lora
+
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
 
 
 def install() -> None:
@@ -174,6 +248,17 @@ def install() -> None:
         _original[name] = getattr(PunicaWrapperCPU, name)
         setattr(PunicaWrapperCPU, name, getattr(FusedCPULoRA, f"cf_{name}"))
     PunicaWrapperCPU._cf_apply = FusedCPULoRA._cf_apply
+    PunicaWrapperCPU._cf_linear = FusedCPULoRA._cf_linear
+    init = PunicaWrapperCPU.__init__
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        _wrappers.append(self)
+
+    PunicaWrapperCPU.__init__ = __init__
+    if os.environ.get("CHARFORGE_VLLM_LORA_COMPILE", "0") == "1":
+        _register_ops()
+        allow_compilation()
     PunicaWrapperCPU._cf_all_zero = FusedCPULoRA._cf_all_zero
     activate = model_manager.LoRAModelManager.activate_adapter
 
