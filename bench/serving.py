@@ -170,6 +170,10 @@ def random_adapter(base_dir: Path, out: Path, rank: int = 8) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from charforge.checksums import folder_sha
+    from charforge.settings import CONFIGS_DIR
+    from charforge.training.adapters import export_adapter
+
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
                            LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
@@ -177,7 +181,12 @@ def random_adapter(base_dir: Path, out: Path, rank: int = 8) -> Path:
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.02)
-    model.save_pretrained(out)
+    model.save_pretrained(out.with_name(out.name + "-raw"))
+    lineage = {"base_model": "smollm2-135m-instruct", "base_model_path": str(base_dir),
+               "base_model_sha": folder_sha(base_dir), "dataset_hash": "none", "train_config": "random (bench)",
+               "run_identity": "bench-serving", "mlflow_run_id": "none"}
+    export_adapter(out.with_name(out.name + "-raw"), out, "bfloat16", lineage,
+                   CONFIGS_DIR / "train" / "templates" / "chatml_training.jinja")  # with its manifest, as trained
     return out
 
 
@@ -344,10 +353,10 @@ def main() -> None:
         rows.append((f"{streams} stream(s): merged / base", f"{per[('merged', streams)] / b:.2f}x"))
         rows.append((f"{streams} stream(s): base with / without --enable-lora",
                      f"{b / per[('base, no --enable-lora', streams)]:.2f}x"))
-    for suffix, name in (("", "grouped ops (charforge_vllm)"), (" (vLLM ops)", "vLLM's reference ops")):
+    for suffix, name in (("", "charforge_vllm (fused layers)"), (" (vLLM ops)", "vLLM's reference ops")):
         a, b = per[("adapter" + suffix, "scoring")], per[("base" + suffix, "scoring")]
         rows.append((f"prompt scoring, {name}", f"adapter {a:.0f} / base {b:.0f} prompt tok/s = {a / b:.2f}x"))
-    rows.append(("prompt scoring with an adapter: grouped / reference ops",
+    rows.append(("prompt scoring with an adapter: charforge_vllm / reference ops",
                  f"{per[('adapter', 'scoring')] / per[('adapter (vLLM ops)', 'scoring')]:.2f}x"))
     print(f"\nvLLM replica start-up (with LoRA): {startup:.0f} s; {n} requests x {t} tokens at 8 streams\n")
     width = max(len(k) for k, _ in rows)
