@@ -137,9 +137,9 @@ def fused_layers() -> dict:
     from vllm.lora.layers import LoRAMapping
     from vllm.lora.punica_wrapper import punica_cpu
 
-    from charforge_vllm import fused_lora
+    from charforge_vllm import OPS, fused_lora
 
-    for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice"):
+    for name in OPS:
         setattr(punica_cpu, name, getattr(grouped_lora, name))
     per_slice = punica_cpu.PunicaWrapperCPU.add_lora_linear
     fused_lora.install()

@@ -55,6 +55,15 @@ def test_fused_layers_compute_what_the_per_slice_loop_computes():
     assert fused["nonzero lm_head applied"] is True
 
 
+def test_an_unknown_lora_mode_is_refused_at_startup_naming_the_choices():
+    code = ("import os; os.environ['CHARFORGE_VLLM_LORA'] = 'fast'; import charforge_vllm; "
+            "charforge_vllm.register()")
+    out = subprocess.run([str(platform().serving_python), "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert ("ValueError: CHARFORGE_VLLM_LORA='fast': expected 'fused' (one matmul per layer, the default) or "
+            "'grouped'") in out.stderr
+
+
 @pytest.mark.slow
 def test_served_adapter_scores_text_like_transformers_and_peft(vllm_base, base_model_dir, tmp_path):
     served_scores_match_peft(vllm_base, base_model_dir, tmp_path)
