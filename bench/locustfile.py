@@ -7,7 +7,9 @@ The run stops after LOAD_REQUESTS requests in all and, if LOAD_UNTIL names a fil
 load then covers a whole rollout however long it takes); the records go to LOAD_OUT (JSON) when locust quits.
 
 Environment: LOAD_REQUESTS, LOAD_UNTIL, LOAD_OUT, LOAD_MODEL (the route), LOAD_KEY (the inference key),
-LOAD_STREAM_SHARE, LOAD_MAX_TOKENS.
+LOAD_STREAM_SHARE, LOAD_MAX_TOKENS; LOAD_MODELS (comma-separated routes, each request picks one) with LOAD_ZIPF_S
+(the k-th route drawn with weight 1/k^s; 0: uniformly), LOAD_IGNORE_EOS=1 (every reply exactly LOAD_MAX_TOKENS
+tokens, vLLM's `ignore_eos`). Streams also record their time to the first event (`ttft`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ MODEL = os.environ.get("LOAD_MODEL", "bench")
 HEADERS = {"authorization": f"Bearer {os.environ['LOAD_KEY']}"} if os.environ.get("LOAD_KEY") else {}
 STREAM_SHARE = float(os.environ.get("LOAD_STREAM_SHARE", "0.5"))
 MAX_TOKENS = int(os.environ.get("LOAD_MAX_TOKENS", "8"))
+MODELS = [m for m in os.environ.get("LOAD_MODELS", "").split(",") if m] or [MODEL]
+ZIPF_S = float(os.environ.get("LOAD_ZIPF_S", "0"))
+WEIGHTS = [1 / k ** ZIPF_S for k in range(1, len(MODELS) + 1)]
+IGNORE_EOS = os.environ.get("LOAD_IGNORE_EOS") == "1"
 TURNS = ["Good morning! How are you today?", "Tell me about the place where you live.",
          "What did you do yesterday?", "What is your favourite meal?", "Who is your oldest friend?"]
 
@@ -53,23 +59,33 @@ class ChatUser(HttpUser):
             raise StopUser()
         sent += 1
         stream = random.random() < STREAM_SHARE
-        record = {"t": time.time(), "user": self.user_id, "stream": stream}
-        body = {"model": MODEL, "max_tokens": MAX_TOKENS, "user": self.user_id, "stream": stream,
-                "messages": [{"role": "user", "content": random.choice(TURNS)}]}
+        model = random.choices(MODELS, WEIGHTS)[0]
+        record = {"t": time.time(), "user": self.user_id, "stream": stream, "model": model}
+        body = {"model": model, "max_tokens": MAX_TOKENS, "user": self.user_id, "stream": stream,
+                "messages": [{"role": "user", "content": random.choice(TURNS)}],
+                **({"ignore_eos": True} if IGNORE_EOS else {})}
+        started = time.perf_counter()
         try:
             with self.client.post("/v1/chat/completions", json=body, headers=HEADERS, stream=stream,
                                   catch_response=True, name="stream" if stream else "chat") as r:
                 record.update(status=r.status_code, replica=r.headers.get("x-charforge-replica"),
                               version=r.headers.get("x-charforge-version"), retry_after=r.headers.get("retry-after"))
                 if stream and r.status_code == 200:
-                    lines = [line for line in r.iter_lines(decode_unicode=True) if line]
+                    lines = []
+                    for line in r.iter_lines(decode_unicode=True):
+                        if line and not lines:
+                            record["ttft"] = time.perf_counter() - started
+                        if line:
+                            lines.append(line)
                     record["cut"] = any('"error"' in line for line in lines) or "data: [DONE]" not in lines
                 if r.status_code == 200 and not record.get("cut"):
                     r.success()
                 else:
+                    record["error"] = r.text[:300] if r.status_code != 200 else None
                     r.failure(f"{r.status_code}{' cut' if record.get('cut') else ''}")
         except Exception as exc:  # a broken connection is a result here, not a crash of the bench
             record.update(status=type(exc).__name__, cut=stream)
+        record["seconds"] = time.perf_counter() - started
         records.append(record)
 
 

@@ -164,7 +164,7 @@ def start_gateway(replica: str, work: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"gateway did not start; see {work / 'gateway.log'}")
 
 
-def random_adapter(base_dir: Path, out: Path, rank: int = 8) -> Path:
+def random_adapter(base_dir: Path, out: Path, rank: int = 8, seed: int = 0) -> Path:
     """An all-linear LoRA of `rank` on the base with random A and B (a trained adapter's shape, not its values)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -174,7 +174,7 @@ def random_adapter(base_dir: Path, out: Path, rank: int = 8) -> Path:
     from charforge.settings import CONFIGS_DIR
     from charforge.training.adapters import export_adapter
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
                            LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
     with torch.no_grad():

@@ -69,6 +69,12 @@ def desired_path(serving_state: Path) -> Path:
     return path
 
 
+def catalogue_path(serving_state: Path) -> Path:
+    """`<state>/serving/adapters/catalogue.json`: adapter versions the gateway places on demand (served name ->
+    folder), beside the desired state; unlike desired ones, replicas do not load them at start."""
+    return serving_state / "adapters" / "catalogue.json"
+
+
 @dataclass
 class DesiredState:
     path: Path

@@ -32,7 +32,8 @@ from charforge.errors import CharforgeError
 from charforge.keys import KeyRing, presented_key
 from serving.fleet import replica_headers
 from serving.capture import Capturer, Pending, ResponseRef
-from serving.routing import Replica, Strategy, assign_version, choose_replica, eligible
+from serving.placement import Choice, Placement, choose, room
+from serving.routing import Replica, Strategy, assign_version, eligible
 from serving.state_store import FileRoutes, PostgresStore
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,46 @@ class Route:
     generation: int = 0  # +1 on every change: a writer that read generation N may write only while it is still N
     changed_by: str | None = None  # who made the last change (the admin caller's actor and key fingerprint)
     changed_at: float | None = None
+
+
+class AdapterCatalogue:
+    """Adapter versions the gateway may place on replicas on demand (served name -> adapter folder), read from a
+    JSON file the deploy side writes (re-read when it changes), and the versions pinned on every replica (the
+    fleet's desired state, `desired.json`: the replicas load those themselves; placement never evicts them)."""
+
+    def __init__(self, path: Path, pinned_path: Path | None = None, max_resident: int = 4,
+                 spill_outstanding: int = 8, load_timeout_s: float = 120, room_wait_s: float = 30) -> None:
+        self.path, self.pinned_path = path, pinned_path
+        self.max_resident, self.spill_outstanding, self.load_timeout_s = max_resident, spill_outstanding, load_timeout_s
+        self.room_wait_s = room_wait_s
+        self._cache: dict[Path, tuple[float, dict[str, str]]] = {}
+
+    def _read(self, path: Path | None) -> dict[str, str]:
+        if path is None:
+            return {}
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            return {}
+        cached = self._cache.get(path)
+        if cached and cached[0] == mtime:
+            return cached[1]
+        try:
+            raw = json.loads(path.read_text())
+            folders = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+        except (OSError, ValueError) as exc:  # a half-written or broken file: keep serving what was read before
+            log.warning("adapter catalogue %s is unreadable (%s); keeping the last one read", path, exc)
+            return cached[1] if cached else {}
+        self._cache[path] = (mtime, folders)
+        return folders
+
+    def folders(self) -> dict[str, str]:
+        return self._read(self.path)
+
+    def placement(self, inflight: dict, last_used: dict) -> Placement:
+        pinned = frozenset(self._read(self.pinned_path))
+        return Placement(catalogue=frozenset(self.folders()) - pinned, pinned=pinned, max_resident=self.max_resident,
+                         spill_outstanding=self.spill_outstanding, inflight=inflight, last_used=last_used)
 
 
 class RouteChanged(Exception):
@@ -153,6 +194,22 @@ class Metrics:
                                  registry=self.registry)
         self.retries = Counter("gateway_connect_retries_total", "Requests retried on another replica", ["replica"],
                                registry=self.registry)
+        # Per adapter version and replica: what placement did and what each replica holds (vLLM exports only the
+        # adapters with requests running or waiting).
+        self.adapter_requests = Counter("gateway_adapter_requests_total", "Requests sent, by replica and version",
+                                        ["replica", "version"], registry=self.registry)
+        self.adapter_loads = Counter("gateway_adapter_loads_total", "On-demand adapter loads by outcome",
+                                     ["replica", "version", "outcome"], registry=self.registry)
+        self.adapter_load_seconds = Histogram("gateway_adapter_load_seconds", "On-demand load time (eviction "
+                                              "included)", ["replica"], registry=self.registry,
+                                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+        self.adapter_evictions = Counter("gateway_adapter_evictions_total", "Adapters unloaded to make room",
+                                         ["replica", "version"], registry=self.registry)
+        self.adapter_room_wait = Histogram("gateway_adapter_room_wait_seconds", "How long a request waited for a "
+                                           "replica with room for its adapter", registry=self.registry,
+                                           buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+        self.adapter_resident = Gauge("gateway_adapter_resident", "1 while the replica lists the version",
+                                      ["replica", "version"], registry=self.registry)
         self.rejected = Counter("gateway_rejected_total", "Requests refused before any replica saw them",
                                 ["reason"], registry=self.registry)
         self.capture_dropped = Counter("gateway_capture_dropped_total", "Sampled conversations not captured",
@@ -259,7 +316,7 @@ class Gateway:
                  connect_retries: int = 2, request_timeout_s: float = 300, discover=None,
                  admin_key: KeyRing | str | list[str] | None = None, max_request_bytes: int = 1_048_576,
                  max_inflight_per_replica: int = 32, retry_after_s: int = 1, audit_path: Path | None = None,
-                 capture: Capturer | None = None) -> None:
+                 capture: Capturer | None = None, catalogue: AdapterCatalogue | None = None) -> None:
         self.replicas = {f"replica-{i}": Replica(f"replica-{i}", url.rstrip("/"), healthy=False)
                          for i, url in enumerate(replica_urls)}
         self.discover = discover  # () -> {name: url}, e.g. ready pods by label (serving/discovery_k8s.py)
@@ -284,6 +341,14 @@ class Gateway:
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._poller: asyncio.Task | None = None
+        # adapter placement (None: a version is served only where the replicas already hold it)
+        self.catalogue = catalogue
+        self.inflight: dict[tuple[str, str], int] = {}  # (replica, version) -> requests in flight
+        self.last_used: dict[tuple[str, str], float] = {}  # (replica, version) -> monotonic time of the last request
+        self._placing: dict[str, asyncio.Lock] = {}  # one load or eviction at a time per replica
+        self._placed: dict[str, int] = {}  # per replica, +1 on every load or eviction (a poll from before is stale)
+        self._pending: dict[str, str] = {}  # version -> the replica it is being loaded on
+        self._resident_seen: set[tuple[str, str]] = set()
 
     def session(self) -> aiohttp.ClientSession:
         """The upstream session of the running event loop (the replicas' key, never the client's)."""
@@ -314,14 +379,18 @@ class Gateway:
             except Exception as exc:  # the API server is unreachable or refuses: keep the last known replicas
                 log.warning("fleet discovery failed: %s", exc)
 
+        placed_before = dict(self._placed)
+
         async def one(replica: Replica) -> Replica:
             try:
                 quick = aiohttp.ClientTimeout(total=2)
                 async with self.session().get(f"{replica.url}/health", timeout=quick) as health:
                     healthy = health.status == 200
                 async with self.session().get(f"{replica.url}/v1/models", timeout=quick) as models:
-                    names = frozenset(m["id"] for m in (await models.json(content_type=None))["data"])
-                return replace(replica, healthy=healthy, loaded=names)
+                    data = (await models.json(content_type=None))["data"]
+                names = frozenset(m["id"] for m in data)
+                adapters = frozenset(m["id"] for m in data if m.get("parent"))  # LoRA cards name their base
+                return replace(replica, healthy=healthy, loaded=names, adapters=adapters)
             except Exception as exc:  # refused, timed out, `{"data": null}`, a malformed URL...
                 if replica.healthy:
                     log.warning("replica %s (%s) is out of rotation: %s: %s", replica.name, replica.url,
@@ -331,7 +400,17 @@ class Gateway:
         for r in updated:
             current = self.replicas.get(r.name)
             if current is not None:  # not dropped by discovery meanwhile
+                if (r.name in self._placing and self._placing[r.name].locked()) or \
+                        self._placed.get(r.name) != placed_before.get(r.name):
+                    continue  # a load or eviction changed it during the poll: its own answer updated the set
                 self.replicas[r.name] = replace(r, outstanding=current.outstanding)
+        self._publish_residency()
+
+    def _publish_residency(self) -> None:
+        now = {(r.name, v) for r in self.replicas.values() for v in r.adapters}
+        for replica, version in now | self._resident_seen:
+            self.metrics.adapter_resident.labels(replica, version).set(1 if (replica, version) in now else 0)
+        self._resident_seen |= now
 
     async def poll_forever(self) -> None:
         while True:
@@ -351,7 +430,13 @@ class Gateway:
         if name in self.replicas:  # discovery may have dropped it meanwhile
             self.replicas[name] = replace(self.replicas[name], healthy=False)
 
-    def _track(self, name: str, delta: int) -> None:
+    def _track(self, name: str, delta: int, version: str | None = None) -> None:
+        if version is not None:  # per version too: placement never evicts a version with requests in flight
+            key = (name, version)
+            self.inflight[key] = max(0, self.inflight.get(key, 0) + delta)
+            if delta > 0:
+                self.last_used[key] = time.monotonic()
+                self.metrics.adapter_requests.labels(name, version).inc()
         r = self.replicas.get(name)
         if r is None:  # dropped by discovery while the request ran
             return
@@ -458,11 +543,125 @@ class Gateway:
             upstream["messages"] = [{"role": "system", "content": route.system_prompt}, *messages]
         return name, version, upstream
 
-    def pick(self, version: str, user: str | None, tried: frozenset[str] = frozenset()) -> Replica | None:
-        """The replica for one attempt: eligible, not tried yet, below its in-flight bound."""
-        return choose_replica(list(self.replicas.values()), version, self.strategy,
-                              counter=next(self.replica_counter), user=user, exclude=tried,
-                              max_outstanding=self.max_inflight)
+    def placement(self) -> Placement | None:
+        return self.catalogue.placement(self.inflight, self.last_used) if self.catalogue is not None else None
+
+    def servable(self, version: str) -> bool:
+        """Resident on a healthy replica, or placeable on demand (in the adapter catalogue)."""
+        return any(r.healthy and version in r.loaded for r in self.replicas.values()) or (
+            self.catalogue is not None and version in self.catalogue.folders())
+
+    def pick(self, version: str, user: str | None, tried: frozenset[str] = frozenset()) -> Choice | None:
+        """The replica for one attempt: eligible (holds the version, or can load it), not tried yet, below its
+        in-flight bound; `serving.placement.choose` decides."""
+        replicas = list(self.replicas.values())
+        if self._pending:  # a version being loaded takes its slot already (it is never the one evicted: in flight)
+            replicas = [replace(r, adapters=r.adapters | {v for v, on in self._pending.items() if on == r.name})
+                        for r in replicas]
+        return choose(replicas, version, self.strategy, self.placement(),
+                      counter=next(self.replica_counter), user=user, exclude=tried, max_outstanding=self.max_inflight)
+
+    async def place(self, choice: Choice, version: str) -> str:
+        """Load `version` on the chosen replica (unloading the chosen victim first when it is full): "ok" once the
+        replica serves it, "failed" when the replica refused or could not be reached (counted and logged: the
+        request tries another replica), "again" when the replica changed while this request waited for it (it
+        filled up with busy adapters, went unhealthy): the request chooses again. One placement at a time per
+        replica, re-checked under that lock."""
+        name = choice.replica.name
+        lock = self._placing.setdefault(name, asyncio.Lock())
+        key = (name, version)
+        self.inflight[key] = self.inflight.get(key, 0) + 1  # the waiting request: nobody evicts what it came for
+        self._track(name, +1)  # and it counts as in flight there, as it will once sent
+        mine = self._pending.setdefault(version, name) == name  # other requests for it wait for this placement
+        started = time.perf_counter()
+        try:
+            async with lock:
+                replica = self.replicas.get(name)
+                if replica is None or not replica.healthy:
+                    return "again"
+                if version in replica.loaded:
+                    return "ok"
+                folder = self.catalogue.folders().get(version) if self.catalogue else None
+                if folder is None:
+                    return "failed"
+                placement = self.placement()
+                ok, evict = room(replica, placement)
+                if not ok:
+                    return "again"
+                if evict is not None and not await self._unload(replica, evict):
+                    return "failed"
+                outcome = await self._load(replica, version, folder)
+                self.metrics.adapter_loads.labels(name, version, outcome).inc()
+                if outcome != "ok":
+                    return "failed"
+                self.metrics.adapter_load_seconds.labels(name).observe(time.perf_counter() - started)
+                log.info("placed %s on %s in %.0f ms%s", version, name, (time.perf_counter() - started) * 1000,
+                         f" (evicted {evict})" if evict else "")
+                current = self.replicas.get(name)
+                self._placed[name] = self._placed.get(name, 0) + 1
+                if current is not None:
+                    self.replicas[name] = replace(current, loaded=current.loaded | {version},
+                                                  adapters=current.adapters | {version})
+                self._publish_residency()
+                return "ok"
+        finally:
+            self.inflight[key] -= 1
+            self._track(name, -1)
+            if mine:
+                self._pending.pop(version, None)
+
+    async def placing_elsewhere(self, version: str, choice: Choice, tried: set[str]) -> bool:
+        """adapter_affinity: when `version` is being loaded on another replica right now, wait for that load to end
+        (True: choose again, it is likely resident there now) instead of loading it a second time here."""
+        other = self._pending.get(version)
+        if self.strategy != "adapter_affinity" or other is None or other == choice.replica.name or other in tried:
+            return False
+        async with self._placing[other]:
+            return True
+
+    async def _load(self, replica: Replica, version: str, folder: str) -> str:
+        """POST /v1/load_lora_adapter -> "ok" | "failed" (the reason logged)."""
+        from serving.routing import classify_load
+
+        try:
+            async with self.session().post(f"{replica.url}/v1/load_lora_adapter",
+                                           json={"lora_name": version, "lora_path": folder},
+                                           timeout=aiohttp.ClientTimeout(total=self.catalogue.load_timeout_s)) as r:
+                body, status = await r.text(), r.status
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            body, status = f"{type(exc).__name__}: {exc}", None
+        try:
+            vllm_error = isinstance(json.loads(body), dict) and "error" in json.loads(body)
+        except ValueError:
+            vllm_error = False
+        verdict = classify_load(status, body, vllm_error)
+        if verdict in ("ok", "already_loaded"):
+            return "ok"
+        log.warning("placing %s on %s failed (%s, HTTP %s): %s", version, replica.name, verdict, status, body[:300])
+        return "failed"
+
+    async def _unload(self, replica: Replica, version: str) -> bool:
+        """Evict `version` from the replica (only while no request for it is in flight there). It leaves the
+        replica's resident set before the call, so no request is sent there while vLLM unloads it."""
+        if self.inflight.get((replica.name, version)):
+            return False
+        current = self.replicas.get(replica.name)
+        if current is not None:
+            self.replicas[replica.name] = replace(current, loaded=current.loaded - {version},
+                                                  adapters=current.adapters - {version})
+        self._placed[replica.name] = self._placed.get(replica.name, 0) + 1
+        try:
+            async with self.session().post(f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": version},
+                                           timeout=aiohttp.ClientTimeout(total=30)) as r:
+                status, body = r.status, await r.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.warning("evicting %s from %s failed: %s", version, replica.name, exc)
+            return False
+        if status not in (200, 404):  # 404: already gone
+            log.warning("evicting %s from %s failed: HTTP %s %s", version, replica.name, status, body[:300])
+            return False
+        self.metrics.adapter_evictions.labels(replica.name, version).inc()
+        return True
 
     async def forward(self, path: str, request: Request) -> Response:
         self.ensure_poller()
@@ -476,11 +675,46 @@ class Gateway:
         tried: set[str] = set()
         started = time.perf_counter()
         full = False  # the attempts ended because every eligible replica left was at its in-flight bound
-        for _ in range(self.connect_retries + 1):
-            replica = self.pick(version, upstream.get("user"), frozenset(tried))
-            if replica is None:
-                full = any(r.name not in tried for r in eligible(list(self.replicas.values()), version))
+        placeable = self.catalogue is not None and version in self.catalogue.folders()
+        not_loaded: list[str] = []  # replicas that could not load the version
+        attempts = self.connect_retries + 1 + (len(self.replicas) if placeable else 0)
+        room_deadline: float | None = None
+        no_room = False  # waited room_wait_s for a replica with room for the version, in vain
+        while attempts > 0:
+            choice = self.pick(version, upstream.get("user"), frozenset(tried))
+            if choice is None and placeable and any(
+                    r.healthy and r.name not in tried and r.outstanding < self.max_inflight
+                    for r in self.replicas.values()):
+                # every replica that could take it holds its limit of adapters, each with requests in flight: the
+                # request waits for one of them to go idle (bounded), rather than a 503 for a registered version
+                now = time.monotonic()
+                if room_deadline is None:
+                    room_deadline = now + self.catalogue.room_wait_s
+                if now < room_deadline:
+                    await asyncio.sleep(0.01)
+                    continue
+            if room_deadline is not None:
+                self.metrics.adapter_room_wait.observe(time.monotonic() - room_deadline + self.catalogue.room_wait_s)
+                room_deadline, no_room = None, choice is None
+            if choice is None:
+                full = any(r.name not in tried and r.healthy and r.outstanding >= self.max_inflight
+                           for r in self.replicas.values()) if placeable else \
+                    any(r.name not in tried for r in eligible(list(self.replicas.values()), version))
                 break
+            if choice.load and await self.placing_elsewhere(version, choice, tried):
+                continue
+            replica = choice.replica
+            if choice.load:
+                placed = await self.place(choice, version)
+                if placed == "again":  # the replica changed while this request waited for it: choose again
+                    await asyncio.sleep(0.01)
+                    continue
+                if placed == "failed":
+                    attempts -= 1
+                    tried.add(replica.name)
+                    not_loaded.append(replica.name)
+                    continue  # that replica could not take it (a failed load, counted): another one may
+            attempts -= 1
             tried.add(replica.name)
             try:
                 return await self._send(replica, path, upstream, route, version, started, probe is not None,
@@ -502,7 +736,18 @@ class Gateway:
             raise HTTPException(503, detail=f"every replica serving {version!r} has {self.max_inflight} requests in "
                                             f"flight (gateway.max_inflight_per_replica); retry after "
                                             f"{self.retry_after_s} s", headers={"Retry-After": str(self.retry_after_s)})
+        if no_room:  # a capacity refusal, like the overload above: not an error of the version
+            self.metrics.rejected.labels("no_adapter_room").inc()
+            raise HTTPException(503, detail=f"no replica had room for {version!r} within "
+                                            f"{self.catalogue.room_wait_s:g} s (gateway.placement.room_wait_s): each "
+                                            f"healthy one holds {self.catalogue.max_resident} adapters with requests "
+                                            f"in flight (gateway.placement.max_resident); retry after "
+                                            f"{self.retry_after_s} s",
+                                headers={"Retry-After": str(self.retry_after_s)})
         self.metrics.observe(route, version, "503", time.perf_counter() - started, probe is not None)
+        if not_loaded and set(not_loaded) == tried:
+            raise HTTPException(503, detail=f"{version!r} could not be loaded on any replica (tried "
+                                            f"{', '.join(sorted(tried))}; the gateway log says why); retry later")
         if tried:
             raise HTTPException(503, detail=f"{version!r}: no replica could be reached ({len(tried)} tried: "
                                             f"{', '.join(sorted(tried))}); retry later")
@@ -518,13 +763,13 @@ class Gateway:
             ref = ResponseRef(self.capture.ids.mint(route, version, user_hash, at), route, version, at, user_hash)
             headers["x-charforge-response-id"] = ref.id
             sampled = self.capture.sampled(route)
-        self._track(replica.name, +1)
+        self._track(replica.name, +1, version)
         data = json.dumps(body).encode()  # what aiohttp's json= would send; kept (bytes) for a sampled capture
         if body.get("stream"):
             try:
                 upstream = await self.session().post(url, data=data, headers=JSON_CONTENT)
             except BaseException:  # nothing was relayed: take the in-flight count back here, not in relay()
-                self._track(replica.name, -1)
+                self._track(replica.name, -1, version)
                 raise
             outcome = StreamOutcome(str(upstream.status))
             kept = bytearray() if sampled else None  # the raw stream, parsed by the capture writer, not here
@@ -533,7 +778,7 @@ class Gateway:
                 if outcome.closed:
                     return
                 outcome.closed = True
-                self._track(replica.name, -1)
+                self._track(replica.name, -1, version)
                 elapsed = time.perf_counter() - started
                 self.metrics.observe(route, version, outcome.status(), elapsed, probe)
                 upstream.close()  # a stream's connection is not reused: it may have broken off
@@ -568,7 +813,7 @@ class Gateway:
                 content = await response.read()
                 code = response.status
         finally:
-            self._track(replica.name, -1)
+            self._track(replica.name, -1, version)
         elapsed = time.perf_counter() - started
         status = str(code)
         try:
@@ -729,7 +974,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         gateway.check_admin(request)
         await gateway.refresh()
         return [{"name": r.name, "url": r.url, "healthy": r.healthy, "outstanding": r.outstanding,
-                 "loaded": sorted(r.loaded)} for r in gateway.replicas.values()]
+                 "loaded": sorted(r.loaded), "adapters": sorted(r.adapters)} for r in gateway.replicas.values()]
 
     @app.get("/admin/routes")
     async def routes(request: Request) -> dict:
@@ -749,7 +994,8 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.put("/admin/routes/{name}")
     async def set_route(name: str, request: Request) -> dict:
-        """Set a stable name's weights; every weighted version must be loaded on at least one healthy replica.
+        """Set a stable name's weights; every weighted version must be loaded on at least one healthy replica, or
+        be in the adapter catalogue (placed on demand).
         `expected_generation`: change it only if nobody changed it since (409 otherwise)."""
         who = gateway.check_admin(request)
         body = await gateway.read_json(request)
@@ -758,8 +1004,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         except (KeyError, AttributeError, TypeError, ValueError):
             raise HTTPException(400, detail='body must hold "weights": {"<served name>": <percent>, ...}') from None
         await gateway.refresh()
-        missing = [v for v, w in weights.items() if w > 0 and not any(
-            r.healthy and v in r.loaded for r in gateway.replicas.values())]
+        missing = [v for v, w in weights.items() if w > 0 and not gateway.servable(v)]
         if missing:
             raise HTTPException(409, detail=f"not loaded on any healthy replica: {', '.join(missing)}")
         return change(who, "set_weights", name, weights, system_prompt=optional_field(body, "system_prompt", str),

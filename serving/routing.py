@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
-Strategy = Literal["round_robin", "least_outstanding", "consistent_hash"]
+Strategy = Literal["round_robin", "least_outstanding", "consistent_hash", "adapter_affinity"]
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class Replica:
     healthy: bool = True
     outstanding: int = 0
     loaded: frozenset[str] = frozenset()  # served model names (base + LoRA names) the replica reports
+    adapters: frozenset[str] = frozenset()  # the LoRA names among them (resident adapters)
 
 
 def _hash(key: str) -> int:
@@ -35,7 +36,8 @@ def choose_replica(replicas: list[Replica], model: str, strategy: Strategy, coun
 
     round_robin: the `counter`-th eligible replica; least_outstanding: fewest in-flight requests (ties by name);
     consistent_hash: rendezvous hashing of the user id, so a user stays on one replica while the set is stable and
-    only the users of a removed replica move. `exclude` holds replicas already tried for this request; replicas
+    only the users of a removed replica move; adapter_affinity: as least_outstanding here (where a version is not
+    resident, `serving.placement.choose` decides). `exclude` holds replicas already tried for this request; replicas
     with `max_outstanding` requests in flight are full (None when every eligible one is).
     """
     pool = [r for r in eligible(replicas, model) if r.name not in exclude
@@ -45,12 +47,13 @@ def choose_replica(replicas: list[Replica], model: str, strategy: Strategy, coun
     pool.sort(key=lambda r: r.name)
     if strategy == "round_robin":
         return pool[counter % len(pool)]
-    if strategy == "least_outstanding":
+    if strategy in ("least_outstanding", "adapter_affinity"):  # affinity: among replicas that hold the model
         return min(pool, key=lambda r: (r.outstanding, r.name))
     if strategy == "consistent_hash":
         key = user if user is not None else str(counter)
         return max(pool, key=lambda r: _hash(f"{key}|{r.name}"))
-    raise ValueError(f"unknown routing strategy {strategy!r}; use round_robin, least_outstanding or consistent_hash")
+    raise ValueError(f"unknown routing strategy {strategy!r}; use round_robin, least_outstanding, consistent_hash "
+                     f"or adapter_affinity")
 
 
 def assign_version(weights: dict[str, float], user: str | None, counter: int = 0) -> str:

@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import uvicorn
 
@@ -19,8 +20,8 @@ from charforge.keys import KeyRing
 from charforge.schemas.serving import ServingConfig
 from charforge.settings import DATA_DIR, platform
 from serving import capture, daemon, state_store, store
-from serving.fleet import LocalFleet, desired_path, replica_key
-from serving.gateway import Gateway, RouteTable, create_app
+from serving.fleet import LocalFleet, catalogue_path, desired_path, replica_key
+from serving.gateway import AdapterCatalogue, Gateway, RouteTable, create_app
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,18 @@ def gateway(cfg: ServingConfig, urls: list[str], discover: Callable | None = Non
     check_capture_routes(cfg, table)
     capturer = capture.Capturer(cfg.capture, capture.capture_store(state, url),
                                 tuple(k for ring in keys for k in ring.keys()) + tuple(filter(None, [replica_key()])))
+    catalogue = None
+    if g.placement is not None:
+        p = g.placement
+        catalogue = AdapterCatalogue(Path(p.catalogue) if p.catalogue else catalogue_path(state / "serving"),
+                                     desired_path(state / "serving"), p.max_resident, p.spill_outstanding,
+                                     p.load_timeout_s, p.room_wait_s)
     return Gateway([] if discover else urls, table,
                    g.strategy, keys[0], g.health_interval_s, g.connect_retries,
                    g.request_timeout_s, discover=discover, admin_key=keys[1],
                    max_request_bytes=g.max_request_bytes, max_inflight_per_replica=g.max_inflight_per_replica,
-                   retry_after_s=g.retry_after_s, audit_path=state / "serving" / "audit.jsonl", capture=capturer)
+                   retry_after_s=g.retry_after_s, audit_path=state / "serving" / "audit.jsonl", capture=capturer,
+                   catalogue=catalogue)
 
 
 def check_capture_routes(cfg: ServingConfig, table: RouteTable) -> None:

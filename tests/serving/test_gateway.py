@@ -83,3 +83,110 @@ def test_routes_only_to_loaded_versions_and_rolls_back(gateway):
     r = httpx.post(f"{url}/v1/completions", headers={"authorization": f"Bearer {KEY}"}, timeout=60,
                    json={"model": "charforge", "prompt": "Hello", "max_tokens": 2})
     assert r.status_code == 200 and r.headers["x-charforge-version"] == "smollm2-135m-instruct"
+
+
+def test_adapters_are_placed_on_demand_evicted_least_recently_used_and_a_failed_load_tries_another_replica(
+        vllm_base, smollm2_adapter, tmp_path):
+    """More adapter versions than a replica may hold: the gateway loads a requested version where placement chooses
+    (never a 503 for a catalogue version), evicts the least recently used idle one when the replica is full, and
+    a load a replica refuses (the fake in front, failing every load) sends the request to another replica; every
+    load, failure and eviction is counted per replica and version."""
+    import json
+    import shutil
+
+    from serving.gateway import AdapterCatalogue
+    from tests.fakes import FakeReplica
+
+    versions = {f"fam-{c}-v1": tmp_path / f"fam-{c}" for c in "abc"}
+    for folder in versions.values():
+        shutil.copytree(smollm2_adapter, folder)
+    (tmp_path / "catalogue.json").write_text(json.dumps({v: str(f) for v, f in versions.items()}))
+    # what other tests of the session loaded stays: pinned, like a fleet's desired adapters
+    held = {m["id"]: m["root"] for m in httpx.get(f"{vllm_base.url}/v1/models", timeout=10).json()["data"]
+            if m.get("parent") and not m["id"].startswith("fam-")}
+    (tmp_path / "desired.json").write_text(json.dumps(held))
+    failing = FakeReplica("load_fails")
+    table = RouteTable(tmp_path / "routes.json")
+    catalogue = AdapterCatalogue(tmp_path / "catalogue.json", tmp_path / "desired.json", max_resident=len(held) + 2)
+    gw = Gateway([failing.url, vllm_base.url], table, strategy="adapter_affinity", api_key=KEY, admin_key=ADMIN_KEY,
+                 health_interval_s=0.5, catalogue=catalogue)
+    try:
+        with running(gw) as url:
+            for c in "abc":
+                r = admin(url, "PUT", f"/admin/routes/family_{c}", json={"weights": {f"fam-{c}-v1": 100}})
+                assert r.status_code == 200, r.text  # in the catalogue: servable though resident nowhere yet
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY)
+            messages = [{"role": "user", "content": "Good morning! What will you do today?"}]
+
+            def ask(route: str) -> tuple[str, str]:
+                raw = client.chat.completions.with_raw_response.create(model=route, messages=messages,
+                                                                       temperature=0, max_tokens=8)
+                assert raw.parse().choices[0].message.content
+                return raw.headers["x-charforge-version"], raw.headers["x-charforge-replica"]
+
+            def resident() -> set[str]:
+                return {m["id"] for m in httpx.get(f"{vllm_base.url}/v1/models", timeout=10).json()["data"]
+                        if m["id"].startswith("fam-")}
+
+            assert ask("family_a") == ("fam-a-v1", "replica-1")  # replica-0 refused the load: replica-1 took it
+            assert ask("family_b") == ("fam-b-v1", "replica-1")
+            assert resident() == {"fam-a-v1", "fam-b-v1"}
+            assert ask("family_a") == ("fam-a-v1", "replica-1")  # resident: no load; a is now the newer one
+            assert ask("family_c") == ("fam-c-v1", "replica-1")  # full: b, least recently used, makes room
+            assert resident() == {"fam-a-v1", "fam-c-v1"}
+            assert ask("family_b") == ("fam-b-v1", "replica-1")  # back on demand, a goes
+            assert resident() == {"fam-b-v1", "fam-c-v1"}
+            assert set(held) <= {m["id"] for m in httpx.get(f"{vllm_base.url}/v1/models", timeout=10).json()["data"]}
+
+            metrics = httpx.get(f"{url}/metrics").text
+            for line in ['gateway_adapter_loads_total{outcome="ok",replica="replica-1",version="fam-b-v1"} 2.0',
+                         'gateway_adapter_loads_total{outcome="ok",replica="replica-1",version="fam-a-v1"} 1.0',
+                         'gateway_adapter_loads_total{outcome="failed",replica="replica-0",version="fam-a-v1"} 1.0',
+                         'gateway_adapter_evictions_total{replica="replica-1",version="fam-b-v1"} 1.0',
+                         'gateway_adapter_evictions_total{replica="replica-1",version="fam-a-v1"} 1.0',
+                         'gateway_adapter_requests_total{replica="replica-1",version="fam-a-v1"} 2.0',
+                         'gateway_adapter_resident{replica="replica-1",version="fam-a-v1"} 0.0',
+                         'gateway_adapter_resident{replica="replica-1",version="fam-c-v1"} 1.0']:
+                assert line in metrics, line
+            assert 'gateway_adapter_requests_total{replica="replica-0"' not in metrics  # no request reached it
+            # a version in no catalogue and resident nowhere is still refused, by name
+            r = admin(url, "PUT", "/admin/routes/family_z", json={"weights": {"fam-z-v1": 100}})
+            assert r.status_code == 409 and "not loaded on any healthy replica: fam-z-v1" in r.text
+
+            # Room for one: while a stream of c runs, b has nowhere to go. It waits for c to go idle, up to
+            # room_wait_s; then it is refused with a 503 and Retry-After, never sent where it is not loaded.
+            import threading
+
+            catalogue.max_resident = len(held) + 1
+            httpx.post(f"{vllm_base.url}/v1/unload_lora_adapter", json={"lora_name": "fam-b-v1"}, timeout=30)
+            time.sleep(1.5)  # the poller sees b gone
+            streaming = threading.Event()
+
+            def long_stream() -> None:
+                with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=120, headers={
+                        "authorization": f"Bearer {KEY}"}, json={"model": "family_c", "messages": messages,
+                                                                 "max_tokens": 96, "ignore_eos": True,
+                                                                 "stream": True}) as s:
+                    for _ in s.iter_lines():
+                        streaming.set()
+            runner = threading.Thread(target=long_stream)
+            runner.start()
+            assert streaming.wait(60)
+            catalogue.room_wait_s = 0.3
+            refused = httpx.post(f"{url}/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"},
+                                 timeout=60, json={"model": "family_b", "messages": messages, "max_tokens": 4})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+            assert "no replica had room for 'fam-b-v1' within 0.3 s (gateway.placement.room_wait_s)" in \
+                refused.json()["error"]["message"]
+            catalogue.room_wait_s = 60
+            assert ask("family_b") == ("fam-b-v1", "replica-1")  # waited for c's stream to end, then c went
+            assert not runner.is_alive()
+            runner.join()
+            assert resident() == {"fam-b-v1"}
+            metrics = httpx.get(f"{url}/metrics").text
+            assert 'gateway_rejected_total{reason="no_adapter_room"} 1.0' in metrics
+            assert 'gateway_adapter_room_wait_seconds_count 2.0' in metrics
+    finally:
+        failing.close()
+        for name in versions:
+            httpx.post(f"{vllm_base.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=30)
