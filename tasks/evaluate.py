@@ -78,7 +78,7 @@ def vllm_serving(cfg: EvalConfig, plan: EvalPlan, while_starting: Callable[[], T
     run_dir = Path(plan.run_dir)
     server = VLLMServer(Path(plan.served_dir), plan.base_name, free_port(), max_model_len=cfg.serving.max_model_len,
                         max_lora_rank=cfg.serving.max_lora_rank, kv_cache_gib=cfg.serving.kv_cache_gib,
-                        omp_threads=2, extra_args=["--block-size", str(cfg.serving.block_size)]
+                        omp_threads=cfg.serving.omp_threads, extra_args=["--block-size", str(cfg.serving.block_size)]
                         if cfg.serving.block_size else [])
     get_run_logger().info(f"starting vLLM for {plan.base_name} (log: {run_dir / 'vllm.log'})")
     started = time.monotonic()

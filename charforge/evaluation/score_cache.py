@@ -97,6 +97,7 @@ def key_inputs(cfg: EvalConfig, plan: EvalPlan, role: str) -> dict[str, str]:
                                                     "score_models_together"})
     settings["max_model_len"] = cfg.serving.max_model_len
     settings["block_size"] = cfg.serving.block_size  # a different block: prompts computed in other chunks
+    settings["omp_threads"] = cfg.serving.omp_threads  # another split of each matmul's sums
     settings["served_dtype"] = served_dtype(Path(plan.served_dir))  # what the evaluation's vLLM runs in
     return {
         "served_model": folder_sha(Path(plan.served_dir)),

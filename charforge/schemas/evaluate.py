@@ -33,6 +33,7 @@ class ServingSettings(StageConfig):
                                    "a prefix-cache hit is made of (None: vLLM's default, 128 tokens on CPU, 16 on "
                                    "GPU; the CPU backend wants a multiple of 32).")
     startup_timeout_s: float = Field(default=400, gt=0, description="Seconds to wait for /health.")
+    omp_threads: int = Field(default=2, ge=1, description="OpenMP threads of the evaluation's vLLM worker (CPU).")
     speed_tokens: int = Field(default=32, ge=1, description="Greedy tokens decoded per run to measure the evaluated "
                               "model's single-stream tokens/s (median of 2 runs after a 4-token warm-up).")
 

@@ -64,6 +64,45 @@ def test_an_unknown_lora_mode_is_refused_at_startup_naming_the_choices():
             "'grouped'") in out.stderr
 
 
+def test_a_bad_queue_wait_is_refused_at_startup_naming_the_variable():
+    code = ("import os; os.environ['CHARFORGE_VLLM_QUEUE_WAIT_MS'] = '2ms'; import charforge_vllm; "
+            "charforge_vllm.register()")
+    out = subprocess.run([str(platform().serving_python), "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert ("ValueError: CHARFORGE_VLLM_QUEUE_WAIT_MS='2ms': expected a whole number of milliseconds >= 0 (default "
+            "20; 0 turns it off)") in out.stderr
+
+
+@pytest.mark.slow
+def test_the_engine_process_leaves_the_cores_to_the_worker_while_it_computes(vllm_base):
+    """vLLM's engine process polls the worker's reply queue for 1 s after every read (`sched_yield` in a loop): on
+    a 2-core machine it took turns with the worker's threads for the whole of every step. With charforge_vllm it
+    waits on the queue's notification after 10 ms: while 4 streams decode, the engine process uses a small share
+    of a core (vLLM's own polling: about all of one)."""
+    import threading
+    import time
+
+    import psutil
+
+    log = Path(vllm_base.log_path).read_text(errors="replace")
+    engine = next(p for p in psutil.Process(vllm_base.process.pid).children(recursive=True)
+                  if "EngineCore" in " ".join(p.cmdline()))
+
+    def decode() -> None:
+        httpx.post(f"{vllm_base.url}/v1/completions", timeout=300, json={
+            "model": vllm_base.served_name, "prompt": "Once upon a time", "max_tokens": 96, "ignore_eos": True})
+    before, started = engine.cpu_times(), time.monotonic()
+    streams = [threading.Thread(target=decode) for _ in range(4)]
+    for t in streams:
+        t.start()
+    for t in streams:
+        t.join()
+    after, wall = engine.cpu_times(), time.monotonic() - started
+    busy = (after.user + after.system - before.user - before.system) / wall
+    assert wall > 1 and busy < 0.5, (busy, wall)
+    assert "readers poll 10 ms after a read" in log
+
+
 @pytest.mark.slow
 def test_served_adapter_scores_text_like_transformers_and_peft(vllm_base, base_model_dir, tmp_path):
     served_scores_match_peft(vllm_base, base_model_dir, tmp_path)
