@@ -33,7 +33,7 @@ from charforge.keys import KeyRing, presented_key
 from serving.fleet import replica_headers
 from serving.capture import Capturer, Pending, ResponseRef
 from serving.placement import Choice, Placement, choose, room
-from serving.routing import Replica, Strategy, assign_version, eligible
+from serving.routing import Replica, Strategy, assign_version, classify_load, eligible
 from serving.state_store import FileRoutes, PostgresStore
 
 log = logging.getLogger(__name__)
@@ -57,21 +57,30 @@ class AdapterCatalogue:
     JSON file the deploy side writes (re-read when it changes), and the versions pinned on every replica (the
     fleet's desired state, `desired.json`: the replicas load those themselves; placement never evicts them)."""
 
+    RECHECK_S = 0.5
+
     def __init__(self, path: Path, pinned_path: Path | None = None, max_resident: int = 4,
                  spill_outstanding: int = 8, load_timeout_s: float = 120, room_wait_s: float = 30) -> None:
         self.path, self.pinned_path = path, pinned_path
         self.max_resident, self.spill_outstanding, self.load_timeout_s = max_resident, spill_outstanding, load_timeout_s
         self.room_wait_s = room_wait_s
         self._cache: dict[Path, tuple[float, dict[str, str]]] = {}
+        self._checked: dict[Path, float] = {}  # when each file's mtime was last looked at
 
     def _read(self, path: Path | None) -> dict[str, str]:
+        """The file's mapping, looked at again at most every RECHECK_S (it is read on every request's path)."""
         if path is None:
             return {}
+        cached = self._cache.get(path)
+        now = time.monotonic()
+        if cached and now - self._checked.get(path, 0.0) < self.RECHECK_S:
+            return cached[1]
+        self._checked[path] = now
         try:
             mtime = path.stat().st_mtime
         except FileNotFoundError:
+            self._cache.pop(path, None)
             return {}
-        cached = self._cache.get(path)
         if cached and cached[0] == mtime:
             return cached[1]
         try:
@@ -621,8 +630,6 @@ class Gateway:
 
     async def _load(self, replica: Replica, version: str, folder: str) -> str:
         """POST /v1/load_lora_adapter -> "ok" | "failed" (the reason logged)."""
-        from serving.routing import classify_load
-
         try:
             async with self.session().post(f"{replica.url}/v1/load_lora_adapter",
                                            json={"lora_name": version, "lora_path": folder},

@@ -55,22 +55,18 @@ def test_fused_layers_compute_what_the_per_slice_loop_computes():
     assert fused["nonzero lm_head applied"] is True
 
 
-def test_an_unknown_lora_mode_is_refused_at_startup_naming_the_choices():
-    code = ("import os; os.environ['CHARFORGE_VLLM_LORA'] = 'fast'; import charforge_vllm; "
-            "charforge_vllm.register()")
+@pytest.mark.parametrize("variable, value, refusal", [
+    ("CHARFORGE_VLLM_LORA", "fast",
+     "ValueError: CHARFORGE_VLLM_LORA='fast': expected 'fused' (one matmul per layer, the default) or 'grouped'"),
+    ("CHARFORGE_VLLM_QUEUE_WAIT_MS", "2ms",
+     "ValueError: CHARFORGE_VLLM_QUEUE_WAIT_MS='2ms': expected a whole number of milliseconds >= 0 (default 20; 0 "
+     "turns it off)"),
+])
+def test_a_bad_plugin_setting_is_refused_at_startup_naming_the_variable(variable, value, refusal):
+    code = f"import os; os.environ[{variable!r}] = {value!r}; import charforge_vllm; charforge_vllm.register()"
     out = subprocess.run([str(platform().serving_python), "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
-    assert ("ValueError: CHARFORGE_VLLM_LORA='fast': expected 'fused' (one matmul per layer, the default) or "
-            "'grouped'") in out.stderr
-
-
-def test_a_bad_queue_wait_is_refused_at_startup_naming_the_variable():
-    code = ("import os; os.environ['CHARFORGE_VLLM_QUEUE_WAIT_MS'] = '2ms'; import charforge_vllm; "
-            "charforge_vllm.register()")
-    out = subprocess.run([str(platform().serving_python), "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0
-    assert ("ValueError: CHARFORGE_VLLM_QUEUE_WAIT_MS='2ms': expected a whole number of milliseconds >= 0 (default "
-            "20; 0 turns it off)") in out.stderr
+    assert refusal in out.stderr
 
 
 @pytest.mark.slow
