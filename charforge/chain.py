@@ -7,17 +7,18 @@ import hashlib
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
+from charforge.characters import load_characters
 from charforge.config import load_yaml_model
-from charforge.errors import InputError
+from charforge.errors import CharforgeError, InputError
 from charforge.results import ChainSummary
 from charforge.schemas.curate import CurateConfig
 from charforge.schemas.evaluate import EvalConfig
 from charforge.schemas.prefer import PreferConfig
 from charforge.schemas.promote import PromotionPolicy
 from charforge.schemas.quantize import QuantizeConfig
-from charforge.schemas.retrain import ProductionInput, RetrainConfig
+from charforge.schemas.retrain import FamilySpec, ProductionInput, RetrainConfig
 from charforge.schemas.serving import ServingConfig
 from charforge.schemas.train import TrainConfig
 from charforge.settings import CONFIGS_DIR, repo_path
@@ -41,6 +42,25 @@ class ChainParameters(BaseModel):
     dataset_dir: str
     deploy: bool
     start_fleet: bool
+    families: list[TrainConfig] = []  # one training config per adapter family (each naming its characters)
+
+    @model_validator(mode="after")
+    def _families_apart(self) -> "ChainParameters":
+        """Each character in one family at most, each family under its own name and naming its characters."""
+        names = [f.name for f in self.families]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"adapter families named twice: {', '.join(twice)}")
+        owner: dict[str, str] = {}
+        for family in self.families:
+            if not family.characters:
+                raise ValueError(f"adapter family {family.name} names no characters (set its `characters`)")
+            for character in family.characters:
+                if character in owner:
+                    raise ValueError(f"character {character} is in two adapter families: {owner[character]} and "
+                                     f"{family.name}")
+                owner[character] = family.name
+        return self
 
 
 STAGE_SCHEMAS = {"curate": CurateConfig, "train": TrainConfig, "evaluate": EvalConfig,
@@ -53,15 +73,42 @@ def load_chain(path: Path) -> ChainParameters:
     stages = {stage: load_yaml_model(repo_path(getattr(cfg, stage)), schema) for stage, schema in STAGE_SCHEMAS.items()}
     quantize = load_yaml_model(repo_path(cfg.quantize), QuantizeConfig) if cfg.quantize else None
     prefer = load_yaml_model(repo_path(cfg.prefer), PreferConfig) if cfg.prefer else None
+    families = [family_config(spec, stages["train"]) for spec in cfg.families]
     return ChainParameters(**stages, quantize=quantize, prefer=prefer, inputs=list(cfg.inputs),
-                           dataset_dir=cfg.dataset_dir, deploy=cfg.deploy, start_fleet=cfg.start_fleet)
+                           dataset_dir=cfg.dataset_dir, deploy=cfg.deploy, start_fleet=cfg.start_fleet,
+                           families=families)
+
+
+def family_config(spec: FamilySpec, template: TrainConfig) -> TrainConfig:
+    """A family's training config: its own file, or the chain's, under the family's name and characters."""
+    base = load_yaml_model(repo_path(spec.train), TrainConfig) if spec.train else template
+    return TrainConfig.model_validate({**base.model_dump(), "name": spec.name, "characters": spec.characters})
+
+
+def family_chain(chain: ChainParameters, train: TrainConfig) -> ChainParameters:
+    """One family's chain: its training config, evaluated on its characters' probes; the rest shared."""
+    evaluate = chain.evaluate.model_copy(update={"probe_characters": train.characters})
+    return chain.model_copy(update={"train": train, "evaluate": evaluate, "families": []})
 
 
 def check_stages(chain: ChainParameters) -> ChainParameters:
-    """What no single stage config can see: the preference stage needs the pairs curation writes."""
+    """What no single stage config can see: the preference stage needs the pairs curation writes; adapter families
+    need persona cards for their characters (and are not preference-tuned yet)."""
     if chain.prefer is not None and not chain.curate.pairs.enabled:
         raise InputError(f"the chain has a preference stage ({chain.prefer.name}, {chain.prefer.method}) but its "
                          f"curate config writes no pairs; set `pairs: {{enabled: true}}` in the curate config")
+    if chain.families and chain.prefer is not None:
+        raise InputError(f"the chain has adapter families ({', '.join(f.name for f in chain.families)}) and a "
+                         f"preference stage ({chain.prefer.name}): preference tuning per family is not supported; "
+                         f"set `prefer: null` or drop `families`")
+    if chain.families:
+        cards = set(load_characters(repo_path(chain.evaluate.characters)))
+        for family in chain.families:
+            unknown = sorted(set(family.characters or ()) - cards)
+            if unknown:
+                raise InputError(f"adapter family {family.name} names characters without a persona card in "
+                                 f"{chain.evaluate.characters}: {', '.join(unknown)} "
+                                 f"(cards: {', '.join(sorted(cards))})")
     return chain
 
 
@@ -103,6 +150,37 @@ def summary_text(s: ChainSummary, mlflow_ui: str, prefect_ui: str) -> str:
         lines += [f"gateway: {s.gateway_url} serves {s.served_name} on {len(s.replicas)} replica(s) "
                   f"(status: charforge serve status; stop: charforge serve down)", "", try_it(s)]
     return "\n".join(lines)
+
+
+class FamiliesFailed(CharforgeError):
+    """Adapter families whose stages raised, after the other families ran to the end."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def families_failed(failures: dict[str, BaseException], done: list[ChainSummary]) -> FamiliesFailed:
+    """One error naming each failed family; its exit code is theirs when they agree (3: every one was refused)."""
+    codes = {getattr(exc, "exit_code", 1) for exc in failures.values()}
+    failed = "; ".join(f"{name}: {type(exc).__name__}: {exc}" for name, exc in failures.items())
+    others = ", ".join(f"{s.registered_model} v{s.version} {family_outcome(s)}" for s in done)
+    return FamiliesFailed(f"adapter families failed: {failed}" + (f" (the others ran: {others})" if others else ""),
+                          codes.pop() if len(codes) == 1 else 1)
+
+
+def family_outcome(s: ChainSummary) -> str:
+    if s.reasons == ("already champion",):
+        return "unchanged (its rows and training config as before: not retrained, evaluated or rolled out)"
+    if not s.promoted:
+        return "NOT promoted (refused by the gate)"
+    return "champion" + (f", served as {s.served_name} ({s.rollout})" if s.served_name else "")
+
+
+def families_text(summaries: list[ChainSummary]) -> str:
+    """One line per adapter family after their summaries: what each chain run decided."""
+    return "\n".join(["", "== adapter families ==",
+                      *[f"  {s.registered_model} version {s.version}: {family_outcome(s)}" for s in summaries]])
 
 
 def try_it(s: ChainSummary) -> str:

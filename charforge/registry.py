@@ -224,6 +224,11 @@ def adapter_lineage(manifest_path: Path) -> dict[str, str]:
     return {k: str(v) for k, v in json.loads(Path(manifest_path).read_text())["lineage"].items()}
 
 
+def family_characters(tags: dict[str, str]) -> list[str] | None:
+    """An adapter family's characters, from its version's `characters` tag (None: every character)."""
+    return [c for c in tags.get("characters", "").split(",") if c] or None
+
+
 def register_candidate(adapter_dir: Path, lineage: dict[str, str], eval_run_id: str, probes_sha: str,
                        flow_tags: dict[str, str] | None = None) -> RegisteredVersion:
     """The evaluated adapter as a registry version (one per adapter sha) with its lineage and evaluation, and the
@@ -246,8 +251,9 @@ def register_candidate(adapter_dir: Path, lineage: dict[str, str], eval_run_id: 
         "train_run_id": lineage.get("mlflow_run_id", "none"), "eval_run_id": eval_run_id, "eval_status": "passed",
         "eval_probes_sha256": probes_sha, "quantized_base": lineage.get("quantized_base", "none"),
         "prefect_flow_run_url": flow_tags.get("prefect_flow_run_url", flow_tags.get("prefect_flow_run_id", "none")),
-        # a preference-tuned adapter: the SFT adapter it started from and the pairs it learned from
-        **{k: lineage[k] for k in ("sft_parent_sha", "pairs_hash") if k in lineage},
+        # a preference-tuned adapter: the SFT adapter it started from and the pairs it learned from; an adapter
+        # family's characters (the routes a deployment switches) and the hash of their rows
+        **{k: lineage[k] for k in ("sft_parent_sha", "pairs_hash", "characters", "family_data_hash") if k in lineage},
     })
     c.set_registered_model_alias(name, CANDIDATE, version.version)
     return RegisteredVersion(name=name, version=str(version.version), uri=f"models:/{name}/{version.version}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import typer
 
 from charforge.config import load_yaml_model
-from charforge.errors import CharforgeError
+from charforge.errors import CharforgeError, InputError
 from charforge.settings import CONFIGS_DIR, DATA_DIR, export_environment, platform
 
 app = typer.Typer(
@@ -480,6 +480,9 @@ def _gateway_url(cfg) -> str:
 @app.command()
 def rollback(
     route: list[str] = typer.Argument(None, help="Routes to roll back (default: every route)."),
+    family: str = typer.Option(None, help="Roll back every route that serves a version of this adapter family "
+                               "(the training config's name, e.g. smollm2-townsfolk); the other families' routes "
+                               "stay."),
     gateway_url: str = typer.Option(None, "--gateway", help="Gateway URL (default: configs/serving.yaml)."),
     config: Path = typer.Option(CONFIGS_DIR / "serving.yaml", help="Serving config YAML."),
 ) -> None:
@@ -489,7 +492,15 @@ def rollback(
     cfg = _serving_config(config)
     admin = GatewayAdmin(gateway_url or _gateway_url(cfg), cfg.gateway.admin_key(),
                          f"charforge rollback ({os.environ.get('USER', 'unknown user')})")
-    for name in route or list(admin.routes()):
+    routes = admin.routes()
+    if family:
+        served = f"{platform().mlflow.experiment_prefix}-{family}-v"
+        mine = [name for name, r in routes.items() if any(v.startswith(served) for v in r.weights)]
+        if not mine:
+            raise InputError(f"no route serves a version of adapter family {family!r} (its versions are served as "
+                             f"{served}<N>); `charforge serve status` lists the routes")
+        route = [*(route or []), *mine]
+    for name in route or list(routes):
         typer.echo(f"{name}: {admin.rollback(name)}")
 
 
@@ -551,7 +562,7 @@ def retrain(
                                     "config's, started with `charforge serve up` if down)."),
 ) -> None:
     """Run the chain: curate, train, evaluate vs base and champion, promote by policy, deploy the champion."""
-    from charforge.chain import load_chain, summary_text
+    from charforge.chain import families_text, load_chain, summary_text
     from charforge.chain_tracking import mlflow_ui
 
     chain = load_chain(config)  # every stage file is checked before the flow starts
@@ -560,8 +571,12 @@ def retrain(
 
     result = run_flow(retrain_flow, **dict(chain), config=str(config.resolve()), approve=approve,
                       approval_comment=comment, gateway_url=gateway_url)
-    typer.echo(summary_text(result, mlflow_ui(), prefect_ui()))
-    if not result.promoted:
+    summaries = result if isinstance(result, list) else [result]  # a list: one per adapter family
+    for summary in summaries:
+        typer.echo(summary_text(summary, mlflow_ui(), prefect_ui()))
+    if chain.families:
+        typer.echo(families_text(summaries))
+    if not all(s.promoted for s in summaries):
         raise typer.Exit(3)
 
 

@@ -3,6 +3,7 @@ champion) -> [quantize + evaluate quantized] -> promote -> deploy, each stage it
 subflow; what passes between them is typed results (paths, hashes and registry URIs).
 
 Run it:  charforge retrain [--config configs/retrain/default.yaml] [--approve --comment TEXT]
+         (configs/retrain/families.yaml: one adapter per group of characters, each gated and rolled out on its own)
          or "Run" on the `retrain/nightly` deployment in the Prefect UI (prefect.yaml): the stage configs are its form.
 
 Unchanged inputs are reused rather than recomputed: curation is cached on its input fingerprint, training on its
@@ -21,10 +22,10 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
-from charforge.chain import ChainParameters, preference_stage
-from charforge.results import ChainDecision, ChainSummary, Deployment, TrainedAdapter
+from charforge.chain import ChainParameters, families_failed, families_text, family_chain, preference_stage
+from charforge.results import ChainDecision, ChainSummary, CuratedDataset, Deployment, TrainedAdapter
 from charforge.schemas.curate import CurateConfig
 from charforge.schemas.evaluate import EvalConfig
 from charforge.schemas.prefer import PreferConfig
@@ -47,6 +48,9 @@ from tasks.chain import (ChampionRef, already_serving, approval_hint, cached_eva
                          register_for_promotion, require_servable, resolve_parameters)
 
 
+Curation = tuple[CuratedDataset, tuple[str, ...]]  # the curated dataset and its production windows, described
+
+
 # log_prints stays off: it would be inherited by the train subflow, where `datasets` fingerprints functions by
 # printing their disassembly (thousands of lines into the run log).
 @flow(name="retrain")
@@ -59,6 +63,7 @@ def retrain(
     quantize: QuantizeConfig | None = None,
     prefer: PreferConfig | None = None,
     inputs: list[str | ProductionInput] | None = None,
+    families: list[TrainConfig] | None = None,
     dataset_dir: str | None = None,
     deploy: bool | None = None,
     start_fleet: bool | None = None,
@@ -66,20 +71,31 @@ def retrain(
     approve: bool | None = None,
     approval_comment: str = "",
     config: str = "configs/retrain/default.yaml",
-) -> ChainSummary:
+) -> ChainSummary | list[ChainSummary]:
     """Curate, train, evaluate against base and champion, promote by policy, and roll the new champion out.
 
-    Stage configs left empty come from the chain file `config` (read when the run starts). `approve` answers the
-    reviewer step a first champion needs (None: wait for a reviewer in the Prefect UI when running against a
-    Prefect server). `gateway_url` None: the serving config's gateway."""
-    started = time.monotonic()
+    Stage configs left empty come from the chain file `config` (read when the run starts). `families` (one
+    training config per adapter family, each naming its characters): curation once, then the rest per family, each
+    its own MLflow chain run; a list of their summaries. `approve` answers the reviewer step a first champion needs
+    (None: wait for a reviewer in the Prefect UI when running against a Prefect server). `gateway_url` None: the
+    serving config's gateway."""
     chain = resolve_parameters(config, {
         "curate": curate, "train": train, "evaluate": evaluate, "promotion": promotion, "serving": serving,
-        "quantize": quantize, "prefer": prefer, "inputs": inputs, "dataset_dir": dataset_dir, "deploy": deploy,
-        "start_fleet": start_fleet})
+        "quantize": quantize, "prefer": prefer, "inputs": inputs, "families": families, "dataset_dir": dataset_dir,
+        "deploy": deploy, "start_fleet": start_fleet})
+    if chain.families:
+        return run_families(chain, gateway_url, approve, approval_comment)
+    return run_chain(chain, None, gateway_url, approve, approval_comment)
+
+
+def run_chain(chain: ChainParameters, curation: Curation | None, gateway_url: str | None, approve: bool | None,
+              comment: str) -> ChainSummary:
+    """One adapter's chain under its MLflow parent run (curating first unless `curation` is given)."""
+    started = time.monotonic()
     parent = open_chain_run(chain)
     try:
-        summary = run_stages(parent, chain, gateway_url, approve, approval_comment)
+        curated, windows = curation or curate_inputs(chain)
+        summary = run_stages(parent, chain, curated, windows, gateway_url, approve, comment)
     except BaseException as exc:  # the run ends FAILED with the error; closing it never hides that error
         error = f"{type(exc).__name__}: {exc}"
         close_chain_run(parent, None, error, time.monotonic() - started, return_state=True)
@@ -87,14 +103,39 @@ def retrain(
     return close_chain_run(parent, summary, None, time.monotonic() - started)
 
 
-def run_stages(parent: str, chain: ChainParameters, gateway_url: str | None, approve: bool | None,
-               comment: str) -> ChainSummary:
+def run_families(chain: ChainParameters, gateway_url: str | None, approve: bool | None,
+                 comment: str) -> list[ChainSummary]:
+    """Curation once, then each adapter family's chain; a family that fails or is refused does not stop the others
+    (a failure is raised at the end, naming each)."""
+    curation = curate_inputs(chain)
+    summaries: list[ChainSummary] = []
+    failures: dict[str, BaseException] = {}
+    for train in chain.families:
+        try:
+            summaries.append(run_chain(family_chain(chain, train), curation, gateway_url, approve, comment))
+        except Exception as exc:
+            failures[train.name] = exc
+            get_run_logger().error(f"adapter family {train.name} failed ({type(exc).__name__}: {exc}); the other "
+                                   f"families go on")
+    get_run_logger().info(families_text(summaries))
+    if failures:
+        raise families_failed(failures, summaries)
+    return summaries
+
+
+def curate_inputs(chain: ChainParameters) -> Curation:
+    """The curated dataset of the chain's inputs, and the production windows among them."""
     windows = [export_production_window(i) for i in chain.inputs if isinstance(i, ProductionInput)]
     files = [i for i in chain.inputs if isinstance(i, str)] + [w.path for w in windows]
     curated = curate_flow(inputs=tuple(files), out_dir=chain.dataset_dir, config=chain.curate)
+    return curated, tuple(w.describe() for w in windows)
+
+
+def run_stages(parent: str, chain: ChainParameters, curated: CuratedDataset, windows: tuple[str, ...],
+               gateway_url: str | None, approve: bool | None, comment: str) -> ChainSummary:
     record_stage(parent, "curate", curated.mlflow_run_id, tags={
         "dataset_hash": curated.dataset_hash, "cached": str(curated.cached).lower(),
-        **{f"production_window_{n}": w.describe() for n, w in enumerate(windows)}})
+        **{f"production_window_{n}": w for n, w in enumerate(windows)}})
     trained = train_flow(config=chain.train, dataset_dir=chain.dataset_dir)
     record_stage(parent, "train", trained.mlflow_run_id, tags={"adapter_sha256": trained.adapter_sha256,
                                                                "servable": str(trained.servable).lower()})
@@ -112,7 +153,7 @@ def run_stages(parent: str, chain: ChainParameters, gateway_url: str | None, app
     else:
         decision = evaluate_and_promote(parent, chain, trained, champion, approve, comment)
     deployment = deploy_champion(parent, chain, decision, gateway_url) if chain.deploy and decision.promoted else None
-    return record_lineage(parent, chain, curated, trained, decision, deployment, tuple(w.describe() for w in windows))
+    return record_lineage(parent, chain, curated, trained, decision, deployment, windows)
 
 
 def evaluate_and_promote(parent: str, chain: ChainParameters, trained: TrainedAdapter, champion: ChampionRef | None,

@@ -88,13 +88,20 @@ class RolloutPlan:
                 if not canary or route in self.old_versions}
 
 
-def route_names(cfg: ServingConfig, family: str) -> dict[str, str | None]:
-    """Route -> system prompt for the routes a deployment of this family switches."""
+def route_names(cfg: ServingConfig, family: str, characters: list[str] | None = None) -> dict[str, str | None]:
+    """Route -> system prompt for the routes a deployment of this family switches: with `characters` (an adapter
+    family's, from its version's `characters` tag) only theirs."""
     routes: dict[str, str | None] = {}
     for entry in cfg.rollout.routes:
         if entry == "characters":
+            cards = load_characters(DATA_DIR / "characters")
+            unknown = sorted(set(characters or ()) - set(cards))
+            if unknown:
+                raise RolloutRefused(f"adapter family {family} covers characters without a persona card in "
+                                     f"{DATA_DIR / 'characters'}: {', '.join(unknown)}")
             routes[family] = None
-            routes.update({cid: card.system_prompt for cid, card in load_characters(DATA_DIR / "characters").items()})
+            routes.update({cid: card.system_prompt for cid, card in cards.items()
+                           if not characters or cid in characters})
         else:
             routes[entry] = None
     return routes
@@ -122,12 +129,13 @@ def rollout_lock(records: state_store.FileRollouts | state_store.PostgresStore, 
 
 def prepare(name: str, version: str, source: str, adapter_sha: str, gw: GatewayAdmin, cfg: ServingConfig,
             state: Path, records: state_store.FileRollouts | state_store.PostgresStore, family_prefix: str,
-            base_name: str, architecture: str, log: Log, override: dict[str, str] | None = None) -> RolloutPlan:
+            base_name: str, architecture: str, log: Log, override: dict[str, str] | None = None,
+            characters: list[str] | None = None) -> RolloutPlan:
     """Verify and store the version, find the rollback target (kept from an unfinished rollout of this family),
     and save the record as `staging` (with the override that let an unpromoted version through, if any)."""
     folder = store.fetch_version(name, version, source, adapter_sha, state / "adapters", cfg.fleet.max_lora_rank,
                                  architecture)
-    routes = route_names(cfg, name.removeprefix(family_prefix))
+    routes = route_names(cfg, name.removeprefix(family_prefix), characters)
     current = gw.routes()
     previous = {r: current[r].weights for r in routes if r in current}
     generations = {r: current[r].generation for r in routes if r in current}

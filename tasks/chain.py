@@ -41,9 +41,10 @@ def open_chain_run(chain: ChainParameters) -> str:
     """The chain's parent run in MLflow (children follow per stage), linked from this Prefect run."""
     flow_run_id = current_flow_run_id()
     parent = track.open_chain_run({
-        "train_config": chain.train.name, "eval_config": chain.evaluate.name,
-        "eval_limit": chain.evaluate.limit or "all",
-        "inputs": ",".join(i if isinstance(i, str) else f"production:{i.hours:g}h" for i in chain.inputs), "dataset_dir": chain.dataset_dir,
+        "train_config": chain.train.name, "characters": ",".join(chain.train.characters or ()) or "all",
+        "eval_config": chain.evaluate.name, "eval_limit": chain.evaluate.limit or "all",
+        "inputs": ",".join(i if isinstance(i, str) else f"production:{i.hours:g}h" for i in chain.inputs),
+        "dataset_dir": chain.dataset_dir,
         "deploy": chain.deploy, "promotion_rules": len(chain.promotion.rules)},
         {"prefect_flow_run_id": flow_run_id or "none",
          "prefect_flow_run_url": flow_run_url(flow_run_id) if flow_run_id else "none"})
@@ -188,7 +189,9 @@ def record_deployment(parent: str, gw: GatewayAdmin, serving: ServingConfig, dec
                     tags={"served_name": record.served, "rollout_status": record.status, "gateway_url": gw.url,
                           "replicas": ",".join(replicas)})
     family = decision.registered_model.removeprefix(f"{platform().mlflow.experiment_prefix}-")
-    routes = [r for r in route_names(serving, family) if r != family]
+    characters = registry.family_characters(registry.client().get_model_version(decision.registered_model,
+                                                                                 decision.version).tags)
+    routes = [r for r in route_names(serving, family, characters) if r != family]
     return Deployment(gateway_url=gw.url, served_name=record.served, rollout=record.status, replicas=tuple(replicas),
                       example_route=routes[0] if routes else family, api_key_env=serving.gateway.api_key_env,
                       deployed_at=utc())

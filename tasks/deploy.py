@@ -66,7 +66,8 @@ def prepare_rollout(version: registry.VersionRef, gw: GatewayAdmin, cfg: Serving
     preset = load_preset(cfg.fleet.base_model)
     return rollout.prepare(version.name, version.version, version.source, version.tags["adapter_sha256"], gw, cfg,
                            platform().state / "serving", rollout_records(), f"{platform().mlflow.experiment_prefix}-",
-                           preset.name, preset.architecture, get_run_logger().warning, override)
+                           preset.name, preset.architecture, get_run_logger().warning, override,
+                           registry.family_characters(version.tags))
 
 
 @task(name="require-promoted", cache_policy=NONE, **TRANSIENT_RETRIES)

@@ -179,7 +179,8 @@ def score_served_model(cfg: EvalConfig, base_url: str, served_name: str, tokeniz
     `per_probe.json` beside them; returns the summary. Progress (requests done, rate, ETA) goes to `report`."""
     from charforge.evaluation.progress import served_completions
 
-    metadata = {"probes": str(repo_path(cfg.probes)), "characters": str(repo_path(cfg.characters))}
+    metadata = {"probes": str(repo_path(cfg.probes)), "characters": str(repo_path(cfg.characters)),
+                "only_characters": ",".join(cfg.probe_characters or ())}
     url = f"{base_url}/v1/completions"
     report = report or logging.getLogger(__name__).info
     passes = [(cfg.loglikelihood_concurrency, [t for t in cfg.tasks if t in LOGLIKELIHOOD_TASKS]),

@@ -108,11 +108,12 @@ def interleave_characters(rows: list[dict]) -> list[dict]:
 
 
 def load_probes(probes: str | None = None, characters: str | None = None, probe_types: list[str] | None = None,
-                **_) -> dict:
+                only_characters: str = "", **_) -> dict:
     """lm-eval `custom_dataset`: the probe file as a `test` split, filtered by probe type, with MC choices.
 
-    `probes` and `characters` come from the task metadata (the evaluate flow passes them); by default the
-    project's `data/eval/probes.jsonl` and `data/characters/`.
+    `probes`, `characters` and `only_characters` (comma-separated card ids: an adapter family's probes; empty: all)
+    come from the task metadata (the evaluate flow passes them); by default the project's `data/eval/probes.jsonl`
+    and `data/characters/`. The multiple-choice options stay every card's.
     """
     import datasets
 
@@ -126,9 +127,14 @@ def load_probes(probes: str | None = None, characters: str | None = None, probe_
                           f"{', '.join(unknown)}")
     rows = with_choices(rows)
     wanted = set(probe_types or PROBE_TYPES)
+    family = {c for c in only_characters.split(",") if c}
+    without = sorted(family - {r["character"] for r in rows})
+    if without:
+        raise ConfigError(f"{probe_path}: no probes for {', '.join(without)} (the evaluation's probe_characters)")
     docs = [{**r, "history": json.dumps(r["history"], ensure_ascii=False), "characters_dir": characters_dir,
              "probes_path": str(probe_path)}
-            for r in interleave_characters(rows) if r["probe_type"] in wanted]
+            for r in interleave_characters(rows)
+            if r["probe_type"] in wanted and (not family or r["character"] in family)]
     return {"test": datasets.Dataset.from_list(docs)}
 
 

@@ -135,8 +135,10 @@ def check_parity(*, adapter_dir: Path, base_dir: Path, base_url: str, served_nam
 
 
 def parity_conversations(cfg: EvalConfig) -> list[list[dict]]:
-    """`cfg.parity.prompts` probes spread over the probe file, as conversations."""
-    probes = read_probes(repo_path(cfg.probes))
+    """`cfg.parity.prompts` probes spread over the probe file (an adapter family's characters' only), as
+    conversations."""
+    probes = [p for p in read_probes(repo_path(cfg.probes))
+              if not cfg.probe_characters or p["character"] in cfg.probe_characters]
     step = max(1, len(probes) // cfg.parity.prompts)
     return [[{"role": "system", "content": p["system_prompt"]}, *p["history"],
              {"role": "user", "content": p["user_msg"]}] for p in probes[::step][:cfg.parity.prompts]]

@@ -99,6 +99,8 @@ def key_inputs(cfg: EvalConfig, plan: EvalPlan, role: str) -> dict[str, str]:
     settings["block_size"] = cfg.serving.block_size  # a different block: prompts computed in other chunks
     settings["omp_threads"] = cfg.serving.omp_threads  # another split of each matmul's sums
     settings["served_dtype"] = served_dtype(Path(plan.served_dir))  # what the evaluation's vLLM runs in
+    if cfg.probe_characters:  # an adapter family's probes only
+        settings["probe_characters"] = sorted(cfg.probe_characters)
     return {
         "served_model": folder_sha(Path(plan.served_dir)),
         "adapter": folder_sha(Path(adapter)) if adapter else "none",

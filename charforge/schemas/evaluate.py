@@ -45,6 +45,9 @@ class EvalConfig(StageConfig):
     base_model: str = Field(default="smollm2-135m-instruct", description="Preset used when no adapter names a base.")
     probes: Path = Field(default=Path("data/eval/probes.jsonl"), description="Probe JSONL (see data/README.md).")
     characters: Path = Field(default=Path("data/characters"), description="Persona cards.")
+    probe_characters: list[str] | None = Field(
+        default=None, min_length=1, description="Only the probes of these characters (an adapter family's; the chain "
+        "sets it from the family's training config); null: every probe.")
     tasks: list[str] = Field(default=list(KNOWN_TASKS), min_length=1, description="lm-eval tasks to run.")
     limit: int | None = Field(default=None, ge=1, description="Documents per task (None = all); for smoke runs.")
     bootstrap_resamples: int = Field(default=1000, ge=100, description="Resamples for the 95% CIs.")

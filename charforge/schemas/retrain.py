@@ -22,8 +22,22 @@ class ProductionInput(StageConfig):
     routes: list[str] | None = Field(default=None, description="Only these gateway routes (null: every route).")
 
 
+class FamilySpec(StageConfig):
+    """One adapter family of the chain: a group of characters with its own adapter, registered model
+    (`charforge-<name>`), promotion gate, rollout and rollback."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="The family's training run name: registered as "
+                      "charforge-<name>, served as charforge-<name>-v<version>.")
+    characters: list[str] = Field(min_length=1, description="The persona cards (ids) it covers: it trains on their "
+                                  "rows, is evaluated on their probes, and its rollouts switch their routes. A "
+                                  "character belongs to one family at most.")
+    train: Path | None = Field(default=None, description="Its own training config; null: the chain's `train` "
+                               "config, under this name and with these characters.")
+
+
 class RetrainConfig(StageConfig):
-    """One chain run: curate -> train -> [prefer] -> evaluate -> [quantize] -> promote -> deploy."""
+    """One chain run: curate -> train -> [prefer] -> evaluate -> [quantize] -> promote -> deploy (per adapter family
+    when `families` is set)."""
 
     inputs: list[str | ProductionInput] = Field(
         default=["data/raw"], min_length=1, description="Raw JSONL files or folders to curate (relative paths are "
@@ -32,6 +46,11 @@ class RetrainConfig(StageConfig):
                              "what training reads, whatever the training config's dataset_dir says).")
     curate: Path = Field(default=Path("configs/curate/default.yaml"), description="Curation config.")
     train: Path = Field(default=Path("configs/train/smollm2_lora.yaml"), description="Training config.")
+    families: list[FamilySpec] = Field(default_factory=list, description="Adapter families, one adapter per group "
+                                       "of characters: curation runs once, then each family is trained, evaluated, "
+                                       "gated and rolled out on its own, and one whose rows and training config did "
+                                       "not change keeps its champion untouched. Empty: one adapter (`train`) for "
+                                       "every character.")
     evaluate: Path = Field(default=Path("configs/eval/default.yaml"), description="Evaluation config (candidate, "
                            "base and champion are scored on the same probes).")
     prefer: Path | None = Field(default=None, description="Preference-tuning config (configs/prefer/*.yaml): DPO or "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from charforge.config import StageConfig
 
@@ -62,6 +62,11 @@ class TrainConfig(StageConfig):
     """One training run: which base, which data, which adapter, how to train it."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="Run family name (folder + MLflow run name).")
+    characters: list[str] | None = Field(
+        default=None, min_length=1, description="The persona cards (ids) this adapter family covers: it trains on "
+        "their rows of the curated dataset only, is evaluated on their probes in the chain, and a deployment switches "
+        "only their routes. null: every character (one adapter for all).",
+    )
     base_model: str = Field(default="smollm2-135m-instruct", description="Preset in configs/models/.")
     base_model_dir: Path | None = Field(
         default=None, description="Train on this local checkpoint instead of the preset's own folder (same "
@@ -78,6 +83,14 @@ class TrainConfig(StageConfig):
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Adapter shape.")
     quantization: QuantSettings | None = Field(default=None, description="Required for method qlora.")
     training: TrainingSettings = Field(default_factory=TrainingSettings, description="Optimisation.")
+
+    @field_validator("characters")
+    @classmethod
+    def _distinct(cls, ids: list[str] | None) -> list[str] | None:
+        repeated = sorted({c for c in ids or [] if (ids or []).count(c) > 1})
+        if repeated:
+            raise ValueError(f"characters listed twice: {', '.join(repeated)}")
+        return ids
 
     @model_validator(mode="after")
     def _qlora_needs_quantization(self) -> "TrainConfig":

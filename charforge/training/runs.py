@@ -1,8 +1,9 @@
 """Training runs: what identifies one, where it lives, its MLflow run, and the finished adapter it leaves.
 
 A run is identified by (config minus its dataset path, dataset hash, base model sha, the dtype `dtype: auto`
-resolves to here) and lives in `<state>/training/<name>-<identity>/` with `run.json` (MLflow run id, status and,
-when finished, the result), `checkpoints/`, `adapter-raw/`, `adapter/`, `servability.json` and `fit.json`.
+resolves to here; an adapter family's run by the hash of its characters' rows instead of the whole dataset's) and
+lives in `<state>/training/<name>-<identity>/` with `run.json` (MLflow run id, status and, when finished, the
+result), `checkpoints/`, `adapter-raw/`, `adapter/`, `servability.json` and `fit.json`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class TrainingRun(BaseModel):
     base_dir: str
     base_sha: str
     architecture: str
+    characters: tuple[str, ...] = ()  # an adapter family's characters (empty: every character)
+    family_data_hash: str | None = None  # the hash of the rows a family trains on (None: the whole dataset's)
 
     @property
     def state_file(self) -> Path:
@@ -54,13 +57,45 @@ class TrainingRun(BaseModel):
 
     def lineage(self, cfg: TrainConfig) -> dict[str, str]:
         """What the exported adapter's manifest records about where it came from."""
+        family = {"characters": ",".join(self.characters), "family_data_hash": self.family_data_hash or ""}
         return {"base_model": cfg.base_model, "base_model_path": self.base_dir, "base_model_sha": self.base_sha,
-                "dataset_hash": self.dataset_hash, "train_config": cfg.name, "run_identity": self.identity}
+                "dataset_hash": self.dataset_hash, "train_config": cfg.name, "run_identity": self.identity,
+                **(family if self.characters else {})}
+
+
+def family_rows(dataset: Path, characters: list[str]) -> tuple[str, dict[str, int]]:
+    """The hash of an adapter family's rows in a curated dataset (its characters' lines of train.jsonl and
+    eval.jsonl, as written) and their count per split: the family's run identity, so a family whose rows did not
+    change keeps its finished run when another family's data changes. A character without training rows is refused."""
+    wanted, digest, counts, seen = set(characters), hashlib.sha256(), {}, set()
+    for split in ("train", "eval"):
+        digest.update(f"[{split}]".encode())
+        counts[split] = 0
+        for line in (dataset / f"{split}.jsonl").read_bytes().splitlines():
+            character = json.loads(line).get("character")
+            if character in wanted:
+                digest.update(line + b"\n")
+                counts[split] += 1
+                if split == "train":
+                    seen.add(character)
+    missing = sorted(wanted - seen)
+    if missing:
+        raise InputError(f"{dataset}: no training rows for character(s) {', '.join(missing)} of the adapter family "
+                         f"(characters in its train split: {', '.join(dataset_characters(dataset))}); fix the "
+                         f"training config's `characters` or curate conversations for them")
+    return digest.hexdigest(), counts
+
+
+def dataset_characters(dataset: Path) -> list[str]:
+    """The characters a curated dataset's train split has rows for."""
+    return sorted({json.loads(line).get("character") or "?"
+                   for line in (dataset / "train.jsonl").read_bytes().splitlines()})
 
 
 def run_identity(cfg: TrainConfig, dataset_hash: str, base_sha: str) -> str:
     """`dtype: auto` enters as the dtype it resolves to here: the same config trains differently on other hardware."""
-    payload = json.dumps([cfg.model_dump(mode="json", exclude={"dataset_dir"}), dataset_hash, base_sha,
+    unset = {"characters"} if cfg.characters is None else set()  # runs from before families keep their identity
+    payload = json.dumps([cfg.model_dump(mode="json", exclude={"dataset_dir"} | unset), dataset_hash, base_sha,
                           resolve_dtype(cfg.training)], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
@@ -78,13 +113,17 @@ def locate_run(cfg: TrainConfig, dataset_dir: str | None = None) -> TrainingRun:
         base_sha = folder_sha(base_dir) if preset.source == "embedded" else preset.hf_id
     if manifest.get("production", {}).get("kept"):
         require_turn_weights(cfg, base_dir)
-    identity = run_identity(cfg, manifest["dataset_hash"], base_sha)
+    rows, family_hash = manifest["rows"], None
+    if cfg.characters:
+        family_hash, rows = family_rows(dataset, cfg.characters)
+    identity = run_identity(cfg, family_hash or manifest["dataset_hash"], base_sha)
     return TrainingRun(name=cfg.name, identity=identity,
                        run_dir=str(platform().state / "training" / f"{cfg.name}-{identity}"),
                        dataset_dir=str(dataset), dataset_hash=manifest["dataset_hash"],
-                       train_rows=manifest["rows"]["train"], eval_rows=manifest["rows"]["eval"],
+                       train_rows=rows["train"], eval_rows=rows["eval"],
                        base_model=cfg.base_model, base_dir=str(base_dir), base_sha=base_sha,
-                       architecture=preset.architecture)
+                       architecture=preset.architecture, characters=tuple(cfg.characters or ()),
+                       family_data_hash=family_hash)
 
 
 def finished_adapter(run: TrainingRun) -> TrainedAdapter | None:
@@ -120,6 +159,7 @@ def training_params(cfg: TrainConfig, run: TrainingRun) -> dict[str, str | int |
         "padding_free": t.padding_free, "assistant_only_loss": t.assistant_only_loss, "dtype": resolve_dtype(t),
         "dtype_config": t.dtype, "seed": t.seed,
         "quantization": json.dumps(cfg.quantization.model_dump()) if cfg.quantization else "none",
+        "characters": ",".join(run.characters) or "all",
     }
 
 

@@ -261,13 +261,18 @@ def require_turn_weights(cfg: TrainConfig, model_dir: Path) -> None:
                          f"{{% generation %}} (see configs/train/templates/chatml_training.jinja)")
 
 
-def load_conversations(dataset_dir: Path):
-    """train/eval splits with only the `messages` column (what SFTTrainer formats with the chat template)."""
+def load_conversations(dataset_dir: Path, characters: list[str] | None = None):
+    """train/eval splits with only the `messages` column (what SFTTrainer formats with the chat template); an
+    adapter family's `characters`: their rows only (an eval split left empty is dropped)."""
     files = {"train": str(dataset_dir / "train.jsonl")}
     if (dataset_dir / "eval.jsonl").stat().st_size > 0:
         files["eval"] = str(dataset_dir / "eval.jsonl")
     data = load_dataset("json", data_files=files)
-    return {split: ds.select_columns(["messages"]) for split, ds in data.items()}
+    if characters:
+        keep = set(characters)
+        data = {split: ds.filter(lambda rows: [c in keep for c in rows["character"]], batched=True)
+                for split, ds in data.items()}
+    return {split: ds.select_columns(["messages"]) for split, ds in data.items() if len(ds)}
 
 
 class FitResult(BaseModel):
@@ -282,7 +287,7 @@ class FitResult(BaseModel):
 
 def fit_adapter(cfg: TrainConfig, model_dir: Path, dataset_dir: Path, run_dir: Path, logger=None) -> FitResult:
     """Train (or resume) in `run_dir/checkpoints`; save the final adapter to `run_dir/adapter-raw`."""
-    data = load_conversations(dataset_dir)
+    data = load_conversations(dataset_dir, cfg.characters)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
