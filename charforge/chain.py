@@ -18,7 +18,7 @@ from charforge.schemas.evaluate import EvalConfig
 from charforge.schemas.prefer import PreferConfig
 from charforge.schemas.promote import PromotionPolicy
 from charforge.schemas.quantize import QuantizeConfig
-from charforge.schemas.retrain import FamilySpec, ProductionInput, RetrainConfig
+from charforge.schemas.retrain import FamilySpec, ProductionInput, RetrainConfig, require_families_apart
 from charforge.schemas.serving import ServingConfig
 from charforge.schemas.train import TrainConfig
 from charforge.settings import CONFIGS_DIR, repo_path
@@ -46,20 +46,8 @@ class ChainParameters(BaseModel):
 
     @model_validator(mode="after")
     def _families_apart(self) -> "ChainParameters":
-        """Each character in one family at most, each family under its own name and naming its characters."""
-        names = [f.name for f in self.families]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise ValueError(f"adapter families named twice: {', '.join(twice)}")
-        owner: dict[str, str] = {}
-        for family in self.families:
-            if not family.characters:
-                raise ValueError(f"adapter family {family.name} names no characters (set its `characters`)")
-            for character in family.characters:
-                if character in owner:
-                    raise ValueError(f"character {character} is in two adapter families: {owner[character]} and "
-                                     f"{family.name}")
-                owner[character] = family.name
+        """The same checks as a chain file's, for families given to the flow (a Prefect form, a deployment)."""
+        require_families_apart([(f.name, f.characters) for f in self.families])
         return self
 
 
@@ -101,6 +89,12 @@ def check_stages(chain: ChainParameters) -> ChainParameters:
         raise InputError(f"the chain has adapter families ({', '.join(f.name for f in chain.families)}) and a "
                          f"preference stage ({chain.prefer.name}): preference tuning per family is not supported; "
                          f"set `prefer: null` or drop `families`")
+    fleet = chain.serving.fleet
+    if chain.families and chain.deploy and fleet.enable_lora and len(chain.families) + 1 > fleet.max_cpu_loras:
+        raise InputError(f"{len(chain.families)} adapter families need {len(chain.families) + 1} adapters resident on "
+                         f"every replica during a rollout (each family's champion and one canary), more than the "
+                         f"serving config's fleet.max_cpu_loras ({fleet.max_cpu_loras}); raise fleet.max_cpu_loras "
+                         f"or group the characters into fewer families")
     if chain.families:
         cards = set(load_characters(repo_path(chain.evaluate.characters)))
         for family in chain.families:

@@ -499,7 +499,9 @@ def rollback(
         if not mine:
             raise InputError(f"no route serves a version of adapter family {family!r} (its versions are served as "
                              f"{served}<N>); `charforge serve status` lists the routes")
-        route = [*(route or []), *mine]
+        for name in [n for n in mine if not routes[n].previous]:  # e.g. the family's own route, new with it
+            typer.echo(f"{name}: left as is (no previous weights: the family's first rollout added it)")
+        route = [*(route or []), *[n for n in mine if routes[n].previous]]
     for name in route or list(routes):
         typer.echo(f"{name}: {admin.rollback(name)}")
 
@@ -562,10 +564,10 @@ def retrain(
                                     "config's, started with `charforge serve up` if down)."),
 ) -> None:
     """Run the chain: curate, train, evaluate vs base and champion, promote by policy, deploy the champion."""
-    from charforge.chain import families_text, load_chain, summary_text
+    from charforge.chain import check_stages, families_text, load_chain, summary_text
     from charforge.chain_tracking import mlflow_ui
 
-    chain = load_chain(config)  # every stage file is checked before the flow starts
+    chain = check_stages(load_chain(config))  # every stage file is checked before the flow starts
     from flows.retrain import retrain as retrain_flow
     from tasks.runtime import prefect_ui
 

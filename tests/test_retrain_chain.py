@@ -506,3 +506,132 @@ def test_the_chain_refuses_a_flawed_candidate_with_exit_3(chain_env, gateway, pr
     assert "NOT promoted" in result.stdout and "FAIL" in result.stdout, result.stdout[-3000:]
     assert client.get_model_version_by_alias(NAME, "champion").version == champion
     assert httpx.get(f"{gateway}/admin/routes", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json() == routes
+
+
+MODERNS, ENGLISH = ["dot_kincaid", "tamsin_oyelaran"], ["harriet_fenwick", "wat_honeysett"]
+
+
+def raw_with_looping(raw: Path, out: Path, characters: list[str]) -> Path:
+    """The slice with every assistant reply of these characters' conversations a loop of its first words (a row
+    names its character, or its system prompt is the character's card)."""
+    from charforge.characters import load_characters
+
+    cards = load_characters(DATA_DIR / "characters")
+    by_prompt = {card.system_prompt: cid for cid, card in cards.items()}
+    out.mkdir(exist_ok=True)
+    rows = [json.loads(line) for line in (raw / "conversations.jsonl").read_text().splitlines()]
+    for row in rows:
+        who = row.get("character") or by_prompt.get(row["messages"][0]["content"])
+        for message in row["messages"]:
+            if who in characters and message["role"] == "assistant":
+                message["content"] = looping(message["content"])
+    (out / "conversations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+@pytest.mark.timeout(1800)
+def test_adapter_families_are_trained_gated_and_rolled_out_apart(chain_env, gateway, prefect_api):
+    """`charforge retrain` with two adapter families on one curated dataset. Run 1, the English family's replies
+    looping: the moderns family is promoted and takes only its two characters' routes; the English family is refused
+    by the gate (exit 3, both families reported), its routes untouched. Run 2, the English rows fixed: the moderns
+    family is neither retrained, evaluated nor rolled out again; the English family trains, passes and takes its
+    routes. `charforge rollback --family` then flips back the English routes alone."""
+    import subprocess
+
+    import yaml
+    from prefect.settings import get_current_settings
+
+    from charforge.characters import load_characters
+    from tests.training.test_train_flow import CHARFORGE
+
+    params = small_parameters(chain_env, gateway)
+    params["evaluate"]["tasks"] = ["character_generation"]  # all the policy below reads
+    files = {}
+    for stage in ("curate", "train", "evaluate", "serving"):
+        files[stage] = chain_env / f"families-{stage}.yaml"
+        files[stage].write_text(yaml.safe_dump(params[stage]))
+    files["promotion"] = chain_env / "families-policy.yaml"  # refuses looping replies; a 2-step adapter passes it
+    files["promotion"].write_text(yaml.safe_dump({"resamples": 200, "approval": "first_version", "rules": [
+        {"metric": "character_generation/repetition", "max": 0.60},
+        {"metric": "character_generation/empty_rate", "max": 0.5}]}))
+    families = [{"name": "chain-moderns", "characters": MODERNS}, {"name": "chain-english", "characters": ENGLISH}]
+
+    def run_chain(raw: Path, tag: str) -> subprocess.CompletedProcess:
+        chain = chain_env / f"families-{tag}.yaml"
+        chain.write_text(yaml.safe_dump({**{k: str(v) for k, v in files.items()}, "inputs": [str(raw)],
+                                         "families": families, "dataset_dir": str(chain_env / "dataset-families"),
+                                         "start_fleet": False}))
+        env = {**os.environ, "PREFECT_LOCAL_STORAGE_PATH": str(get_current_settings().results.local_storage_path)}
+        return subprocess.run([CHARFORGE, "retrain", "--config", str(chain), "--gateway", gateway, "--approve"],
+                              env=env, capture_output=True, text=True, timeout=1500)
+
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    before = httpx.get(f"{gateway}/admin/routes", headers=admin).json()
+
+    # Run 1: the English family's replies loop
+    poisoned = raw_with_looping(chain_env / "raw", chain_env / "raw-english-looping", ENGLISH)
+    first = run_chain(poisoned, "poisoned")
+    out = first.stdout[-6000:] + first.stderr[-3000:]
+    assert first.returncode == 3, out
+    assert "== adapter families ==" in first.stdout, out
+    assert ("charforge-chain-moderns version 1: champion, served as charforge-chain-moderns-v1 (done)"
+            in first.stdout), out
+    assert "charforge-chain-english version 1: NOT promoted (refused by the gate)" in first.stdout, out
+    moderns = client.get_model_version_by_alias("charforge-chain-moderns", "champion")
+    assert moderns.version == "1" and moderns.tags["characters"] == ",".join(MODERNS)
+    english = client.get_model_version_by_alias("charforge-chain-english", "candidate")
+    assert english.tags["promotion_decision"] == "reject" and english.tags["characters"] == ",".join(ENGLISH)
+    assert not client.get_registered_model("charforge-chain-english").aliases.get("champion")
+    # each family was evaluated on its own characters' probes only
+    cards = set(load_characters(DATA_DIR / "characters"))
+    for version, family in ((moderns, MODERNS), (english, ENGLISH)):
+        metrics = client.get_run(version.tags["eval_run_id"]).data.metrics
+        judged = {k.rsplit("/", 1)[1] for k in metrics if k.rsplit("/", 1)[1] in cards}
+        assert judged == set(family), (version.name, judged)
+    routes = httpx.get(f"{gateway}/admin/routes", headers=admin).json()
+    for character in MODERNS + ["chain-moderns"]:
+        assert routes[character]["weights"] == {"charforge-chain-moderns-v1": 100.0}, routes[character]
+    assert {r: routes[r] for r in before if r not in MODERNS} == {r: v for r, v in before.items() if r not in MODERNS}
+    reply = httpx.post(f"{gateway}/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"}, timeout=120,
+                       json={"model": "tamsin_oyelaran", "max_tokens": 8,
+                             "messages": [{"role": "user", "content": "Hello!"}]})
+    assert reply.status_code == 200 and reply.headers["x-charforge-version"] == "charforge-chain-moderns-v1"
+    train_runs = client.search_runs([client.get_experiment_by_name("charforge-train").experiment_id],
+                                    "params.config_name = 'chain-moderns'")
+    assert len(train_runs) == 1
+
+    # Run 2: the English rows fixed, the moderns' rows as they were
+    second = run_chain(chain_env / "raw", "fixed")
+    out = second.stdout[-6000:] + second.stderr[-3000:]
+    assert second.returncode == 0, out
+    assert ("charforge-chain-moderns version 1: unchanged (its rows and training config as before: not retrained, "
+            "evaluated or rolled out)") in second.stdout, out
+    assert "charforge-chain-english version 2: champion, served as charforge-chain-english-v2 (done)" in second.stdout
+    assert len(client.search_runs([client.get_experiment_by_name("charforge-train").experiment_id],
+                                  "params.config_name = 'chain-moderns'")) == 1
+    assert client.get_model_version_by_alias("charforge-chain-moderns", "champion").version == "1"
+    assert client.get_model_version_by_alias("charforge-chain-english", "champion").version == "2"
+    routes = httpx.get(f"{gateway}/admin/routes", headers=admin).json()
+    for character in ENGLISH:
+        assert routes[character]["weights"] == {"charforge-chain-english-v2": 100.0}, routes[character]
+    for character in MODERNS:
+        assert routes[character]["weights"] == {"charforge-chain-moderns-v1": 100.0}, routes[character]
+
+    # One family rolled back; the other's routes stay
+    result = subprocess.run([CHARFORGE, "rollback", "--family", "chain-english", "--gateway", gateway],
+                            env={**os.environ, "CHARFORGE_GATEWAY_ADMIN_KEY": ADMIN_KEY}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = httpx.get(f"{gateway}/admin/routes", headers=admin).json()
+    for character in ENGLISH:
+        assert after[character]["weights"] == before[character]["weights"], after[character]
+    for character in MODERNS:
+        assert after[character] == routes[character]
+    missing = subprocess.run([CHARFORGE, "rollback", "--family", "chain-nosuch", "--gateway", gateway],
+                             env={**os.environ, "CHARFORGE_GATEWAY_ADMIN_KEY": ADMIN_KEY}, capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1] == (
+        "error: no route serves a version of adapter family 'chain-nosuch' (its versions are served as "
+        "charforge-chain-nosuch-v<N>); `charforge serve status` lists the routes")

@@ -9,7 +9,7 @@ from charforge.config import ConfigError
 from charforge.errors import InputError
 from charforge.schemas.evaluate import EvalConfig
 from charforge.settings import CONFIGS_DIR
-from charforge.chain import check_stages, evaluation_key, load_chain as chain_parameters, preference_stage
+from charforge.chain import check_stages, evaluation_key, family_chain, load_chain as chain_parameters, preference_stage
 
 
 def test_chain_files_become_the_flow_parameters():
@@ -63,3 +63,64 @@ def test_a_preference_stage_needs_pairs_and_builds_on_the_chains_own_adapter(tmp
     assert str(err.value) == ("the chain has a preference stage (smollm2-kto, kto) but its curate config writes no "
                               "pairs; set `pairs: {enabled: true}` in the curate config")
     assert chain_parameters(CONFIGS_DIR / "retrain" / "default.yaml").prefer is None
+
+
+def test_adapter_families_are_training_configs_naming_their_characters():
+    chain = check_stages(chain_parameters(CONFIGS_DIR / "retrain" / "families.yaml"))
+    assert [(f.name, f.characters) for f in chain.families] == [
+        ("smollm2-england", ["wat_honeysett", "harriet_fenwick", "ambrose_quill"]),
+        ("smollm2-frontier", ["decimus_durus", "korvik_ashmantle", "nell_bramwick"]),
+        ("smollm2-new-worlds", ["dot_kincaid", "tamsin_oyelaran"])]
+    # each trains with the chain's training config under its own name, and is evaluated on its characters' probes
+    assert all(f.model_dump(exclude={"name", "characters"}) == chain.train.model_dump(exclude={"name", "characters"})
+               for f in chain.families)
+    one = family_chain(chain, chain.families[2])
+    assert one.train.name == "smollm2-new-worlds" and one.families == []
+    assert one.evaluate.probe_characters == ["dot_kincaid", "tamsin_oyelaran"] and chain.evaluate.probe_characters is None
+
+
+@pytest.mark.parametrize("families, message", [
+    ("[{name: a, characters: [dot_kincaid]}, {name: b, characters: [tamsin_oyelaran, dot_kincaid]}]",
+     "key 'families': Value error, character dot_kincaid is in two adapter families: a and b"),
+    ("[{name: a, characters: [dot_kincaid]}, {name: a, characters: [tamsin_oyelaran]}]",
+     "key 'families': Value error, adapter families named twice: a"),
+    ("[{name: a, characters: []}]", "key 'families.0.characters': List should have at least 1 item"),
+])
+def test_families_that_overlap_or_repeat_are_refused(tmp_path, families, message):
+    chain = tmp_path / "chain.yaml"
+    chain.write_text(f"families: {families}\n")
+    with pytest.raises(ConfigError, match=message):
+        chain_parameters(chain)
+
+
+def test_a_family_without_persona_cards_a_preference_stage_or_room_on_the_replicas_is_refused_before_anything_runs(
+        tmp_path):
+    import subprocess
+
+    from tests.training.test_train_flow import CHARFORGE
+
+    chain = tmp_path / "chain.yaml"
+    chain.write_text("families: [{name: detectives, characters: [ambrose_quill, sherlock_holmes]}]\n")
+    result = subprocess.run([CHARFORGE, "retrain", "--config", str(chain)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: adapter family detectives names characters without a persona card in data/characters: "
+        "sherlock_holmes (cards: ambrose_quill, decimus_durus, dot_kincaid, harriet_fenwick, korvik_ashmantle, "
+        "nell_bramwick, tamsin_oyelaran, wat_honeysett)")
+    chain.write_text("families: [{name: detectives, characters: [ambrose_quill]}]\n"
+                     "curate: configs/curate/preference.yaml\nprefer: configs/prefer/smollm2_dpo.yaml\n")
+    with pytest.raises(InputError, match=r"^the chain has adapter families \(detectives\) and a preference stage "
+                                         r"\(smollm2-dpo\): preference tuning per family is not supported; set "
+                                         r"`prefer: null` or drop `families`$"):
+        check_stages(chain_parameters(chain))
+    serving = tmp_path / "serving.yaml"
+    serving.write_text("fleet: {max_cpu_loras: 3}\n")
+    chain.write_text(f"serving: {serving}\nfamilies: [{{name: a, characters: [dot_kincaid]}}, "
+                     f"{{name: b, characters: [tamsin_oyelaran]}}, {{name: c, characters: [nell_bramwick]}}]\n")
+    with pytest.raises(InputError) as refused:
+        check_stages(chain_parameters(chain))
+    assert str(refused.value) == (
+        "3 adapter families need 4 adapters resident on every replica during a rollout (each family's champion and "
+        "one canary), more than the serving config's fleet.max_cpu_loras (3); raise fleet.max_cpu_loras or group the "
+        "characters into fewer families")

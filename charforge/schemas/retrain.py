@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from charforge.config import StageConfig
 
@@ -33,6 +33,23 @@ class FamilySpec(StageConfig):
                                   "character belongs to one family at most.")
     train: Path | None = Field(default=None, description="Its own training config; null: the chain's `train` "
                                "config, under this name and with these characters.")
+
+
+def require_families_apart(families: list[tuple[str, list[str] | None]]) -> None:
+    """(name, characters) of a chain's adapter families: each under its own name, naming its characters, each
+    character in one family at most (a ValueError otherwise)."""
+    names = [name for name, _ in families]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"adapter families named twice: {', '.join(twice)}")
+    owner: dict[str, str] = {}
+    for name, characters in families:
+        if not characters:
+            raise ValueError(f"adapter family {name} names no characters (set its `characters`)")
+        for character in characters:
+            if character in owner:
+                raise ValueError(f"character {character} is in two adapter families: {owner[character]} and {name}")
+            owner[character] = name
 
 
 class RetrainConfig(StageConfig):
@@ -65,3 +82,9 @@ class RetrainConfig(StageConfig):
     deploy: bool = Field(default=True, description="Roll a newly promoted champion out to the fleet.")
     start_fleet: bool = Field(default=True, description="Start the local fleet + gateway (`charforge serve up`) when "
                               "no gateway answers and the serving config's fleet is local.")
+
+    @field_validator("families")
+    @classmethod
+    def _families_apart(cls, families: list[FamilySpec]) -> list[FamilySpec]:
+        require_families_apart([(f.name, f.characters) for f in families])
+        return families

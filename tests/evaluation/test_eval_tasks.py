@@ -53,6 +53,25 @@ def test_probe_split_by_type_and_every_doc_carries_choices():
         assert doc["choices"][doc["label"]] == doc["reference"]
 
 
+def test_an_adapter_familys_evaluation_sees_only_its_characters_probes_with_the_same_choices():
+    family = load_probes(probe_types=["normal"], only_characters="dot_kincaid,tamsin_oyelaran")["test"]
+    every = {d["id"]: d for d in load_probes(probe_types=["normal"])["test"]}
+    assert {d["character"] for d in family} == {"dot_kincaid", "tamsin_oyelaran"} and len(family) == 20
+    assert all(d["choices"] == every[d["id"]]["choices"] for d in family)  # the options stay every card's
+    with pytest.raises(ConfigError, match=r"probes\.jsonl: no probes for sherlock_holmes \(the evaluation's "
+                                          r"probe_characters\)$"):
+        load_probes(only_characters="dot_kincaid,sherlock_holmes")
+
+
+def test_an_adapter_familys_parity_check_asks_its_own_characters():
+    from charforge.characters import load_characters
+    from charforge.evaluation.parity import parity_conversations
+
+    cards = load_characters(DATA_DIR / "characters")
+    asked = parity_conversations(EvalConfig(probe_characters=["nell_bramwick"], parity={"prompts": 4}))
+    assert len(asked) == 4 and {c[0]["content"] for c in asked} == {cards["nell_bramwick"].system_prompt}
+
+
 def test_first_documents_cover_every_character():
     docs = load_probes(probe_types=["normal"])["test"]
     assert len({d["character"] for d in docs.select(range(8))}) == 8

@@ -128,3 +128,20 @@ def test_canary_window_adds_up_gateways_each_restarting_on_its_own():
              ("b", "v2", "ok", True): 5.0, ("b", "v2", "le=1.0", True): 5.0, ("b", "v2", "le=4.0", True): 5.0}
     assert window(before, after, "v2") == WindowStats(10 + 4 + 5, 1, 4.0)
     assert window(before, after, "v2", probes_only=True) == WindowStats(5, 0, 1.0)
+
+
+def test_a_familys_rollout_switches_only_its_characters_routes():
+    from charforge.characters import load_characters
+    from charforge.schemas.serving import ServingConfig
+    from charforge.settings import DATA_DIR
+    from serving.rollout import RolloutRefused, route_names
+
+    cards = load_characters(DATA_DIR / "characters")
+    routes = route_names(ServingConfig(), "smollm2-new-worlds", ["dot_kincaid", "tamsin_oyelaran"])
+    assert routes == {"smollm2-new-worlds": None, "dot_kincaid": cards["dot_kincaid"].system_prompt,
+                      "tamsin_oyelaran": cards["tamsin_oyelaran"].system_prompt}
+    assert set(route_names(ServingConfig(), "smollm2-lora")) == {"smollm2-lora", *cards}  # one adapter for all
+    with pytest.raises(RolloutRefused) as refused:
+        route_names(ServingConfig(), "detectives", ["ambrose_quill", "sherlock_holmes"])
+    assert str(refused.value) == (f"adapter family detectives covers characters without a persona card in "
+                                  f"{DATA_DIR / 'characters'}: sherlock_holmes")
