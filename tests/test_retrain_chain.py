@@ -511,31 +511,15 @@ def test_the_chain_refuses_a_flawed_candidate_with_exit_3(chain_env, gateway, pr
 MODERNS, ENGLISH = ["dot_kincaid", "tamsin_oyelaran"], ["harriet_fenwick", "wat_honeysett"]
 
 
-def raw_with_looping(raw: Path, out: Path, characters: list[str]) -> Path:
-    """The slice with every assistant reply of these characters' conversations a loop of its first words (a row
-    names its character, or its system prompt is the character's card)."""
-    from charforge.characters import load_characters
-
-    cards = load_characters(DATA_DIR / "characters")
-    by_prompt = {card.system_prompt: cid for cid, card in cards.items()}
-    out.mkdir(exist_ok=True)
-    rows = [json.loads(line) for line in (raw / "conversations.jsonl").read_text().splitlines()]
-    for row in rows:
-        who = row.get("character") or by_prompt.get(row["messages"][0]["content"])
-        for message in row["messages"]:
-            if who in characters and message["role"] == "assistant":
-                message["content"] = looping(message["content"])
-    (out / "conversations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
-
-
 @pytest.mark.timeout(1800)
 def test_adapter_families_are_trained_gated_and_rolled_out_apart(chain_env, gateway, prefect_api):
-    """`charforge retrain` with two adapter families on one curated dataset. Run 1, the English family's replies
-    looping: the moderns family is promoted and takes only its two characters' routes; the English family is refused
-    by the gate (exit 3, both families reported), its routes untouched. Run 2, the English rows fixed: the moderns
-    family is neither retrained, evaluated nor rolled out again; the English family trains, passes and takes its
-    routes. `charforge rollback --family` then flips back the English routes alone."""
+    """`charforge retrain` with two adapter families on one curated dataset. Run 1, the English family's training
+    diverged (its own config: learning rate 0.2, ten times the chain's; its replies degenerate into one repeated
+    token, 3.9 bits/byte on held-out replies against 1.5): the moderns family is promoted and takes only its two
+    characters' routes; the English family is refused by the gate (exit 3, both families reported), its routes
+    untouched. Run 2, the English family on the chain's training config: the moderns family is neither retrained,
+    evaluated nor rolled out again; the English family trains, passes and takes its routes. `charforge rollback
+    --family` then flips back the English routes alone."""
     import subprocess
 
     import yaml
@@ -545,20 +529,28 @@ def test_adapter_families_are_trained_gated_and_rolled_out_apart(chain_env, gate
     from tests.training.test_train_flow import CHARFORGE
 
     params = small_parameters(chain_env, gateway)
-    params["evaluate"]["tasks"] = ["character_generation"]  # all the policy below reads
+    params["evaluate"]["tasks"] = ["character_reply_likelihood"]  # all the policy below reads
+    params["evaluate"]["parity"] = {"prompts": 2, "tokens": 2, "min_first_token_agreement": 0}  # the gate decides
+    # straight to 100% after staging: a 2-step adapter answers one of the five probe prompts with an empty reply, and
+    # the canary rightly rolls it back (canary gates: tests/serving/test_rollout.py); here the routes are the point
+    params["serving"]["rollout"]["steps"] = [100]
     files = {}
     for stage in ("curate", "train", "evaluate", "serving"):
         files[stage] = chain_env / f"families-{stage}.yaml"
         files[stage].write_text(yaml.safe_dump(params[stage]))
-    files["promotion"] = chain_env / "families-policy.yaml"  # refuses looping replies; a 2-step adapter passes it
+    files["promotion"] = chain_env / "families-policy.yaml"
     files["promotion"].write_text(yaml.safe_dump({"resamples": 200, "approval": "first_version", "rules": [
-        {"metric": "character_generation/repetition", "max": 0.60},
-        {"metric": "character_generation/empty_rate", "max": 0.5}]}))
-    families = [{"name": "chain-moderns", "characters": MODERNS}, {"name": "chain-english", "characters": ENGLISH}]
+        {"metric": "character_reply_likelihood/bits_per_byte", "max": 2.5}]}))
+    diverged = chain_env / "families-train-diverged.yaml"
+    diverged.write_text(yaml.safe_dump({**params["train"], "training": {**params["train"]["training"],
+                                                                        "learning_rate": 0.2}}))
 
-    def run_chain(raw: Path, tag: str) -> subprocess.CompletedProcess:
+    def run_chain(english_train: Path | None, tag: str) -> subprocess.CompletedProcess:
+        families = [{"name": "chain-moderns", "characters": MODERNS},
+                    {"name": "chain-english", "characters": ENGLISH,
+                     **({"train": str(english_train)} if english_train else {})}]
         chain = chain_env / f"families-{tag}.yaml"
-        chain.write_text(yaml.safe_dump({**{k: str(v) for k, v in files.items()}, "inputs": [str(raw)],
+        chain.write_text(yaml.safe_dump({**{k: str(v) for k, v in files.items()}, "inputs": [str(chain_env / "raw")],
                                          "families": families, "dataset_dir": str(chain_env / "dataset-families"),
                                          "start_fleet": False}))
         env = {**os.environ, "PREFECT_LOCAL_STORAGE_PATH": str(get_current_settings().results.local_storage_path)}
@@ -569,9 +561,8 @@ def test_adapter_families_are_trained_gated_and_rolled_out_apart(chain_env, gate
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     before = httpx.get(f"{gateway}/admin/routes", headers=admin).json()
 
-    # Run 1: the English family's replies loop
-    poisoned = raw_with_looping(chain_env / "raw", chain_env / "raw-english-looping", ENGLISH)
-    first = run_chain(poisoned, "poisoned")
+    # Run 1: the English family's training diverged
+    first = run_chain(diverged, "diverged")
     out = first.stdout[-6000:] + first.stderr[-3000:]
     assert first.returncode == 3, out
     assert "== adapter families ==" in first.stdout, out
@@ -579,7 +570,7 @@ def test_adapter_families_are_trained_gated_and_rolled_out_apart(chain_env, gate
             in first.stdout), out
     assert "charforge-chain-english version 1: NOT promoted (refused by the gate)" in first.stdout, out
     moderns = client.get_model_version_by_alias("charforge-chain-moderns", "champion")
-    assert moderns.version == "1" and moderns.tags["characters"] == ",".join(MODERNS)
+    assert str(moderns.version) == "1" and moderns.tags["characters"] == ",".join(MODERNS)
     english = client.get_model_version_by_alias("charforge-chain-english", "candidate")
     assert english.tags["promotion_decision"] == "reject" and english.tags["characters"] == ",".join(ENGLISH)
     assert not client.get_registered_model("charforge-chain-english").aliases.get("champion")
@@ -601,8 +592,8 @@ def test_adapter_families_are_trained_gated_and_rolled_out_apart(chain_env, gate
                                     "params.config_name = 'chain-moderns'")
     assert len(train_runs) == 1
 
-    # Run 2: the English rows fixed, the moderns' rows as they were
-    second = run_chain(chain_env / "raw", "fixed")
+    # Run 2: the English family on the chain's training config; the moderns' rows and config as they were
+    second = run_chain(None, "fixed")
     out = second.stdout[-6000:] + second.stderr[-3000:]
     assert second.returncode == 0, out
     assert ("charforge-chain-moderns version 1: unchanged (its rows and training config as before: not retrained, "
@@ -610,8 +601,8 @@ def test_adapter_families_are_trained_gated_and_rolled_out_apart(chain_env, gate
     assert "charforge-chain-english version 2: champion, served as charforge-chain-english-v2 (done)" in second.stdout
     assert len(client.search_runs([client.get_experiment_by_name("charforge-train").experiment_id],
                                   "params.config_name = 'chain-moderns'")) == 1
-    assert client.get_model_version_by_alias("charforge-chain-moderns", "champion").version == "1"
-    assert client.get_model_version_by_alias("charforge-chain-english", "champion").version == "2"
+    assert str(client.get_model_version_by_alias("charforge-chain-moderns", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("charforge-chain-english", "champion").version) == "2"
     routes = httpx.get(f"{gateway}/admin/routes", headers=admin).json()
     for character in ENGLISH:
         assert routes[character]["weights"] == {"charforge-chain-english-v2": 100.0}, routes[character]
