@@ -481,7 +481,7 @@ def _gateway_url(cfg) -> str:
 def rollback(
     route: list[str] = typer.Argument(None, help="Routes to roll back (default: every route)."),
     family: str = typer.Option(None, help="Roll back every route that serves a version of this adapter family "
-                               "(the training config's name, e.g. smollm2-townsfolk); the other families' routes "
+                               "(its training config's name, e.g. smollm2-england); the other families' routes "
                                "stay."),
     gateway_url: str = typer.Option(None, "--gateway", help="Gateway URL (default: configs/serving.yaml)."),
     config: Path = typer.Option(CONFIGS_DIR / "serving.yaml", help="Serving config YAML."),
@@ -495,7 +495,8 @@ def rollback(
     routes = admin.routes()
     if family:
         served = f"{platform().mlflow.experiment_prefix}-{family}-v"
-        mine = [name for name, r in routes.items() if any(v.startswith(served) for v in r.weights)]
+        mine = [name for name, r in routes.items()
+                if any(v.startswith(served) and v[len(served):].isdigit() for v in r.weights)]
         if not mine:
             raise InputError(f"no route serves a version of adapter family {family!r} (its versions are served as "
                              f"{served}<N>); `charforge serve status` lists the routes")

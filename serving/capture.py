@@ -121,9 +121,10 @@ class Scrubber:
         return scrub_pii(text, PII_KINDS)[0] if may_hold_pii(text) else text
 
 
-def stream_reply(raw: bytes) -> tuple[str, int]:
-    """The reply text of a relayed SSE stream and its content chunks (vLLM sends one token per chunk)."""
-    parts, chunks = [], 0
+def stream_reply(raw: bytes) -> tuple[str, int, dict | None]:
+    """The reply text of a relayed SSE stream, its content chunks (vLLM sends one token per chunk) and its usage
+    event's counts (the gateway asks the replica for them), if any."""
+    parts, chunks, usage = [], 0, None
     for line in raw.split(b"\n"):
         if not line.startswith(b"data:"):
             continue
@@ -131,12 +132,14 @@ def stream_reply(raw: bytes) -> tuple[str, int]:
             event = json.loads(line[5:])
         except ValueError:
             continue
+        if isinstance(event, dict) and isinstance(event.get("usage"), dict):
+            usage = event["usage"]
         for choice in (event.get("choices") or []) if isinstance(event, dict) else []:
             piece = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
             if piece:
                 parts.append(piece)
                 chunks += 1
-    return "".join(parts), chunks
+    return "".join(parts), chunks, usage
 
 
 class Pending(NamedTuple):
@@ -183,8 +186,9 @@ def request_messages(request: bytes) -> list:
 
 def capture_row(p: Pending, scrub: Scrubber) -> dict:
     if p.stream is not None:
-        reply, chunks = stream_reply(p.stream)
-        tokens = {"completion_tokens": chunks, "counted": "stream chunks"}
+        reply, chunks, usage = stream_reply(p.stream)
+        tokens = ({"prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
+                   "counted": "usage"} if usage else {"completion_tokens": chunks, "counted": "stream chunks"})
     else:
         reply = p.reply or ""
         prompt_tokens, completion_tokens = p.usage or (None, None)

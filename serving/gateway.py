@@ -193,8 +193,8 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS)
         self.ttft = Histogram("gateway_time_to_first_token_seconds", "Time to the first streamed chunk", labels,
                               registry=self.registry, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16))
-        self.tokens = Counter("gateway_completion_tokens_total", "Completion tokens (non-streaming usage)", labels,
-                              registry=self.registry)
+        self.tokens = Counter("gateway_completion_tokens_total", "Completion tokens (the replica's usage; a stream "
+                              "asks for it)", labels, registry=self.registry)
         self.probe_requests = Counter("gateway_probe_requests_total", "Rollout probe requests by outcome",
                                       [*labels, "status"], registry=self.registry)
         self.probe_latency = Histogram("gateway_probe_request_seconds", "Rollout probe latency", labels,
@@ -266,14 +266,15 @@ class StreamOutcome:
 
     def __init__(self, status: str) -> None:
         self.upstream_status, self.cut, self.error, self.text, self.closed = status, False, False, False, False
+        self.completion_tokens: int | None = None  # from the stream's usage event, when it has one
         self._pending = b""
 
     def read(self, chunk: bytes) -> None:
         lines = (self._pending + chunk).split(b"\n")
         self._pending = lines.pop()[-65536:]  # a partial line waits for the next chunk (bounded)
         for line in lines:
-            if not line.startswith(b"data:") or (self.text and b'"error"' not in line):
-                continue  # once text arrived, only an error event can change the outcome
+            if not line.startswith(b"data:") or (self.text and b'"error"' not in line and b'"usage"' not in line):
+                continue  # once text arrived, only an error or the usage event tells more
             try:
                 event = json.loads(line[5:])
             except ValueError:  # `data: [DONE]`
@@ -282,6 +283,9 @@ class StreamOutcome:
                 continue
             if event.get("error"):
                 self.error = True
+            usage = event.get("usage")
+            if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                self.completion_tokens = usage["completion_tokens"]
             for choice in event.get("choices") or []:
                 delta = choice.get("delta") or {}
                 if (delta.get("content") or choice.get("text") or delta.get("tool_calls")
@@ -296,6 +300,45 @@ class StreamOutcome:
         if self.upstream_status == "200" and not self.text:
             return "empty"
         return self.upstream_status
+
+
+def with_usage(body: dict) -> tuple[dict, bool]:
+    """A streamed request asks the replica for its usage event (`stream_options.include_usage`), so the gateway counts
+    completion tokens per version; True when the gateway added it (the event is then kept from the client)."""
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or options.get("include_usage"):
+        return body, False  # the client asked for it (or sent something the replica will refuse itself)
+    return {**body, "stream_options": {**options, "include_usage": True}}, True
+
+
+class UsageHidden:
+    """Relays a stream without the usage event the gateway asked for on a client's behalf: every other byte as it
+    came, whole lines at a time (a partial line is held until its end arrives)."""
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def relay(self, chunk: bytes) -> bytes:
+        data = self._tail + chunk
+        end = data.rfind(b"\n") + 1
+        self._tail, data = data[end:], data[:end]
+        if b'"usage"' not in data:
+            return data
+        return b"".join(line for line in data.splitlines(keepends=True) if not usage_event(line))
+
+    def rest(self) -> bytes:
+        return self._tail
+
+
+def usage_event(line: bytes) -> bool:
+    """`data: {..., "choices": [], "usage": {...}}`: the usage-only event at the end of a stream."""
+    if not line.startswith(b"data:") or b'"usage"' not in line:
+        return False
+    try:
+        event = json.loads(line[5:])
+    except ValueError:
+        return False
+    return isinstance(event, dict) and not event.get("choices") and isinstance(event.get("usage"), dict)
 
 
 class RelayResponse(StreamingResponse):
@@ -773,8 +816,10 @@ class Gateway:
         self._track(replica.name, +1, version)
         data = json.dumps(body).encode()  # what aiohttp's json= would send; kept (bytes) for a sampled capture
         if body.get("stream"):
+            asked, hidden = with_usage(body) if not probe else (body, False)
             try:
-                upstream = await self.session().post(url, data=data, headers=JSON_CONTENT)
+                upstream = await self.session().post(url, data=json.dumps(asked).encode() if hidden else data,
+                                                     headers=JSON_CONTENT)
             except BaseException:  # nothing was relayed: take the in-flight count back here, not in relay()
                 self._track(replica.name, -1, version)
                 raise
@@ -788,10 +833,14 @@ class Gateway:
                 self._track(replica.name, -1, version)
                 elapsed = time.perf_counter() - started
                 self.metrics.observe(route, version, outcome.status(), elapsed, probe)
+                if outcome.completion_tokens is not None and not probe:
+                    self.metrics.tokens.labels(route, version).inc(outcome.completion_tokens)
                 upstream.close()  # a stream's connection is not reused: it may have broken off
                 if kept is not None:
                     self.capture.submit(Pending(ref, replica.name, data, elapsed, outcome.status(),
                                                 stream=bytes(kept)))
+
+            usage = UsageHidden() if hidden else None
 
             async def relay():
                 first = True
@@ -804,9 +853,15 @@ class Gateway:
                         outcome.read(chunk)
                         if kept is not None and len(kept) < 1_048_576:
                             kept.extend(chunk)
-                        yield chunk
+                        out = chunk if usage is None else usage.relay(chunk)
+                        if out:
+                            yield out
+                    if usage is not None and usage.rest():
+                        yield usage.rest()
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # the replica broke off midway: say so
                     outcome.cut = True
+                    if usage is not None and usage.rest():  # what had come of the last line, as without hiding
+                        yield usage.rest()
                     log.warning("%s: stream of %s cut midway: %s", replica.name, version, type(exc).__name__)
                     yield sse_error(f"the stream from {replica.name} broke off midway ({type(exc).__name__}); "
                                     f"the reply is incomplete")

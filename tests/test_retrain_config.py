@@ -124,3 +124,16 @@ def test_a_family_without_persona_cards_a_preference_stage_or_room_on_the_replic
         "3 adapter families need 4 adapters resident on every replica during a rollout (each family's champion and "
         "one canary), more than the serving config's fleet.max_cpu_loras (3); raise fleet.max_cpu_loras or group the "
         "characters into fewer families")
+
+
+def test_families_that_fail_are_named_in_one_error_with_their_exit_code():
+    from charforge.chain import families_failed
+    from charforge.errors import Refused
+
+    unservable = Refused("the adapter cannot be served by the fleet: LoRA rank 64 > max_lora_rank 16")
+    one = families_failed({"smollm2-england": unservable}, [])
+    assert str(one) == ("adapter families failed: smollm2-england: Refused: the adapter cannot be served by the "
+                        "fleet: LoRA rank 64 > max_lora_rank 16") and one.exit_code == 3
+    mixed = families_failed({"smollm2-england": unservable, "smollm2-frontier": OSError("No space left on device")},
+                            [])
+    assert mixed.exit_code == 1 and "smollm2-frontier: OSError: No space left on device" in str(mixed)

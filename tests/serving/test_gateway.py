@@ -53,9 +53,16 @@ def test_openai_client_chats_with_a_character_through_the_gateway(gateway, tmp_p
         "messages": [{"role": "system", "content": nell.system_prompt}, *messages]}).json()
     assert reply and reply == direct["choices"][0]["message"]["content"]
 
-    stream = client.chat.completions.create(model="nell_bramwick", messages=messages, temperature=0, max_tokens=24,
-                                            stream=True)
-    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == reply
+    chunks = list(client.chat.completions.create(model="nell_bramwick", messages=messages, temperature=0,
+                                                 max_tokens=24, stream=True))
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == reply
+    # The gateway asks the replica for a stream's usage to count its tokens, and keeps that event from a client that
+    # did not ask for it; a client that asks gets it
+    assert all(chunk.choices and chunk.usage is None for chunk in chunks)
+    asked = list(client.chat.completions.create(model="nell_bramwick", messages=messages, temperature=0,
+                                                max_tokens=24, stream=True, stream_options={"include_usage": True}))
+    tokens = raw.parse().usage.completion_tokens
+    assert asked[-1].choices == [] and asked[-1].usage.completion_tokens == tokens
 
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong").chat.completions.create(
@@ -64,7 +71,9 @@ def test_openai_client_chats_with_a_character_through_the_gateway(gateway, tmp_p
         client.chat.completions.create(model="sherlock", messages=messages, max_tokens=4)
 
     metrics = httpx.get(f"{url}/metrics").text
-    assert 'gateway_requests_total{route="nell_bramwick",status="200",version="charforge-test-v1"} 2.0' in metrics
+    assert 'gateway_requests_total{route="nell_bramwick",status="200",version="charforge-test-v1"} 3.0' in metrics
+    counted = f'gateway_completion_tokens_total{{route="nell_bramwick",version="charforge-test-v1"}} {3 * tokens}.0'
+    assert counted in metrics  # the reply, the stream and the stream that asked for its usage
     assert "gateway_time_to_first_token_seconds_bucket" in metrics
     # a restarted gateway comes back with the live routing table
     assert RouteTable.load(tmp_path / "routes.json").routes["nell_bramwick"].weights == {"charforge-test-v1": 100}
