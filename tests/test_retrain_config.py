@@ -76,7 +76,8 @@ def test_adapter_families_are_training_configs_naming_their_characters():
                for f in chain.families)
     one = family_chain(chain, chain.families[2])
     assert one.train.name == "smollm2-new-worlds" and one.families == []
-    assert one.evaluate.probe_characters == ["dot_kincaid", "tamsin_oyelaran"] and chain.evaluate.probe_characters is None
+    assert one.evaluate.probe_characters == ["dot_kincaid", "tamsin_oyelaran"]
+    assert chain.evaluate.probe_characters is None  # the chain's own evaluation: every probe
 
 
 @pytest.mark.parametrize("families, message", [
