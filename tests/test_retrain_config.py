@@ -138,3 +138,18 @@ def test_families_that_fail_are_named_in_one_error_with_their_exit_code():
     mixed = families_failed({"smollm2-england": unservable, "smollm2-frontier": OSError("No space left on device")},
                             [])
     assert mixed.exit_code == 1 and "smollm2-frontier: OSError: No space left on device" in str(mixed)
+
+
+def test_families_given_to_the_flow_are_checked_like_a_chain_files():
+    """The Prefect form or a deployment hands the flow training configs, not a chain file: the same refusals hold."""
+    from pydantic import ValidationError
+
+    from charforge.chain import chain_with
+    from charforge.schemas.train import TrainConfig
+
+    nobody = TrainConfig(name="smollm2-nobody")
+    with pytest.raises(ValidationError, match="adapter family smollm2-nobody names no characters"):
+        chain_with(CONFIGS_DIR / "retrain" / "families.yaml", {"families": [nobody]})
+    twice = [TrainConfig(name=n, characters=["dot_kincaid"]) for n in ("a", "b")]
+    with pytest.raises(ValidationError, match="character dot_kincaid is in two adapter families: a and b"):
+        chain_with(CONFIGS_DIR / "retrain" / "families.yaml", {"families": twice})
