@@ -90,11 +90,13 @@ def check_stages(chain: ChainParameters) -> ChainParameters:
                          f"preference stage ({chain.prefer.name}): preference tuning per family is not supported; "
                          f"set `prefer: null` or drop `families`")
     fleet = chain.serving.fleet
-    if chain.families and chain.deploy and fleet.enable_lora and len(chain.families) + 1 > fleet.max_cpu_loras:
+    if (chain.families and chain.deploy and fleet.enable_lora and chain.serving.gateway.placement is None
+            and len(chain.families) + 1 > fleet.max_cpu_loras):
         raise InputError(f"{len(chain.families)} adapter families need {len(chain.families) + 1} adapters resident on "
                          f"every replica during a rollout (each family's champion and one canary), more than the "
-                         f"serving config's fleet.max_cpu_loras ({fleet.max_cpu_loras}); raise fleet.max_cpu_loras "
-                         f"or group the characters into fewer families")
+                         f"serving config's fleet.max_cpu_loras ({fleet.max_cpu_loras}); set gateway.placement "
+                         f"(families placed on demand, where requests need them), raise fleet.max_cpu_loras or "
+                         f"group the characters into fewer families")
     if chain.families:
         cards = set(load_characters(repo_path(chain.evaluate.characters)))
         for family in chain.families:

@@ -14,6 +14,9 @@ Run it:  charforge deploy --adapter models:/<name>@champion      charforge rollb
 4. canary: the new version's weight goes through `rollout.steps` on every route of the family; each step is held
    and gated on the gateway's per-version error rate and p95 latency; a failing gate restores the previous
    weights at once. The previous version stays loaded: rollback is one routing-table write.
+5. with on-demand placement (`gateway.placement`), the family's versions then leave the desired state (loaded on
+   every replica) for the placement catalogue: the gateway keeps them where requests need them, so a fleet serves
+   more adapter families than a replica holds.
 
 The rollout record under `<state>/serving/rollouts/` says where a crashed deployment stopped; a re-run resumes it
 with the same rollback target. A lock per adapter family refuses a second concurrent rollout. A replica that
@@ -28,8 +31,9 @@ from prefect import flow
 from charforge.results import Rollout
 from charforge.schemas.serving import ServingConfig
 from tasks.deploy import (canary_step, exclusive_rollout, finish_rollout, gateway_admin, list_replicas,
-                          prepare_rollout, record_staging, require_promoted, require_runtime_lora, require_staged,
-                          resolve_version, retire_old_versions, roll_back_version, stage)
+                          prepare_rollout, record_staging, release_to_placement, require_promoted,
+                          require_runtime_lora, require_staged, resolve_version, retire_old_versions, roll_back_version,
+                          stage)
 
 
 @flow(name="deploy")
@@ -54,7 +58,9 @@ def deploy(adapter: str, gateway_url: str, config: ServingConfig | None = None,
             record = canary_step(gw, plan, record, pct, cfg)
             if record.status in ("done", "rolled_back"):
                 break
-        return finish_rollout(plan, record)
+        record = finish_rollout(plan, record)
+        release_to_placement(plan)
+        return record
 
 
 @flow(name="rollback")

@@ -33,7 +33,8 @@ from charforge.schemas.serving import ServingConfig
 from charforge.settings import DATA_DIR
 from charforge.schemas.serving import RolloutSettings
 from serving.admin import GatewayAdmin, MetricsSnapshot, RouteChanged
-from serving.fleet import DesiredState, desired_path, load_adapter, replica_headers, served_roots
+from serving.fleet import (DesiredState, catalogue_path, desired_path, load_adapter, replica_headers,
+                           served_roots)
 from serving.routing import Gate, WindowStats, classify_load, gate_decision
 from serving import state_store, store
 
@@ -66,6 +67,8 @@ class RolloutPlan:
     desired_path: Path
     adapter_root: Path
     base_name: str
+    catalogue_path: Path | None = None  # with on-demand placement (gateway.placement): where finished versions go
+
 
     @property
     def old_versions(self) -> dict[str, str]:
@@ -147,7 +150,7 @@ def prepare(name: str, version: str, source: str, adapter_sha: str, gw: GatewayA
         log(f"resuming after an unfinished rollout of {unfinished.served} (step {unfinished.step}); rollback target "
             f"stays {previous}")
     plan = RolloutPlan(name, str(version), f"{name}-v{version}", folder, routes, previous, records,
-                       desired_path(state), state / "adapters", base_name)
+                       desired_path(state), state / "adapters", base_name, placed_catalogue(cfg, state))
     save_record(plan, Rollout(version=plan.version, served=plan.served, folder=str(folder), previous=previous,
                                      generations=generations, status="staging", started=time.time(),
                                      override=override))
@@ -164,29 +167,62 @@ def unload_adapter(url: str, name: str) -> bool:
 
 
 def retire(gw: GatewayAdmin, plan: RolloutPlan) -> list[str]:
-    """Unload versions no route weights or can roll back to, from every replica; drop them from the desired state;
-    delete store folders only when every replica answered and none lists them any more. Then the new version
-    joins the desired state, so a restarted replica gets it back before the gateway routes to it."""
+    """Unload versions no route weights or can roll back to, from every replica; drop them from the desired state
+    (and the placement catalogue); delete store folders only when every replica answered and none lists them any
+    more. Then the new version joins the desired state, so a restarted replica gets it back before the gateway
+    routes to it."""
     keep = {plan.served: str(plan.folder)}
     desired = DesiredState.load(plan.desired_path)
+    placed = DesiredState.load(plan.catalogue_path) if plan.catalogue_path else DesiredState(Path())
     routes = gw.routes()
     referenced = {v for r in routes.values() for w in (r.weights, r.previous or {}) for v in w} | set(keep)
-    stale = [name for name in desired.adapters if name not in referenced and name.startswith(f"{plan.family}-v")]
+    mine = [name for name in {**desired.adapters, **placed.adapters} if name.startswith(f"{plan.family}-v")]
+    stale = sorted(name for name in mine if name not in referenced)
     replicas = gw.replicas()
     for name in stale:
         for replica in replicas:
             if name in replica.loaded:
                 unload_adapter(replica.url, name)
-        del desired.adapters[name]
+        desired.adapters.pop(name, None)
+        placed.adapters.pop(name, None)
     desired.adapters.update(keep)
     desired.save()
+    if plan.catalogue_path:
+        placed.save()
     try:
         in_use = {root for replica in replicas for root in served_roots(replica.url).values()}
     except (httpx.HTTPError, ValueError, KeyError):
         return stale  # a replica did not answer: its files stay until a later deployment sees it
     if all(replica.healthy for replica in replicas):
-        store.remove_unused(plan.adapter_root, in_use | set(desired.adapters.values()), plan.family)
+        store.remove_unused(plan.adapter_root, in_use | set(desired.adapters.values()) | set(placed.adapters.values()),
+                            plan.family)
     return stale
+
+
+def placed_catalogue(cfg: ServingConfig, state: Path) -> Path | None:
+    """The catalogue the gateway places versions from (`gateway.placement`), or None without placement."""
+    placement = cfg.gateway.placement
+    if placement is None:
+        return None
+    return Path(placement.catalogue) if placement.catalogue else catalogue_path(state)
+
+
+def release(plan: RolloutPlan) -> list[str]:
+    """With on-demand placement, a finished rollout's versions (the family's served version and the one its routes
+    can roll back to) leave the desired state, where every replica holds them, for the placement catalogue: the
+    gateway places them where requests need them and may evict them when other families need the room, so a fleet
+    serves more families than a replica holds. Replicas keep what they hold until then. Returns the versions moved."""
+    if plan.catalogue_path is None:
+        return []
+    desired = DesiredState.load(plan.desired_path)
+    placed = DesiredState.load(plan.catalogue_path)
+    moved = sorted(name for name in desired.adapters if name.startswith(f"{plan.family}-v"))
+    placed.adapters.update({name: desired.adapters[name] for name in moved})
+    placed.save()  # placeable before it is unpinned: never neither
+    for name in moved:
+        del desired.adapters[name]
+    desired.save()
+    return moved
 
 
 def load_with_backoff(url: str, served: str, folder: Path, delays: tuple[float, ...] = (2, 4, 8)) -> str:

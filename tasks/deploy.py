@@ -142,6 +142,17 @@ def finish_rollout(plan: rollout.RolloutPlan, record: Rollout) -> Rollout:
     return record if record.status in ("done", "rolled_back") else rollout.finish(plan, record)
 
 
+@task(name="release-to-placement", cache_policy=NONE)
+def release_to_placement(plan: rollout.RolloutPlan) -> list[str]:
+    """With `gateway.placement`: the family's versions go from every replica's desired state to the catalogue the
+    gateway places from on demand (`serving.rollout.release`)."""
+    moved = rollout.release(plan)
+    if moved:
+        get_run_logger().info(f"{', '.join(moved)}: placed on demand from now on ({plan.catalogue_path}); no longer "
+                              f"pinned on every replica")
+    return moved
+
+
 @task(name="roll-back-version", cache_policy=NONE, **TRANSIENT_RETRIES)
 def roll_back_version(gw: GatewayAdmin, version: str, reason: str) -> tuple[str, ...]:
     """Every route that gives `version` traffic flipped back to its previous weights (the previous version is still

@@ -123,8 +123,11 @@ def test_a_family_without_persona_cards_a_preference_stage_or_room_on_the_replic
         check_stages(chain_parameters(chain))
     assert str(refused.value) == (
         "3 adapter families need 4 adapters resident on every replica during a rollout (each family's champion and "
-        "one canary), more than the serving config's fleet.max_cpu_loras (3); raise fleet.max_cpu_loras or group the "
-        "characters into fewer families")
+        "one canary), more than the serving config's fleet.max_cpu_loras (3); set gateway.placement (families placed "
+        "on demand, where requests need them), raise fleet.max_cpu_loras or group the characters into fewer families")
+    # with on-demand placement a finished family is not kept on every replica: as many families as there are
+    serving.write_text("fleet: {max_cpu_loras: 3}\ngateway: {strategy: adapter_affinity, placement: {max_resident: 3}}\n")
+    assert [f.name for f in check_stages(chain_parameters(chain)).families] == ["a", "b", "c"]
 
 
 def test_families_that_fail_are_named_in_one_error_with_their_exit_code():
