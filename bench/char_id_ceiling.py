@@ -16,8 +16,9 @@
 2. With `--eval RUN_DIR` (an evaluation's output folder, e.g. `charforge evaluate --config
    configs/eval/generation.yaml --trained configs/train/smollm2_lora.yaml`): every judge re-judges that run's greedy
    replies of the candidate and the base (lm-eval's samples), paired over the same probes: mean gain and 95%
-   bootstrap CI on all probes and on the 80 normal ones. A judge worth gating on has a high ceiling AND sees what
-   training changed.
+   bootstrap CI on all probes and on the 80 normal ones; with `--champion` in that evaluation, the champion vs the
+   base and the candidate vs the champion too (e.g. two training lengths side by side). A judge worth gating on
+   has a high ceiling AND sees what training changed.
 """
 
 from __future__ import annotations
@@ -139,34 +140,40 @@ def generated(run_dir: Path, role: str) -> dict[str, tuple[str, dict]]:
 
 
 def separation(found: dict, run_dirs: list[str]) -> None:
-    """Every judge re-judges the candidate's and the base's replies of each evaluation, paired over its probes."""
+    """Every judge re-judges each evaluation's replies, paired over its probes: the candidate's (and the
+    champion's, when the evaluation scored one) against the base's, and the candidate's against the champion's."""
     from charforge.promotion import paired_gain
 
-    print("\n| evaluation | judge | candidate | base | gain, all probes (95% CI) | gain, normal probes (95% CI) |\n"
-          "|---|---|---|---|---|---|")
+    print("\n| evaluation | judge | model | model's | reference's | gain, all probes (95% CI) | gain, normal probes "
+          "(95% CI) |\n|---|---|---|---|---|---|---|")
     for run_dir in map(Path, run_dirs):
-        replies = {role: generated(run_dir, role) for role in ("candidate", "base")}
-        ids = sorted(replies["candidate"].keys() & replies["base"].keys())
+        roles = [r for r in ("candidate", "champion", "base") if (run_dir / "lm_eval" / r).is_dir()]
+        replies = {role: generated(run_dir, role) for role in roles}
+        ids = sorted(set.intersection(*(set(replies[r]) for r in roles)))
         normal = [i for i in ids if replies["candidate"][i][1]["probe_type"] == "normal"]
+        pairs = [(m, "base") for m in roles if m != "base"] + ([("candidate", "champion")] if "champion" in roles
+                                                              else [])
         for name, predict in found.items():
             right = {}
-            for role in ("candidate", "base"):
+            for role in roles:
                 probes = [replies[role][i][1] for i in ids]
                 guesses = predict([replies[role][i][0] for i in ids], probes)
                 right[role] = {i: float(g == p["character"]) for i, g, p in zip(ids, guesses, probes)}
-            every = paired_gain(right["candidate"], right["base"], True, 0.95, 2000)
-            some = paired_gain({i: right["candidate"][i] for i in normal}, {i: right["base"][i] for i in normal},
-                               True, 0.95, 2000)
-            print(f"| {run_dir.name[-40:]} | {name} | {np.mean(list(right['candidate'].values())):.3f} | "
-                  f"{np.mean(list(right['base'].values())):.3f} | {every[0]:+.3f} ({every[1]:+.3f} .. "
-                  f"{every[2]:+.3f}), {every[3]} | {some[0]:+.3f} ({some[1]:+.3f} .. {some[2]:+.3f}), {some[3]} |",
-                  flush=True)
+            for model, reference in pairs:
+                every = paired_gain(right[model], right[reference], True, 0.95, 2000)
+                some = paired_gain({i: right[model][i] for i in normal}, {i: right[reference][i] for i in normal},
+                                   True, 0.95, 2000)
+                print(f"| {run_dir.name[-40:]} | {name} | {model} vs {reference} | "
+                      f"{np.mean(list(right[model].values())):.3f} | {np.mean(list(right[reference].values())):.3f} | "
+                      f"{every[0]:+.3f} ({every[1]:+.3f} .. {every[2]:+.3f}), {every[3]} | {some[0]:+.3f} "
+                      f"({some[1]:+.3f} .. {some[2]:+.3f}), {some[3]} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--likelihood", action="store_true", help="also the base model's likelihood judge")
-    parser.add_argument("--eval", nargs="*", default=[], help="evaluation output folders: candidate vs base")
+    parser.add_argument("--eval", nargs="*", default=[],
+                        help="evaluation output folders: candidate (and champion) vs base, candidate vs champion")
     args = parser.parse_args()
     found = judges(args.likelihood)
     ceilings(found)
