@@ -101,6 +101,12 @@ class AdapterCatalogue:
                          spill_outstanding=self.spill_outstanding, inflight=inflight, last_used=last_used)
 
 
+class VersionGone(Exception):
+    """The replica answered that it does not serve the version (vLLM's 404 "The model `<name>` does not exist."):
+    it was unloaded since the gateway last looked, e.g. evicted by another gateway placing adapters on the same
+    replicas, or lost in a restart. Nothing was generated; the request chooses again."""
+
+
 class RouteChanged(Exception):
     """A compare-and-set of a route found a newer generation than the writer read."""
 
@@ -219,6 +225,9 @@ class Metrics:
                                            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
         self.adapter_resident = Gauge("gateway_adapter_resident", "1 while the replica lists the version",
                                       ["replica", "version"], registry=self.registry)
+        self.adapter_gone = Counter("gateway_adapter_gone_total", "Requests a replica answered with 404 for a version "
+                                    "the gateway believed resident (unloaded elsewhere); chosen again",
+                                    ["replica", "version"], registry=self.registry)
         self.rejected = Counter("gateway_rejected_total", "Requests refused before any replica saw them",
                                 ["reason"], registry=self.registry)
         self.capture_dropped = Counter("gateway_capture_dropped_total", "Sampled conversations not captured",
@@ -690,6 +699,16 @@ class Gateway:
         log.warning("placing %s on %s failed (%s, HTTP %s): %s", version, replica.name, verdict, status, body[:300])
         return "failed"
 
+    def _forget(self, name: str, version: str) -> None:
+        """The replica does not hold `version` any more (its own answer): out of this gateway's view until the
+        next poll says otherwise."""
+        current = self.replicas.get(name)
+        if current is not None:
+            self.replicas[name] = replace(current, loaded=current.loaded - {version},
+                                          adapters=current.adapters - {version})
+            self._placed[name] = self._placed.get(name, 0) + 1  # a poll already in flight must not bring it back
+            self._publish_residency()
+
     async def _unload(self, replica: Replica, version: str) -> bool:
         """Evict `version` from the replica (only while no request for it is in flight there). It leaves the
         replica's resident set before the call, so no request is sent there while vLLM unloads it."""
@@ -781,6 +800,13 @@ class Gateway:
                 log.warning("%s %s: %s; trying another replica", replica.name, path, type(exc).__name__)
                 self.mark_unhealthy(replica.name)
                 self.metrics.retries.labels(replica.name).inc()
+            except VersionGone:
+                log.warning("%s no longer serves %s (unloaded since it was last polled, e.g. by another gateway); "
+                            "choosing again", replica.name, version)
+                self.metrics.adapter_gone.labels(replica.name, version).inc()
+                self._forget(replica.name, version)
+                if placeable:
+                    tried.discard(replica.name)  # it may be placed there again
         if full and not tried:  # refused before any replica saw it: overload, not an error of the version
             self.metrics.rejected.labels("overloaded").inc()
             raise HTTPException(503, detail=f"every replica serving {version!r} has {self.max_inflight} requests in "
@@ -823,6 +849,18 @@ class Gateway:
             except BaseException:  # nothing was relayed: take the in-flight count back here, not in relay()
                 self._track(replica.name, -1, version)
                 raise
+            if upstream.status == 404:  # an error body, not a stream: read it to see whether the version is gone
+                try:
+                    body404 = await upstream.read()
+                except BaseException:
+                    self._track(replica.name, -1, version)
+                    upstream.close()
+                    raise
+                if not_served(body404, version):
+                    self._track(replica.name, -1, version)
+                    upstream.close()
+                    raise VersionGone(version)
+                upstream = ReadBody(upstream, body404)
             outcome = StreamOutcome(str(upstream.status))
             kept = bytearray() if sampled else None  # the raw stream, parsed by the capture writer, not here
 
@@ -876,6 +914,8 @@ class Gateway:
                 code = response.status
         finally:
             self._track(replica.name, -1, version)
+        if code == 404 and not_served(content, version):
+            raise VersionGone(version)
         elapsed = time.perf_counter() - started
         status = str(code)
         try:
@@ -901,6 +941,33 @@ class Gateway:
                                             usage=(usage.get("prompt_tokens"), usage.get("completion_tokens"))
                                             if isinstance(usage, dict) else None))
         return JSONResponse(payload, status_code=code, headers=headers)
+
+
+def not_served(content: bytes, version: str) -> bool:
+    """vLLM's answer for a model name it does not serve (a 404 with "The model `<name>` does not exist.")."""
+    try:
+        message = json.loads(content)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(message, str) and f"`{version}` does not exist" in message
+
+
+class ReadBody:
+    """An upstream response whose body was already read (a 404 checked for `not_served`), relayed as if it
+    were not: `content.iter_any()` yields that body once."""
+
+    def __init__(self, response, body: bytes) -> None:
+        self.status, self.headers, self._response, self._body = response.status, response.headers, response, body
+
+    @property
+    def content(self) -> "ReadBody":
+        return self
+
+    async def iter_any(self):
+        yield self._body
+
+    def close(self) -> None:
+        self._response.close()
 
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",

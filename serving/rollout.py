@@ -69,7 +69,6 @@ class RolloutPlan:
     base_name: str
     catalogue_path: Path | None = None  # with on-demand placement (gateway.placement): where finished versions go
 
-
     @property
     def old_versions(self) -> dict[str, str]:
         return {route: next(iter(w)) for route, w in self.previous.items() if w}

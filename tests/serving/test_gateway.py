@@ -199,3 +199,55 @@ def test_adapters_are_placed_on_demand_evicted_least_recently_used_and_a_failed_
         failing.close()
         for name in versions:
             httpx.post(f"{vllm_base.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=30)
+
+
+def test_a_version_another_gateway_evicted_is_placed_again_not_answered_404(vllm_base, smollm2_adapter, tmp_path):
+    """Two gateways place adapters on the same replica. Gateway A evicts the version gateway B placed (its view of
+    the replica is fresh); B, whose view is not (it polls every 60 s here), sends the next request for that version
+    to the replica, which answers vLLM's 404 "does not exist": B places it again and the client gets its reply,
+    streamed or not, instead of the 404. Counted as gone per replica and version."""
+    import json
+    import shutil
+
+    from serving.gateway import AdapterCatalogue
+
+    versions = {f"gone-{c}-v1": tmp_path / f"gone-{c}" for c in "xy"}
+    for folder in versions.values():
+        shutil.copytree(smollm2_adapter, folder)
+    (tmp_path / "catalogue.json").write_text(json.dumps({v: str(f) for v, f in versions.items()}))
+    held = {m["id"]: m["root"] for m in httpx.get(f"{vllm_base.url}/v1/models", timeout=10).json()["data"]
+            if m.get("parent") and not m["id"].startswith("gone-")}
+    (tmp_path / "desired.json").write_text(json.dumps(held))
+    table = RouteTable(tmp_path / "routes.json")
+    table.set_weights("family_x", {"gone-x-v1": 100})
+    table.set_weights("family_y", {"gone-y-v1": 100})
+
+    def gateway(interval: float) -> Gateway:
+        catalogue = AdapterCatalogue(tmp_path / "catalogue.json", tmp_path / "desired.json", max_resident=len(held) + 1)
+        return Gateway([vllm_base.url], RouteTable.load(tmp_path / "routes.json"), strategy="adapter_affinity",
+                       api_key=KEY, admin_key=ADMIN_KEY, health_interval_s=interval, catalogue=catalogue)
+
+    messages = [{"role": "user", "content": "Good morning!"}]
+    stale = gateway(60.0)
+    try:
+        with running(gateway(0.5)) as fresh_url, running(stale) as stale_url:
+            def ask(url: str, route: str, stream: bool = False) -> tuple[int, str | None]:
+                r = httpx.post(f"{url}/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"}, timeout=120,
+                               json={"model": route, "messages": messages, "max_tokens": 4, "stream": stream})
+                assert r.status_code == 200 and (not stream or "data: [DONE]" in r.text), r.text
+                return r.status_code, r.headers.get("x-charforge-version")
+
+            for stream in (False, True):
+                assert ask(stale_url, "family_x") == (200, "gone-x-v1")  # B places x
+                time.sleep(1.5)  # A's poller sees x on the replica
+                assert ask(fresh_url, "family_y") == (200, "gone-y-v1")  # A: the replica is full, x is evicted
+                served = {m["id"] for m in httpx.get(f"{vllm_base.url}/v1/models", timeout=10).json()["data"]}
+                assert "gone-x-v1" not in served and "gone-x-v1" in stale.replicas["replica-0"].loaded
+                assert ask(stale_url, "family_x", stream) == (200, "gone-x-v1")  # a 404 before the change
+                httpx.post(f"{vllm_base.url}/v1/unload_lora_adapter", json={"lora_name": "gone-y-v1"}, timeout=30)
+                time.sleep(1.5)
+            metrics = httpx.get(f"{stale_url}/metrics").text
+            assert 'gateway_adapter_gone_total{replica="replica-0",version="gone-x-v1"} 2.0' in metrics
+    finally:
+        for name in versions:
+            httpx.post(f"{vllm_base.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=30)
