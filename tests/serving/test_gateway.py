@@ -251,3 +251,49 @@ def test_a_version_another_gateway_evicted_is_placed_again_not_answered_404(vllm
     finally:
         for name in versions:
             httpx.post(f"{vllm_base.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=30)
+
+
+def test_an_adapter_unloaded_mid_stream_finishes_that_stream_with_its_own_weights(vllm_base, smollm2_adapter):
+    """What makes eviction by another gateway safe for requests already running: vLLM unloads the adapter for new
+    requests, and a stream that started on it runs to its end with its weights (the same greedy tokens as without
+    the unload; the base's differ), the engine healthy after."""
+    import json
+    import threading
+
+    body = {"model": "inflight-x-v1", "stream": True, "max_tokens": 64, "ignore_eos": True, "temperature": 0,
+            "messages": [{"role": "user", "content": "Tell me a long story about your town."}]}
+
+    def load() -> None:
+        r = httpx.post(f"{vllm_base.url}/v1/load_lora_adapter", timeout=120,
+                       json={"lora_name": "inflight-x-v1", "lora_path": str(smollm2_adapter)})
+        assert r.status_code == 200, r.text
+
+    def unload() -> None:
+        r = httpx.post(f"{vllm_base.url}/v1/unload_lora_adapter", json={"lora_name": "inflight-x-v1"}, timeout=60)
+        assert r.status_code == 200, r.text
+
+    def stream(started: threading.Event | None = None) -> str:
+        text = []
+        with httpx.stream("POST", f"{vllm_base.url}/v1/chat/completions", json=body, timeout=300) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[len("data: "):]).get("choices") or []:
+                        text.append((choice.get("delta") or {}).get("content") or "")
+                    if started is not None and len(text) >= 4:
+                        started.set()
+        return "".join(text)
+
+    load()
+    whole = stream()
+    started, cut = threading.Event(), {}
+    runner = threading.Thread(target=lambda: cut.update(text=stream(started)))
+    runner.start()
+    assert started.wait(120)
+    unload()  # four tokens in, sixty to go
+    runner.join(timeout=300)
+    base = httpx.post(f"{vllm_base.url}/v1/chat/completions", timeout=300,
+                      json={**body, "model": vllm_base.served_name, "stream": False}).json()
+    assert cut["text"] == whole and whole != base["choices"][0]["message"]["content"]
+    assert "inflight-x-v1" not in {m["id"] for m in httpx.get(f"{vllm_base.url}/v1/models").json()["data"]}
+    assert httpx.get(f"{vllm_base.url}/health").status_code == 200
