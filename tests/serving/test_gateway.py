@@ -94,26 +94,33 @@ def test_routes_only_to_loaded_versions_and_rolls_back(gateway):
     assert r.status_code == 200 and r.headers["x-charforge-version"] == "smollm2-135m-instruct"
 
 
+def catalogue_of(vllm_base, adapter, tmp_path, names: list[str]) -> tuple[dict, dict]:
+    """Copies of `adapter` as the placement catalogue's versions (`catalogue.json`), and what other tests of the
+    session left loaded on the replica as pinned (`desired.json`, like a fleet's desired adapters): (versions,
+    held)."""
+    import json
+    import shutil
+
+    versions = {name: tmp_path / name for name in names}
+    for folder in versions.values():
+        shutil.copytree(adapter, folder)
+    (tmp_path / "catalogue.json").write_text(json.dumps({v: str(f) for v, f in versions.items()}))
+    held = {m["id"]: m["root"] for m in httpx.get(f"{vllm_base.url}/v1/models", timeout=10).json()["data"]
+            if m.get("parent") and m["id"] not in versions}
+    (tmp_path / "desired.json").write_text(json.dumps(held))
+    return versions, held
+
+
 def test_adapters_are_placed_on_demand_evicted_least_recently_used_and_a_failed_load_tries_another_replica(
         vllm_base, smollm2_adapter, tmp_path):
     """More adapter versions than a replica may hold: the gateway loads a requested version where placement chooses
     (never a 503 for a catalogue version), evicts the least recently used idle one when the replica is full, and
     a load a replica refuses (the fake in front, failing every load) sends the request to another replica; every
     load, failure and eviction is counted per replica and version."""
-    import json
-    import shutil
-
     from serving.gateway import AdapterCatalogue
     from tests.fakes import FakeReplica
 
-    versions = {f"fam-{c}-v1": tmp_path / f"fam-{c}" for c in "abc"}
-    for folder in versions.values():
-        shutil.copytree(smollm2_adapter, folder)
-    (tmp_path / "catalogue.json").write_text(json.dumps({v: str(f) for v, f in versions.items()}))
-    # what other tests of the session loaded stays: pinned, like a fleet's desired adapters
-    held = {m["id"]: m["root"] for m in httpx.get(f"{vllm_base.url}/v1/models", timeout=10).json()["data"]
-            if m.get("parent") and not m["id"].startswith("fam-")}
-    (tmp_path / "desired.json").write_text(json.dumps(held))
+    versions, held = catalogue_of(vllm_base, smollm2_adapter, tmp_path, [f"fam-{c}-v1" for c in "abc"])
     failing = FakeReplica("load_fails")
     table = RouteTable(tmp_path / "routes.json")
     catalogue = AdapterCatalogue(tmp_path / "catalogue.json", tmp_path / "desired.json", max_resident=len(held) + 2)
@@ -206,18 +213,9 @@ def test_a_version_another_gateway_evicted_is_placed_again_not_answered_404(vllm
     the replica is fresh); B, whose view is not (it polls every 60 s here), sends the next request for that version
     to the replica, which answers vLLM's 404 "does not exist": B places it again and the client gets its reply,
     streamed or not, instead of the 404. Counted as gone per replica and version."""
-    import json
-    import shutil
-
     from serving.gateway import AdapterCatalogue
 
-    versions = {f"gone-{c}-v1": tmp_path / f"gone-{c}" for c in "xy"}
-    for folder in versions.values():
-        shutil.copytree(smollm2_adapter, folder)
-    (tmp_path / "catalogue.json").write_text(json.dumps({v: str(f) for v, f in versions.items()}))
-    held = {m["id"]: m["root"] for m in httpx.get(f"{vllm_base.url}/v1/models", timeout=10).json()["data"]
-            if m.get("parent") and not m["id"].startswith("gone-")}
-    (tmp_path / "desired.json").write_text(json.dumps(held))
+    versions, held = catalogue_of(vllm_base, smollm2_adapter, tmp_path, ["gone-x-v1", "gone-y-v1"])
     table = RouteTable(tmp_path / "routes.json")
     table.set_weights("family_x", {"gone-x-v1": 100})
     table.set_weights("family_y", {"gone-y-v1": 100})
