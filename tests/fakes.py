@@ -18,7 +18,8 @@ class FakeReplica:
     what `mode` says: ok, drop (close without answering), cut (a stream that breaks after its first event), slow
     (answer after `delay` s), empty (a 200 with no reply text; streamed: deltas without content, then [DONE]),
     error_event (streamed: an error event, then [DONE], as vLLM ends a stream whose generation failed), load_fails
-    (`/v1/load_lora_adapter` answers 500 with vLLM's error JSON, as vLLM 0.32 does for a load its worker refuses)."""
+    (`/v1/load_lora_adapter` answers 500 with vLLM's error JSON, as vLLM 0.32 does for a load its worker refuses),
+    not_found (every POST answers 404 `{"detail": "Not Found"}`, as a proxy in front of a replica would)."""
 
     def __init__(self, mode: str = "ok", delay: float = 0.0) -> None:
         self.mode, self.delay, self.models, self.posts = mode, delay, {"data": [{"id": VERSION}]}, 0
@@ -53,6 +54,9 @@ class FakeReplica:
                     return
                 if fake.mode == "drop":
                     self.close_connection = True
+                    return
+                if fake.mode == "not_found":
+                    self.send_json({"detail": "Not Found"}, status=404)
                     return
                 if fake.mode == "slow":
                     time.sleep(fake.delay)

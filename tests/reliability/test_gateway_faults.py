@@ -185,6 +185,26 @@ def test_streams_with_no_text_or_an_error_event_count_as_errors(tmp_path):
         fake.close()
 
 
+def test_a_404_that_is_not_vllms_unknown_model_is_relayed_not_retried(tmp_path):
+    """Only vLLM's 404 "The model `<version>` does not exist" means the version left the replica (and the request is
+    placed again); any other 404 (here a proxy's) is the answer: relayed as it came, streamed or not, counted, and
+    the replica asked once per request."""
+    fake = FakeReplica("not_found")
+    gw = gateway(tmp_path, [fake.url])
+    with running(gw) as url:
+        wait_healthy(gw)
+        plain = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, json=CHAT, timeout=30)
+        assert plain.status_code == 404 and plain.json() == {"detail": "Not Found"}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", headers=AUTH, json={**CHAT, "stream": True},
+                          timeout=30) as r:
+            assert r.status_code == 404 and json.loads(r.read()) == {"detail": "Not Found"}
+        assert fake.posts == 2
+        assert metric(url, "gateway_requests_total", status="404") == 2
+        assert "gateway_adapter_gone_total{" not in httpx.get(f"{url}/metrics").text
+        assert gw.replicas["replica-0"].outstanding == 0
+    fake.close()
+
+
 def test_attempts_that_all_failed_are_a_counted_503_not_overload(tmp_path):
     """connect_retries 0, round robin, replica-0 refuses connections: the request's one attempt failed while
     replica-1 was never tried. That is an error of the version (counted; the canary gate sees it), not a full fleet
