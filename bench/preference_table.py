@@ -58,8 +58,6 @@ def main() -> None:
     dataset = root / "state" / "datasets" / "default"
     curate(inputs=(str(REPO / "data" / "raw"),), out_dir=str(dataset),
            config=load_yaml_model(REPO / "configs" / "curate" / "preference.yaml", CurateConfig))
-    sft_cfg = load_yaml_model(REPO / "configs" / "train" / "smollm2_lora.yaml", TrainConfig)
-    sft = train(config=sft_cfg, dataset_dir=str(dataset))
     eval_cfg = load_yaml_model(REPO / args.eval, EvalConfig).model_copy(update={"register_version": False})
     policy = load_yaml_model(REPO / args.policy, PromotionPolicy)
     out = root / "preference.jsonl"
@@ -75,9 +73,16 @@ def main() -> None:
                 "tokens_per_s": round(fit["num_tokens"] / runtime, 1) if fit.get("num_tokens") else None,
                 "train_runtime_s": fit.get("train_runtime"), "wall_s": fit.get("wall_seconds")}
 
-    rows = []
+    def gain_of(candidate: list, other: list, higher: bool) -> dict:
+        gain, low, high, n = paired_gain(candidate, other, higher, policy.confidence, policy.resamples)
+        return {"gain": round(gain, 4), "ci_low": round(low, 4), "ci_high": round(high, 4), "n": n}
+
+    rows, sfts = [], {}
     for path in args.prefer.split(","):
         cfg = load_yaml_model(REPO / path, PreferConfig).model_copy(update={"dataset_dir": dataset})
+        if cfg.sft not in sfts:  # each config's own SFT parent (LoRA or QLoRA), trained once
+            sfts[cfg.sft] = train(config=load_yaml_model(REPO / cfg.sft, TrainConfig), dataset_dir=str(dataset))
+        sft = sfts[cfg.sft]
         t = time.monotonic()
         tuned = prefer(config=cfg, dataset_dir=str(dataset))
         print(f"  {cfg.name}: {time.monotonic() - t:.0f} s -> {tuned.adapter_dir}", flush=True)
@@ -85,22 +90,25 @@ def main() -> None:
         result = evaluate(config=eval_cfg, adapter=tuned.adapter_dir, champion=sft.adapter_dir)
         per_probe = json.loads((Path(result.run_dir) / "per_probe.json").read_text())
         decision = decide(per_probe["candidate"], per_probe["champion"], per_probe["base"], policy)
-        gains = {}
+        gains, sft_vs_base = {}, {}
         for metric, higher in METRICS:
             for other in ("champion", "base"):
                 if metric in per_probe["candidate"] and metric in per_probe.get(other, {}):
-                    gain, low, high, n = paired_gain(per_probe["candidate"][metric], per_probe[other][metric],
-                                                     higher, policy.confidence, policy.resamples)
-                    gains[f"{metric} vs_{'sft' if other == 'champion' else 'base'}"] = {
-                        "gain": round(gain, 4), "ci_low": round(low, 4), "ci_high": round(high, 4), "n": n}
+                    gains[f"{metric} vs_{'sft' if other == 'champion' else 'base'}"] = gain_of(
+                        per_probe["candidate"][metric], per_probe[other][metric], higher)
+            if metric in per_probe["champion"] and metric in per_probe.get("base", {}):  # the SFT row
+                sft_vs_base[metric] = gain_of(per_probe["champion"][metric], per_probe["base"][metric], higher)
         fit = fit_json(tuned.run_dir)
         row = {"config": path, "method": cfg.method, "beta": cfg.training.beta, "steps": cfg.training.max_steps,
+               "negatives": cfg.negatives or "all", "sft": str(cfg.sft), "sft_vs_base": sft_vs_base,
                "adapter_sha256": tuned.adapter_sha256, "eval_run": result.mlflow_run_id,
                "eval_s": round(time.monotonic() - t), "decision": "promote" if decision.promote else "REFUSE",
                "deciding_rule": decision.deciding.rule if decision.deciding else "-",
                "failed": [c.rule for c in decision.checks if not c.passed], "gains": gains,
                "heldout_pair_accuracy": fit.get("heldout/pair_accuracy"), "heldout_pairs": fit.get("heldout/pairs"),
-               "fit": cost(fit)}
+               "heldout_by_kind": {k.rsplit("/", 1)[1]: v for k, v in fit.items()
+                                   if k.startswith("heldout/pair_accuracy/")},
+               "fit": cost(fit), "sft_fit": cost(fit_json(sft.run_dir))}
         rows.append(row)
         with out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -108,18 +116,23 @@ def main() -> None:
               f"{', '.join(row['failed']) or 'none'}); held-out pair accuracy {row['heldout_pair_accuracy']}",
               flush=True)
 
-    print(f"\ncost: SFT ({sft_cfg.name}) {cost(fit_json(sft.run_dir))}")
     for r in rows:
-        print(f"cost: {r['method']} {r['fit']}")
+        print(f"\ncost: SFT ({r['sft']}) {r['sft_fit']}\ncost: {r['method']} ({r['config']}) {r['fit']}")
+
+    def cell(g: dict | None) -> str:
+        return f"{g['gain']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]" if g else "-"
+
     header = ["model", "decision"] + [f"{m.split('/')[1]} vs SFT" for m, _ in METRICS] + ["held-out pair acc"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for sft_name in dict.fromkeys(r["sft"] for r in rows):  # each SFT parent against the base (its gain), once
+        r = next(r for r in rows if r["sft"] == sft_name)
+        print(f"| SFT {sft_name} (vs base) | - | " + " | ".join(cell(r["sft_vs_base"].get(m)) for m, _ in METRICS)
+              + " | - |")
     for r in rows:
-        cells = []
-        for metric, _ in METRICS:
-            g = r["gains"].get(f"{metric} vs_sft")
-            cells.append(f"{g['gain']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]" if g else "-")
-        print(f"| {r['method']} (β {r['beta']}, {r['steps']} steps) | {r['decision']} | " + " | ".join(cells)
-              + f" | {r['heldout_pair_accuracy']} |")
+        kinds = ", ".join(f"{k} {v:.2f}" for k, v in r["heldout_by_kind"].items())
+        print(f"| {r['method']} (β {r['beta']}, {r['steps']} steps, negatives {r['negatives']}; {r['sft']}) | "
+              f"{r['decision']} | " + " | ".join(cell(r["gains"].get(f"{m} vs_sft")) for m, _ in METRICS)
+              + f" | {r['heldout_pair_accuracy']} ({kinds}) |")
 
 
 if __name__ == "__main__":

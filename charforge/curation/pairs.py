@@ -149,3 +149,18 @@ def pairs_file(dataset_dir: Path) -> Path:
     if path.stat().st_size == 0:
         raise InputError(f"{path}: no preference pairs in the file; enable more negative kinds (pairs.kinds)")
     return path
+
+
+def read_pairs(path: Path, negatives: list[str] | None = None) -> list[dict]:
+    """The pairs of a pairs file, only those whose negative kind is in `negatives` when given (a preference run's
+    negative mix); a one-line error naming the kinds the file holds when the mix leaves none."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if negatives is None:
+        return rows
+    kept = [r for r in rows if r["negative"] in negatives]
+    if not kept:
+        held = Counter(r["negative"] for r in rows)
+        raise InputError(f"{path}: no pairs with negatives {', '.join(negatives)}; the file holds "
+                         + ", ".join(f"{k} ({n})" for k, n in sorted(held.items()))
+                         + "; change `negatives` in the prefer config or curate those kinds (pairs.kinds)")
+    return kept

@@ -26,7 +26,7 @@ import mlflow  # noqa: E402
 from charforge.base_models import load_preset, prepare_base_model
 from charforge import registry
 from charforge.checksums import folder_sha, sha256_file, verify_manifest
-from charforge.curation.pairs import pairs_file
+from charforge.curation.pairs import pairs_file, read_pairs
 from charforge.config import load_yaml_model
 from charforge.curation.manifest import read_dataset_manifest
 from charforge.errors import InputError
@@ -50,10 +50,10 @@ class PreferenceRun(BaseModel):
     sft: TrainConfig  # the SFT config under the preference run's name: base, LoRA shape, dtype, template, export
 
 
-def preference_dataset(path: Path, method: str) -> Dataset:
+def preference_dataset(path: Path, method: str, negatives: list[str] | None = None) -> Dataset:
     """DPO: the pairs as they are (prompt, chosen, rejected). KTO: each pair as the chosen reply labelled desirable
-    and the rejected one undesirable (prompt, completion, label)."""
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    and the rejected one undesirable (prompt, completion, label). `negatives`: only pairs of those kinds."""
+    rows = read_pairs(path, negatives)
     if method == "dpo":
         return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     return Dataset.from_list([{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
@@ -78,12 +78,13 @@ def reply_logp(model, tokenizer, prompt: list[dict], reply: list[dict], max_leng
 def pair_accuracy(model, tokenizer, pairs: list[dict], max_length: int) -> dict[str, float]:
     """On held-out pairs, how often the tuned policy's implicit reward (its log-probability of a reply minus the
     frozen SFT reference's) is higher for the chosen reply than for the rejected one: the preference a method
-    learned, measured the same way for DPO and KTO. Also the mean reward margin (in nats, before beta)."""
+    learned, measured the same way for DPO and KTO. Also the mean reward margin (in nats, before beta), and the
+    accuracy per negative kind (`heldout/pair_accuracy/<kind>`): a mix trained on some kinds is judged on all."""
     from trl.trainer.utils import use_adapter
 
     was_training = model.training
     model.eval()
-    rewards = []
+    rewards, by_kind = [], {}
     for pair in pairs:
         sides = {}
         for side in ("chosen", "rejected"):
@@ -91,9 +92,12 @@ def pair_accuracy(model, tokenizer, pairs: list[dict], max_length: int) -> dict[
                 ref = reply_logp(model, tokenizer, pair["prompt"], pair[side], max_length)
             sides[side] = reply_logp(model, tokenizer, pair["prompt"], pair[side], max_length) - ref
         rewards.append(sides["chosen"] - sides["rejected"])
+        by_kind.setdefault(pair.get("negative", "unknown"), []).append(rewards[-1])
     model.train(was_training)
     return {"heldout/pair_accuracy": sum(r > 0 for r in rewards) / len(rewards),
-            "heldout/reward_margin": sum(rewards) / len(rewards), "heldout/pairs": float(len(rewards))}
+            "heldout/reward_margin": sum(rewards) / len(rewards), "heldout/pairs": float(len(rewards)),
+            **{f"heldout/pair_accuracy/{kind}": sum(r > 0 for r in kind_rewards) / len(kind_rewards)
+               for kind, kind_rewards in sorted(by_kind.items())}}
 
 
 def run_identity(cfg: PreferConfig, sft: TrainConfig, sft_adapter_sha: str, pairs_sha: str) -> str:
@@ -126,7 +130,7 @@ def locate_run(cfg: PreferConfig, dataset_dir: str | None = None,
     base_dir, _ = prepare_base_model(preset) if sft.base_model_dir is None else (repo_path(sft.base_model_dir), None)
     base_sha = folder_sha(base_dir) if preset.source == "embedded" or sft.base_model_dir else preset.hf_id
     identity = run_identity(cfg, sft, adapter_sha, pairs_sha)
-    pairs = sum(1 for _ in pairs_file(dataset).open(encoding="utf-8"))
+    pairs = len(read_pairs(pairs_file(dataset), cfg.negatives))  # the negative mix leaves some: else an error here
     return TrainingRun(name=cfg.name, identity=identity,
                        run_dir=str(platform().state / "training" / f"{cfg.name}-{identity}"),
                        dataset_dir=str(dataset), dataset_hash=manifest["dataset_hash"], train_rows=pairs,
@@ -182,7 +186,7 @@ def preference_args(cfg: PreferConfig, sft: TrainConfig, output_dir: Path):
 def fit_preference(cfg: PreferConfig, sft: TrainConfig, sft_adapter: Path, model_dir: Path, dataset_dir: Path,
                    run_dir: Path, logger=None) -> FitResult:
     """Train (or resume) in `run_dir/checkpoints`; save the policy adapter to `run_dir/adapter-raw`."""
-    data = preference_dataset(pairs_file(dataset_dir), cfg.method)
+    data = preference_dataset(pairs_file(dataset_dir), cfg.method, cfg.negatives)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if sft.chat_template:  # the SFT adapter's chat template (the one it is served with renders the same text)
         tokenizer.chat_template = repo_path(sft.chat_template).read_text()

@@ -124,3 +124,23 @@ def test_a_pair_longer_than_the_token_limit_is_dropped_as_too_long(cards, base_m
     assert dropped["too_long"] > 0 and kept["boilerplate"] == len(pairs) > 0
     assert all(len(tokenizer.apply_chat_template(p["prompt"] + side, tokenize=True, return_dict=False)) <= 60
                for p in pairs for side in (p["chosen"], p["rejected"]))
+
+
+def test_a_preference_runs_negative_mix_takes_only_its_kinds_and_names_what_the_file_holds(curated, tmp_path):
+    from charforge.curation.pairs import read_pairs
+    from charforge.training.preference import preference_dataset
+
+    curated()
+    path = tmp_path / "out" / "pairs_train.jsonl"
+    assert len(read_pairs(path)) == 12
+    assert [(p["character"], p["negative"]) for p in read_pairs(path, ["other_character"])] == [
+        ("mara", "other_character"), ("bo", "other_character")]
+    kto = preference_dataset(path, "kto", ["other_character", "rated_down"])  # each pair: desirable + undesirable
+    assert len(kto) == 6 and kto["label"] == [True, False] * 3
+
+    curated(kinds=["boilerplate", "boundary_break"])
+    with pytest.raises(InputError) as err:
+        read_pairs(path, ["other_character"])
+    assert str(err.value) == (f"{path}: no pairs with negatives other_character; the file holds boilerplate (4), "
+                              "boundary_break (4); change `negatives` in the prefer config or curate those kinds "
+                              "(pairs.kinds)")
