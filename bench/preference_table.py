@@ -55,6 +55,9 @@ def main() -> None:
     from flows.prefer import prefer
     from flows.train import train
 
+    from charforge.base_models import load_preset, prepare_base_model
+
+    prepare_base_model(load_preset("smollm2-135m-instruct"))  # the state folder's own verified base (idempotent)
     dataset = root / "state" / "datasets" / "default"
     curate(inputs=(str(REPO / "data" / "raw"),), out_dir=str(dataset),
            config=load_yaml_model(REPO / "configs" / "curate" / "preference.yaml", CurateConfig))

@@ -20,7 +20,8 @@ Servers run one at a time with both cores; numbers on a shared or busy machine m
 
 Only the runtime-LoRA ratios, before and after side by side: (a) adapter / base on the same LoRA replica and (b)
 adapter / base on a replica without --enable-lora, at 1 and 8 streams, for charforge_vllm's fused layers (the
-default), the same compiled (`CHARFORGE_VLLM_LORA_COMPILE=1`), its per-slice grouped ops (`CHARFORGE_VLLM_LORA=
+default), with single-adapter batches on merged weights (`CHARFORGE_VLLM_LORA_MERGE=1`), either compiled
+(`CHARFORGE_VLLM_LORA_COMPILE=1`), its per-slice grouped ops (`CHARFORGE_VLLM_LORA=
 grouped`, the "before") and vLLM's own ops (`VLLM_PLUGINS=""`). The replicas are up at once (idle, each costs a
 few percent of a core) and measured in turn, the order rotated every round; each ratio is taken within a round,
 then the median and the range over rounds are printed. One OpenMP thread per replica by default, as the fleet runs
@@ -191,6 +192,8 @@ def random_adapter(base_dir: Path, out: Path, rank: int = 8, seed: int = 0) -> P
 
 
 REPLICAS = {  # label -> (enable LoRA, environment)
+    "merged + compiled": (True, {"CHARFORGE_VLLM_LORA_MERGE": "1", "CHARFORGE_VLLM_LORA_COMPILE": "1"}),
+    "fused + merged": (True, {"CHARFORGE_VLLM_LORA_MERGE": "1"}),
     "fused + compiled": (True, {"CHARFORGE_VLLM_LORA_COMPILE": "1"}),
     "fused (after)": (True, {}),
     "grouped (before)": (True, {"CHARFORGE_VLLM_LORA": "grouped"}),

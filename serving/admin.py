@@ -99,6 +99,10 @@ class GatewayAdmin:
         return [ReplicaState(r["name"], r["url"], r["healthy"], r["outstanding"], tuple(r["loaded"]))
                 for r in self.call("GET", "/admin/replicas").json()]
 
+    def placement(self) -> dict:
+        """The gateway's placement: its catalogue's path (None without `gateway.placement`) and resident cap."""
+        return self.call("GET", "/admin/placement").json()
+
     def routes(self) -> dict[str, RouteState]:
         return {name: RouteState.of(r) for name, r in self.call("GET", "/admin/routes").json().items()}
 

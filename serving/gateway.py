@@ -1105,6 +1105,15 @@ def create_app(gateway: Gateway) -> FastAPI:
         return [{"name": r.name, "url": r.url, "healthy": r.healthy, "outstanding": r.outstanding,
                  "loaded": sorted(r.loaded), "adapters": sorted(r.adapters)} for r in gateway.replicas.values()]
 
+    @app.get("/admin/placement")
+    async def placement(request: Request) -> dict:
+        """Where this gateway places versions from (null: it places nothing; only pinned versions are served), so a
+        deployment configured with placement can check it hands its versions to a gateway that will place them."""
+        gateway.check_admin(request)
+        catalogue = gateway.catalogue
+        return {"catalogue": str(catalogue.path) if catalogue else None,
+                "max_resident": catalogue.max_resident if catalogue else None}
+
     @app.get("/admin/routes")
     async def routes(request: Request) -> dict:
         gateway.check_admin(request)

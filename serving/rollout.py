@@ -135,6 +135,9 @@ def prepare(name: str, version: str, source: str, adapter_sha: str, gw: GatewayA
             characters: list[str] | None = None) -> RolloutPlan:
     """Verify and store the version, find the rollback target (kept from an unfinished rollout of this family),
     and save the record as `staging` (with the override that let an unpromoted version through, if any)."""
+    catalogue = placed_catalogue(cfg, state)
+    if catalogue is not None:
+        require_placing_gateway(gw, catalogue, log)
     folder = store.fetch_version(name, version, source, adapter_sha, state / "adapters", cfg.fleet.max_lora_rank,
                                  architecture)
     routes = route_names(cfg, name.removeprefix(family_prefix), characters)
@@ -149,7 +152,7 @@ def prepare(name: str, version: str, source: str, adapter_sha: str, gw: GatewayA
         log(f"resuming after an unfinished rollout of {unfinished.served} (step {unfinished.step}); rollback target "
             f"stays {previous}")
     plan = RolloutPlan(name, str(version), f"{name}-v{version}", folder, routes, previous, records,
-                       desired_path(state), state / "adapters", base_name, placed_catalogue(cfg, state))
+                       desired_path(state), state / "adapters", base_name, catalogue)
     save_record(plan, Rollout(version=plan.version, served=plan.served, folder=str(folder), previous=previous,
                                      generations=generations, status="staging", started=time.time(),
                                      override=override))
@@ -204,6 +207,21 @@ def placed_catalogue(cfg: ServingConfig, state: Path) -> Path | None:
     if placement is None:
         return None
     return Path(placement.catalogue) if placement.catalogue else catalogue_path(state)
+
+
+def require_placing_gateway(gw: GatewayAdmin, catalogue: Path, log: Log) -> None:
+    """A deployment configured with placement unpins its finished versions (`release`): only a gateway that places
+    versions from a catalogue may serve them then. Refused before any work when the gateway places nothing."""
+    theirs = gw.placement().get("catalogue")
+    if theirs is None:
+        raise RolloutRefused(f"config_error: this deployment hands finished versions to the placement catalogue "
+                             f"{catalogue} (gateway.placement), but the gateway at {gw.url} places nothing (it was "
+                             f"started without gateway.placement), so a replica that restarts or evicts them would "
+                             f"not get them back; start the gateway and run the deployment with the same serving "
+                             f"config")
+    if Path(theirs).resolve() != catalogue.resolve():  # a shared volume may be mounted elsewhere: a warning only
+        log(f"the gateway at {gw.url} places from {theirs}, this deployment writes {catalogue}: they must be the "
+            f"same file (gateway.placement.catalogue)")
 
 
 def release(plan: RolloutPlan) -> list[str]:

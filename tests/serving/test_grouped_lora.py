@@ -58,6 +58,9 @@ def test_fused_layers_compute_what_the_per_slice_loop_computes():
 @pytest.mark.parametrize("variable, value, refusal", [
     ("CHARFORGE_VLLM_LORA", "fast",
      "ValueError: CHARFORGE_VLLM_LORA='fast': expected 'fused' (one matmul per layer, the default) or 'grouped'"),
+    ("CHARFORGE_VLLM_LORA_MERGE", "two",
+     "ValueError: CHARFORGE_VLLM_LORA_MERGE='two': expected a whole number of adapter slots >= 0 to keep merged per "
+     "layer (0, the default, turns merging off)"),
     ("CHARFORGE_VLLM_QUEUE_WAIT_MS", "2ms",
      "ValueError: CHARFORGE_VLLM_QUEUE_WAIT_MS='2ms': expected a whole number of milliseconds >= 0 (default 20; 0 "
      "turns it off)"),
@@ -123,14 +126,33 @@ def test_compiled_replica_scores_an_adapter_loaded_after_compilation_like_peft(b
     assert "DYNAMO_TRACE_ONCE" in log and "CompilationMode.NONE" not in log
 
 
-def served_scores_match_peft(server, base_model_dir, tmp_path):
+@pytest.mark.slow
+def test_merged_replica_scores_adapters_like_peft_when_one_adapter_has_the_batch(base_model_dir, tmp_path):
+    """`CHARFORGE_VLLM_LORA_MERGE=1`: a step whose tokens all use one adapter runs each layer as one GEMM over
+    `W + B A`. Two adapters one after the other (the second written where the first was, which must drop the first's
+    merged weights) both score text like transformers + PEFT, and the base still scores as the base."""
+    from charforge.vllm_server import VLLMServer
+
+    server = VLLMServer(base_model_dir, "smollm2-135m-instruct", free_port(),
+                        extra_env={"CHARFORGE_VLLM_LORA_MERGE": "1"})
+    server.start(tmp_path / "vllm.log")
+    try:
+        server.wait_ready(timeout=400)
+        served_scores_match_peft(server, base_model_dir, tmp_path / "first", seed=3)
+        served_scores_match_peft(server, base_model_dir, tmp_path / "second", seed=5)
+    finally:
+        server.stop()
+    assert "single-adapter batches on merged weights (up to 1 slots)" in server.log_path.read_text()
+
+
+def served_scores_match_peft(server, base_model_dir, tmp_path, seed: int = 3):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tests.conftest import build_adapter
 
-    adapter = build_adapter(base_model_dir, tmp_path, seed=3, noise=0.1)  # moves log-probs well above bf16 noise
+    adapter = build_adapter(base_model_dir, tmp_path, seed=seed, noise=0.1)  # moves log-probs well above bf16 noise
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
     text = tokenizer.apply_chat_template(
         [{"role": "system", "content": "You are Nell Bramwick, a lighthouse keeper who speaks in sea metaphors."},

@@ -17,6 +17,7 @@ from charforge.tracking import use_experiment
 from flows.deploy import deploy
 from serving.fleet import catalogue_path, desired_path
 from serving.gateway import AdapterCatalogue, Gateway, RouteTable
+from serving.rollout import RolloutRefused
 from tests.conftest import build_adapter
 from tests.gateways import running
 
@@ -79,6 +80,21 @@ def test_more_families_than_a_replica_holds_roll_out_and_are_placed_where_reques
         while version in {v for r in gw.replicas.values() for v in r.loaded} and time.monotonic() < deadline:
             time.sleep(0.2)  # the poller sees it gone
 
+    # a deployment configured with placement in front of a gateway started without it: refused before any work
+    # (it would unpin versions that gateway cannot place back after an eviction or a restart)
+    plain = Gateway([vllm_base.url], RouteTable(tmp_path / "plain-routes.json"), api_key=KEY, admin_key=ADMIN_KEY)
+    first = register(base_model_dir, tmp_path, "fam-a", 1)
+    with running(plain) as plain_url:
+        with pytest.raises(RolloutRefused) as refused:
+            deploy(first, plain_url, cfg, UNEVALUATED)
+    assert str(refused.value) == (
+        f"config_error: this deployment hands finished versions to the placement catalogue {catalogue_path(serving)} "
+        f"(gateway.placement), but the gateway at {plain_url} places nothing (it was started without "
+        "gateway.placement), so a replica that restarts or evicts them would not get them back; start the gateway "
+        "and run the deployment with the same serving config")
+    assert json.loads(desired.read_text()) == held and not (serving / "adapters").exists()  # nothing staged
+    assert not catalogue_path(serving).exists()
+
     try:
         with running(gw) as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY)
@@ -90,7 +106,8 @@ def test_more_families_than_a_replica_holds_roll_out_and_are_placed_where_reques
                 return raw.headers["x-charforge-version"]
 
             for seed, family in enumerate(FAMILIES, start=1):
-                record = deploy(register(base_model_dir, tmp_path, family, seed), url, cfg, UNEVALUATED)
+                adapter = first if family == "fam-a" else register(base_model_dir, tmp_path, family, seed)
+                record = deploy(adapter, url, cfg, UNEVALUATED)
                 assert record.status == "done", record
                 # handed to placement once rolled out: no longer on every replica's desired list
                 assert json.loads(desired.read_text()) == held

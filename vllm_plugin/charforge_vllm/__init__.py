@@ -42,11 +42,18 @@ def register() -> None:
     if mode not in ("fused", "grouped"):
         raise ValueError(f"CHARFORGE_VLLM_LORA={mode!r}: expected 'fused' (one matmul per layer, the default) or "
                          "'grouped' (vLLM's per-slice loop over the grouped ops)")
+    from charforge_vllm import merged_lora
+
+    merge = merged_lora.merge_slots()
     if mode == "fused":
         from charforge_vllm import fused_lora
 
         fused_lora.install()
-    logger.info("charforge_vllm: grouped CPU LoRA ops active, layers %s (pid %d)", mode, os.getpid())
+        if merge:
+            merged_lora.install(merge, compiled=fused_lora._library is not None)
+    logger.info("charforge_vllm: grouped CPU LoRA ops active, layers %s%s (pid %d)", mode,
+                f", single-adapter batches on merged weights (up to {merge} slots)" if merge and mode == "fused"
+                else "", os.getpid())
 
 
 def _number(name: str, default: str, kind: type) -> float:
