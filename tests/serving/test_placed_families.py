@@ -92,8 +92,9 @@ def test_more_families_than_a_replica_holds_roll_out_and_are_placed_where_reques
         f"(gateway.placement), but the gateway at {plain_url} places nothing (it was started without "
         "gateway.placement), so a replica that restarts or evicts them would not get them back; start the gateway "
         "and run the deployment with the same serving config")
-    assert json.loads(desired.read_text()) == held and not (serving / "adapters").exists()  # nothing staged
-    assert not catalogue_path(serving).exists()
+    assert json.loads(desired.read_text()) == held and not catalogue_path(serving).exists()  # nothing staged,
+    assert not (serving / "adapters" / "charforge-fam-a").exists()  # fetched or recorded
+    assert not (serving / "rollouts" / "charforge-fam-a.json").exists()
 
     try:
         with running(gw) as url:

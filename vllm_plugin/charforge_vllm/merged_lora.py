@@ -20,7 +20,9 @@ log-probabilities in tests/serving/test_grouped_lora.py).
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -28,6 +30,7 @@ import torch
 
 from charforge_vllm import fused_lora
 
+logger = logging.getLogger("vllm.plugins.charforge_vllm")
 _original: dict[str, Any] = {}
 
 
@@ -96,7 +99,12 @@ def eager_apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torc
         if not mergeable(self):
             self._cf_mergeable = False
             return _original["_apply_sync"](self, x, bias)
+        started = time.perf_counter()
         hit = cache[slot] = (fused_lora._generation, merged_gemm(self, slot))
+        if _layers and self is _layers[0]:  # the model's first LoRA layer: once per slot written
+            logger.info("charforge_vllm: adapter slot %d merged into the first layer's weights (generation %d, "
+                        "%.1f ms; the other layers follow in this step)", slot, fused_lora._generation,
+                        1000 * (time.perf_counter() - started))
         while len(cache) > _limit:
             cache.popitem(last=False)
     cache.move_to_end(slot)
