@@ -39,8 +39,17 @@ def main() -> None:
     parser.add_argument("--state", default=str(REPO / ".state" / "gate-fixtures"))
     parser.add_argument("--eval", default="configs/eval/default.yaml")
     parser.add_argument("--policy", default="configs/promotion.yaml")
+    parser.add_argument("--table", action="store_true", help="only print the table of every row measured so far "
+                        "(<state>/preference.jsonl, the newest row per config)")
     args = parser.parse_args()
     root = Path(args.state).resolve()
+    if args.table:
+        newest = {}
+        for line in (root / "preference.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if "sft_vs_base" in row:  # rows written before the SFT row was recorded are left out
+                newest[row["config"]] = row
+        return print_table(list(newest.values()))
     os.environ["CHARFORGE_STATE_DIR"] = str(root / "state")
 
     from charforge.config import load_yaml_model
@@ -119,6 +128,12 @@ def main() -> None:
               f"{', '.join(row['failed']) or 'none'}); held-out pair accuracy {row['heldout_pair_accuracy']}",
               flush=True)
 
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    """Each preference row's cost beside its SFT parent's, then one table: each SFT parent against the base, and
+    each preference adapter against its SFT parent (gains signed so that positive is better, 95% CIs)."""
     for r in rows:
         print(f"\ncost: SFT ({r['sft']}) {r['sft_fit']}\ncost: {r['method']} ({r['config']}) {r['fit']}")
 
@@ -136,7 +151,6 @@ def main() -> None:
         print(f"| {r['method']} (β {r['beta']}, {r['steps']} steps, negatives {r['negatives']}; {r['sft']}) | "
               f"{r['decision']} | " + " | ".join(cell(r["gains"].get(f"{m} vs_sft")) for m, _ in METRICS)
               + f" | {r['heldout_pair_accuracy']} ({kinds}) |")
-
 
 if __name__ == "__main__":
     main()

@@ -7,9 +7,12 @@ dispatch, oneDNN or the AMX kernel, prepacked). Mixed batches (several adapters,
 fused path (`fused_lora`); base-only batches never come here.
 
 The merged weight of a layer is built the first time a single-slot batch reaches it after that slot was written and
-kept until a slot is written again (`fused_lora`'s generation). Memory: one copy of the model's linear weights per
-merged slot; `CHARFORGE_VLLM_LORA_MERGE=N` keeps at most N slots merged per layer (least recently used dropped),
-0 (the default) turns merging off. Only unquantized layers are merged (a quantized base keeps the fused path).
+kept until a slot is written again (`fused_lora`'s generation: any slot's write drops every merged weight, and each
+is merged again at its next single-adapter step, ~1 s for all of SmolLM2's layers here). Memory: one copy of the
+model's linear weights per merged slot (layers the adapter does not target share the base's); `CHARFORGE_VLLM_LORA_
+MERGE=N` merges at most N slots between two writes (the first N that have a single-adapter step; the others keep the
+fused path, so batches alternating between more slots never rebuild), 0 (the default) turns merging off. Only
+unquantized layers are merged (a quantized base keeps the fused path).
 
 `W` is not kept by vLLM on CPU (its GEMM dispatch prepacks the weight and drops the tensor); it is read back
 through the layer's own GEMM as `I W^T`: each output element is one product with 1.0, exact in any dtype.
@@ -23,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -91,11 +93,13 @@ def eager_apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torc
     slot = single_slot(self.punica_wrapper)
     if slot is None or not self.__dict__.get("_cf_mergeable", True):
         return _original["_apply_sync"](self, x, bias)
-    cache: OrderedDict = self.__dict__.setdefault("_cf_merged", OrderedDict())
+    cache: dict = self.__dict__.setdefault("_cf_merged", {})
     hit = cache.get(slot)
     if hit is None or hit[0] != fused_lora._generation:
         for stale in [s for s, (g, _) in cache.items() if g != fused_lora._generation]:
             del cache[stale]  # a slot was written since: every merged weight of older generations may be wrong
+        if len(cache) >= _limit:  # the slots merged first keep their weights until the next write: batches that
+            return _original["_apply_sync"](self, x, bias)  # alternate between more slots never rebuild per step
         if not mergeable(self):
             self._cf_mergeable = False
             return _original["_apply_sync"](self, x, bias)
@@ -105,9 +109,6 @@ def eager_apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torc
             logger.info("charforge_vllm: adapter slot %d merged into the first layer's weights (generation %d, "
                         "%.1f ms; the other layers follow in this step)", slot, fused_lora._generation,
                         1000 * (time.perf_counter() - started))
-        while len(cache) > _limit:
-            cache.popitem(last=False)
-    cache.move_to_end(slot)
     holder = hit[1]
     if holder is None:
         return self._get_quant_method().apply(self.base_layer, x, bias)
