@@ -158,7 +158,8 @@ def start_mlflow_run(cfg: PreferConfig, run: TrainingRun, sft_adapter: str, tags
             mlflow.set_tags({"stage": "prefer", "run_identity": run.identity, "dataset_hash": run.dataset_hash,
                              **lineage(run, sft_adapter), **tags})
             mlflow.log_params({"config_name": cfg.name, "method": cfg.method, "sft_config": str(cfg.sft),
-                               "pairs": run.train_rows, "beta": t.beta, "max_steps": t.max_steps,
+                               "pairs": run.train_rows, "negatives": ",".join(cfg.negatives or ["all"]),
+                               "beta": t.beta, "max_steps": t.max_steps,
                                "batch_size": t.batch_size, "grad_accum": t.gradient_accumulation_steps,
                                "learning_rate": t.learning_rate, "max_length": t.max_length, "seed": t.seed})
             mlflow.log_dict(cfg.model_dump(mode="json"), "prefer_config.json")

@@ -93,11 +93,14 @@ def test_preference_tuning_moves_the_sft_adapter_and_exports_a_servable_one(pair
     assert lineage["sft_parent_sha"] == folder_sha(parent) and len(lineage["pairs_hash"]) == 64
     run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(result.mlflow_run_id)
     assert run.data.tags["stage"] == "prefer" and run.data.tags["sft_parent_sha"] == folder_sha(parent)
+    assert run.data.params["negatives"] == "all"  # every kind of pair curation wrote (no `negatives` mix)
     assert {"rewards/chosen", "rewards/rejected"} <= set(run.data.metrics)
     # held-out pair accuracy: the implicit reward (policy minus frozen SFT log-probability) on the evaluation
     # split's pairs, measured the same way for both methods
     assert sum(1 for _ in (dataset / "pairs_eval.jsonl").open()) > 8
     assert run.data.metrics["final_heldout/pairs"] == 8
+    held_kinds = {json.loads(line)["negative"] for line in (dataset / "pairs_eval.jsonl").read_text().splitlines()[:8]}
+    assert {f"final_heldout/pair_accuracy/{kind}" for kind in held_kinds} <= set(run.data.metrics)
     assert 0 <= run.data.metrics["final_heldout/pair_accuracy"] <= 1
     assert prefer(config=cfg).adapter_sha256 == result.adapter_sha256  # a finished identity is returned, not rerun
 

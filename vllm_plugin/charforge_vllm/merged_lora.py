@@ -90,6 +90,8 @@ def cf_apply_sync(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> to
 
 
 def eager_apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if getattr(self.punica_wrapper, "_cf_slots", None) == []:  # no token of this step has an adapter: the base GEMM
+        return self._get_quant_method().apply(self.base_layer, x, bias)  # alone (the LoRA path would add nothing)
     slot = single_slot(self.punica_wrapper)
     if slot is None or not self.__dict__.get("_cf_mergeable", True):
         return _original["_apply_sync"](self, x, bias)
