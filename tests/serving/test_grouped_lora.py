@@ -60,8 +60,8 @@ def test_fused_layers_compute_what_the_per_slice_loop_computes():
     ("CHARFORGE_VLLM_LORA", "fast",
      "ValueError: CHARFORGE_VLLM_LORA='fast': expected 'fused' (one matmul per layer, the default) or 'grouped'"),
     ("CHARFORGE_VLLM_LORA_MERGE", "two",
-     "ValueError: CHARFORGE_VLLM_LORA_MERGE='two': expected a whole number of adapter slots >= 0 to keep merged per "
-     "layer (0, the default, turns merging off)"),
+     "ValueError: CHARFORGE_VLLM_LORA_MERGE='two': expected a whole number of adapter slots merged between two "
+     "adapter writes >= 0 (default 0; 0 turns it off)"),
     ("CHARFORGE_VLLM_QUEUE_WAIT_MS", "2ms",
      "ValueError: CHARFORGE_VLLM_QUEUE_WAIT_MS='2ms': expected a whole number of milliseconds >= 0 (default 20; 0 "
      "turns it off)"),

@@ -56,14 +56,14 @@ def register() -> None:
                 else "", os.getpid())
 
 
-def _number(name: str, default: str, kind: type) -> float:
+def _number(name: str, default: str, kind: type, unit: str = "milliseconds") -> float:
     raw = os.environ.get(name, default)
     try:
         value = kind(raw)
     except ValueError:
         value = -1
     if value < 0:
-        raise ValueError(f"{name}={raw!r}: expected a {'whole ' if kind is int else ''}number of milliseconds >= 0 "
+        raise ValueError(f"{name}={raw!r}: expected a {'whole ' if kind is int else ''}number of {unit} >= 0 "
                          f"(default {default}; 0 turns it off)")
     return value
 

@@ -24,7 +24,6 @@ log-probabilities in tests/serving/test_grouped_lora.py).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -37,15 +36,9 @@ _original: dict[str, Any] = {}
 
 
 def merge_slots() -> int:
-    raw = os.environ.get("CHARFORGE_VLLM_LORA_MERGE", "0")
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"CHARFORGE_VLLM_LORA_MERGE={raw!r}: expected a whole number of adapter slots >= 0 to keep "
-                         "merged per layer (0, the default, turns merging off)")
-    return value
+    from charforge_vllm import _number
+
+    return int(_number("CHARFORGE_VLLM_LORA_MERGE", "0", int, "adapter slots merged between two adapter writes"))
 
 
 def single_slot(wrapper) -> int | None:
