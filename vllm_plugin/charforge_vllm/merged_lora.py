@@ -4,7 +4,7 @@ A LoRA layer computes `x W^T` (the base GEMM) and then adds `(x A^T) B^T` for ea
 of a step uses the same adapter slot (one character's traffic on a replica, or a canary's share batched apart), the
 two are one GEMM with `W' = W + B A`: the LoRA term costs nothing and the GEMM is the base's (vLLM's own CPU GEMM
 dispatch, oneDNN or the AMX kernel, prepacked). Mixed batches (several adapters, or adapter and base tokens) keep the
-fused path (`fused_lora`); base-only batches never come here.
+fused path (`fused_lora`); a batch with no adapter token runs the base GEMM alone.
 
 The merged weight of a layer is built the first time a single-slot batch reaches it after that slot was written and
 kept until a slot is written again (`fused_lora`'s generation: any slot's write drops every merged weight, and each
