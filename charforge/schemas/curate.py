@@ -45,11 +45,15 @@ class SyntheticConfig(StageConfig):
                                       "the manifest, MLflow and Prefect).")
 
 
+# The negatives curation pairs against a gold reply (charforge/curation/pairs.py); a prefer config names them too.
+PairKind = Literal["other_character", "boilerplate", "boundary_break", "rated_down", "monitor_flagged"]
+
+
 class PairsConfig(StageConfig):
     enabled: bool = Field(default=False, description="Also write preference pairs (pairs_train.jsonl, "
                           "pairs_eval.jsonl) for the preference stage: the gold reply chosen, a free negative "
                           "rejected (charforge/curation/pairs.py).")
-    kinds: list[Literal["other_character", "boilerplate", "boundary_break", "rated_down", "monitor_flagged"]] = Field(
+    kinds: list[PairKind] = Field(
         default_factory=lambda: ["other_character", "boilerplate", "boundary_break", "rated_down", "monitor_flagged"],
         min_length=1, description="Negatives: another character's reply to the same user turn, assistant "
         "boilerplate, the gold reply plus a sentence crossing a card boundary, production replies rated down or "

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from charforge.config import StageConfig
+from charforge.schemas.curate import PairKind
 
 
 class PreferSettings(StageConfig):
@@ -45,8 +46,7 @@ class PreferConfig(StageConfig):
                                 "dtype, QLoRA loading and chat template.")
     dataset_dir: Path = Field(default=Path(".state/datasets/default"), description="Curated dataset with "
                               "pairs_train.jsonl (curate with pairs.enabled: true) and the SFT adapter's dataset.")
-    negatives: list[Literal["other_character", "boilerplate", "boundary_break", "rated_down",
-                            "monitor_flagged"]] | None = Field(
+    negatives: list[PairKind] | None = Field(
         default=None, min_length=1, description="The negative mix: train only on pairs whose rejected side is one of "
         "these kinds (curation's pairs.kinds); null: every pair curation wrote. The held-out pair accuracy is "
         "measured on every kind either way, and per kind.")
